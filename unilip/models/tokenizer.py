@@ -1,0 +1,369 @@
+"""The UniLIP tokenizer: InternViT + InternVL projector -> 32-channel latent -> DC-AE decoder.
+
+    image (B, 3, H, W) in [0, 1]
+      -> ImageNet normalisation -> InternViT (drop CLS) -> pixel shuffle 0.5 -> projector `mlp1`
+      =  features (B, H/28 * W/28, D)          what InternVL consumes and stage 2 distils
+      -> 3 residual MLP blocks -> down MLP
+      =  latent (B, 32, H/28, W/28)             what the DiT generates in
+      -> DC-AE decoder (x32) -> bilinear resize to (H, W)
+      =  reconstruction (B, 3, H, W), nominally in [0, 1]
+
+The vision tower, projector and pixel shuffle are transformers' own InternVL code, so the
+trained encoder drops back into `InternVLForConditionalGeneration` unchanged (see
+`unilip.models.internvl.export_to_internvl`). The decoder is diffusers' DC-AE `Decoder`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_dc import Decoder
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import InternVLConfig, InternVLVisionConfig, InternVLVisionModel
+from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
+
+from unilip.models.hub import WeightsNotFoundError, load_strict, read_tensors, resolve_pretrained
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "unilip-tokenizer"
+
+
+@dataclass
+class TokenizerConfig:
+    """Everything needed to build a `UniLIPTokenizer`; presets live in `conf/model/`.
+
+    Attributes:
+        vision: keyword arguments of transformers' `InternVLVisionConfig` (the InternViT).
+        llm_hidden_size: output width of the InternVL projector, i.e. the LLM's hidden size
+            (896 for InternVL3-1B, 1536 for InternVL3-2B).
+        downsample_ratio: InternVL pixel-shuffle ratio (0.5: 2x2 patches -> one token).
+        projector_hidden_act: activation inside the projector.
+        num_residual_blocks: residual MLP blocks between projector and latent (3 in UniLIP).
+        latent_channels: channels of the latent the decoder reads (32, DC-AE f32c32).
+        decoder: keyword arguments of diffusers' DC-AE `Decoder` (without the channel counts).
+        image_mean, image_std: normalisation the ViT was trained with (ImageNet).
+        pad_to_multiple: reflect-pad inputs whose size is not a multiple of `input_multiple`
+            (28) and crop the reconstruction back, as the paper's 256 px evaluation does.
+            If False such inputs are an error.
+    """
+
+    vision: dict[str, Any]
+    llm_hidden_size: int
+    downsample_ratio: float = 0.5
+    projector_hidden_act: str = "gelu"
+    num_residual_blocks: int = 3
+    latent_channels: int = 32
+    decoder: dict[str, Any] = field(default_factory=dict)
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    pad_to_multiple: bool = True
+
+    def __post_init__(self) -> None:
+        self.vision = dict(self.vision)
+        self.decoder = dict(self.decoder)
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+        patch = self.vision_config().patch_size[0]
+        if int(patch / self.downsample_ratio) != patch / self.downsample_ratio:
+            raise ValueError(f"patch_size {patch} / downsample_ratio {self.downsample_ratio} must be an integer")
+
+    def vision_config(self) -> InternVLVisionConfig:
+        return InternVLVisionConfig(**self.vision)
+
+    def internvl_config(self) -> InternVLConfig:
+        """An `InternVLConfig` carrying the vision and projector sizes (the LLM part is a stub)."""
+        return InternVLConfig(
+            vision_config=self.vision,
+            text_config={"model_type": "qwen2", "hidden_size": self.llm_hidden_size},
+            downsample_ratio=self.downsample_ratio,
+            projector_hidden_act=self.projector_hidden_act,
+        )
+
+    @property
+    def input_multiple(self) -> int:
+        """Input sides must be multiples of this (28 = patch 14 / pixel-shuffle 0.5)."""
+        return int(self.vision_config().patch_size[0] / self.downsample_ratio)
+
+    @property
+    def decoder_factor(self) -> int:
+        """Spatial upsampling of the DC-AE decoder (32 for f32c32)."""
+        return 2 ** (len(self.decoder["block_out_channels"]) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ResidualMLP(nn.Module):
+    """x + Linear(GELU(Linear(LayerNorm(x)))), the UniLIP bottleneck block."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(width, eps=1e-6), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(x)
+
+
+class TokenizerOutput(NamedTuple):
+    images: torch.Tensor  # (B, 3, H, W), nominally [0, 1], not clamped so gradients flow
+    features: torch.Tensor  # (B, N, D) post-projector features of the (padded) input
+    latent: torch.Tensor  # (B, C, h, w)
+
+
+class UniLIPTokenizer(nn.Module):
+    """One module for every UniLIP size; sizes are `TokenizerConfig` presets.
+
+    Parts, as the training stages see them (`parts()`):
+        encoder:    `vision_tower` + `multi_modal_projector` (frozen in stage 1, 0.1x LR in stage 2)
+        bottleneck: `residual_blocks` + `down_mlp`
+        decoder:    `decoder`
+    """
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = config
+        internvl = config.internvl_config()
+        internvl.vision_config._attn_implementation = "sdpa"
+        self.vision_tower = InternVLVisionModel(internvl.vision_config)
+        self.multi_modal_projector = InternVLMultiModalProjector(internvl)
+        width = config.llm_hidden_size
+        self.residual_blocks = nn.ModuleList(ResidualMLP(width) for _ in range(config.num_residual_blocks))
+        self.down_mlp = nn.Sequential(
+            nn.LayerNorm(width),
+            nn.Linear(width, config.latent_channels),
+            nn.GELU(),
+            nn.Linear(config.latent_channels, config.latent_channels),
+        )
+        self.decoder = Decoder(in_channels=3, latent_channels=config.latent_channels, **config.decoder)
+        self._set_normalisation()
+
+    def _set_normalisation(self, device: str | torch.device | None = None) -> None:
+        # Not persistent: the config holds them, and a model built on `meta` re-creates them here.
+        for name, values in (("image_mean", self.config.image_mean), ("image_std", self.config.image_std)):
+            self.register_buffer(name, torch.tensor(values, device=device).view(1, 3, 1, 1), persistent=False)
+
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """The tokenizer's modules grouped as the training recipe treats them."""
+        return {
+            "encoder": [self.vision_tower, self.multi_modal_projector],
+            "bottleneck": [self.residual_blocks, self.down_mlp],
+            "decoder": [self.decoder],
+        }
+
+    def part_parameters(self, part: str) -> list[nn.Parameter]:
+        return [p for module in self.parts()[part] for p in module.parameters()]
+
+    # ------------------------------------------------------------------ sizes and padding
+    def check_size(self, height: int, width: int) -> None:
+        """Raise if (height, width) is not usable; with padding on every size is."""
+        multiple = self.config.input_multiple
+        if not self.config.pad_to_multiple and (height % multiple or width % multiple):
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of {multiple}; use a multiple of {multiple} "
+                f"(224, 448) or enable padding (model.config.pad_to_multiple=true)"
+            )
+
+    def _pad(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """Reflect-pad (B, 3, H, W) to the next multiple of 28; returns (padded, (left, right, top, bottom))."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        self.check_size(height, width)
+        multiple = self.config.input_multiple
+        pad_h, pad_w = -height % multiple, -width % multiple
+        padding = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        if pad_h or pad_w:
+            images = F.pad(images, padding, mode="reflect")
+        return images, padding
+
+    # ------------------------------------------------------------------ the pipeline
+    def _features(self, padded: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Padded (B, 3, H, W) in [0, 1] -> ((B, N, D) features, (H/28, W/28) grid)."""
+        pixel_values = (padded - self.image_mean) / self.image_std
+        pixel_values = pixel_values.to(self.vision_tower.embeddings.patch_embeddings.projection.weight.dtype)
+        hidden = self.vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # drop CLS
+        patch = self.vision_tower.config.patch_size[0]
+        grid_h, grid_w = padded.shape[-2] // patch, padded.shape[-1] // patch
+        hidden = hidden.reshape(hidden.shape[0], grid_h, grid_w, hidden.shape[-1])
+        # transformers' own pixel shuffle (a plain function of its arguments), so our features
+        # match InternVLModel.get_image_features bit for bit.
+        hidden = InternVLModel.pixel_shuffle(None, hidden, scale_factor=self.config.downsample_ratio)
+        grid = (hidden.shape[1], hidden.shape[2])
+        features = self.multi_modal_projector(hidden.reshape(hidden.shape[0], -1, hidden.shape[-1]))
+        return features, grid
+
+    def latent_from_features(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, N, D) projector features on an (h, w) grid -> (B, C, h, w) latent."""
+        x = features
+        for block in self.residual_blocks:
+            x = block(x)
+        x = self.down_mlp(x)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *grid)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, N, D) post-projector features, N = ceil(H/28) * ceil(W/28).
+
+        These are exactly InternVL's `get_image_features(...).pooler_output` for the same image.
+        """
+        padded, _ = self._pad(images)
+        return self._features(padded)[0]
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 32, ceil(H/28), ceil(W/28)) latent."""
+        padded, _ = self._pad(images)
+        return self.latent_from_features(*self._features(padded))
+
+    def decode(self, latent: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, 32, h, w) latent -> (B, 3, *size) image, size defaulting to (28 h, 28 w).
+
+        The DC-AE decoder outputs [-1, 1] at 32x the latent size; this resizes it bilinearly
+        to `size` and maps it to [0, 1] as (y + 1) / 2. The result is not clamped (losses need
+        the gradient outside the range): clamp before display or 8-bit conversion.
+        """
+        if size is None:
+            size = (latent.shape[-2] * self.config.input_multiple, latent.shape[-1] * self.config.input_multiple)
+        decoded = self.decoder(latent.to(self.decoder.conv_in.weight.dtype))
+        decoded = F.interpolate(decoded, size=tuple(size), mode="bilinear", align_corners=False)
+        return (decoded + 1) / 2
+
+    def reconstruct(self, images: torch.Tensor) -> TokenizerOutput:
+        """Full pass, keeping the intermediate features and latent (what training needs)."""
+        height, width = images.shape[-2:]
+        padded, (left, _, top, _) = self._pad(images)
+        features, grid = self._features(padded)
+        latent = self.latent_from_features(features, grid)
+        decoded = self.decode(latent, size=padded.shape[-2:])
+        return TokenizerOutput(decoded[..., top : top + height, left : left + width], features, latent)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> reconstruction (B, 3, H, W), nominally in [0, 1]."""
+        return self.reconstruct(images).images
+
+    # ------------------------------------------------------------------ weights in and out
+    def load_internvl(self, name_or_path: str | Path) -> None:
+        """Load the vision tower and projector from an InternVL checkpoint (transformers format).
+
+        Only the `vision_tower.*` and `multi_modal_projector.*` tensors are read; every key must
+        match (transformers' own `InternVLVisionModel.from_pretrained` on a full InternVL
+        checkpoint silently keeps random weights, which is why this exists).
+        """
+        path = resolve_pretrained(name_or_path, what="InternVL weights", option="model.internvl_weights")
+        _check_vision_config(path, self.config)
+        for module, names in (
+            (self.vision_tower, ("vision_tower.", "model.vision_tower.")),
+            (self.multi_modal_projector, ("multi_modal_projector.", "model.multi_modal_projector.")),
+        ):
+            prefix, tensors = read_tensors(path, names)
+            load_strict(module, tensors, what=f"'{path}' ({prefix}*)")
+        log.info("loaded InternViT and projector from %s", path)
+
+    def load_dcae_decoder(self, name_or_path: str | Path) -> None:
+        """Load the pixel decoder from a diffusers `AutoencoderDC` checkpoint (e.g. dc-ae-f32c32-sana-1.1)."""
+        path = resolve_pretrained(name_or_path, what="DC-AE weights", option="model.decoder_weights")
+        if (path / "vae").is_dir() and not list(path.glob("*.safetensors")):
+            path = path / "vae"  # a full SANA pipeline directory
+        prefix, tensors = read_tensors(path, ("decoder.",))
+        load_strict(self.decoder, tensors, what=f"'{path}' ({prefix}*)")
+        log.info("loaded DC-AE decoder from %s", path)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `config.json` and `model.safetensors`; `from_pretrained` restores it bit for bit."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "config": self.config.to_dict()}
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        state = {key: value.detach().contiguous().cpu() for key, value in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> UniLIPTokenizer:
+        """Load a tokenizer written by `save_pretrained` (a directory or a hub id)."""
+        path = resolve_pretrained(name_or_path, what="UniLIP tokenizer", option="the tokenizer path")
+        config_file = path / CONFIG_NAME
+        if not config_file.exists():
+            raise WeightsNotFoundError(f"'{path}' has no {CONFIG_NAME}; it is not a save_pretrained directory")
+        meta = json.loads(config_file.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"'{config_file}' is not a UniLIP tokenizer config (format={meta.get('format')!r})")
+        with torch.device("meta"):
+            model = cls(TokenizerConfig(**meta["config"]))
+        state = load_file(str(path / WEIGHTS_NAME), device=str(device))
+        load_strict(model, state, what=f"'{path / WEIGHTS_NAME}'")
+        model._set_normalisation(device)
+        return model.to(dtype=dtype) if dtype is not None else model
+
+
+def _check_vision_config(path: Path, config: TokenizerConfig) -> None:
+    """Refuse an InternVL checkpoint whose ViT or projector differs from the preset."""
+    config_file = path / CONFIG_NAME if path.is_dir() else None
+    if config_file is None or not config_file.exists():
+        return  # shapes are still checked key by key
+    theirs = json.loads(config_file.read_text())
+    vision = InternVLVisionConfig(**{k: v for k, v in theirs.get("vision_config", {}).items() if k != "model_type"})
+    ours = config.vision_config()
+    fields = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "patch_size",
+        "layer_norm_eps",
+        "norm_type",
+        "use_qk_norm",
+        "attention_bias",
+        "hidden_act",
+        "use_mean_pooling",
+    )
+    diffs = [
+        f"{name}: {getattr(vision, name)} != {getattr(ours, name)}"
+        for name in fields
+        if getattr(vision, name) != getattr(ours, name)
+    ]
+    text_hidden = theirs.get("text_config", {}).get("hidden_size")
+    if text_hidden is not None and text_hidden != config.llm_hidden_size:
+        diffs.append(f"llm_hidden_size: {text_hidden} != {config.llm_hidden_size}")
+    if diffs:
+        raise ValueError(
+            f"InternVL checkpoint '{path}' does not fit the tokenizer preset ({'; '.join(diffs)}); "
+            "pick the preset that matches the checkpoint"
+        )
+
+
+def build_tokenizer(
+    config: TokenizerConfig,
+    internvl_weights: str | None = None,
+    decoder_weights: str | None = None,
+    device: str | torch.device | None = None,
+) -> UniLIPTokenizer:
+    """Build a tokenizer, loading the pretrained ViT + projector and DC-AE decoder if given.
+
+    With `device="meta"` nothing is allocated (for counting parameters); weights are then
+    not loaded. Without weights the parts stay randomly initialised, which is what the
+    `tiny` preset and the tests want, and what a real run never silently gets: the real
+    presets name their weights, and a missing path is an error.
+    """
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = UniLIPTokenizer(config)
+    if str(device) == "meta":
+        return model
+    if internvl_weights:
+        model.load_internvl(internvl_weights)
+    if decoder_weights:
+        model.load_dcae_decoder(decoder_weights)
+    return model
