@@ -32,7 +32,9 @@ def _looks_like_local_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") != 1 or name.endswith((".safetensors", ".pth", ".pt"))
 
 
-def resolve_pretrained(name_or_path: str | Path, *, what: str, option: str) -> Path:
+def resolve_pretrained(
+    name_or_path: str | Path, *, what: str, option: str, allow_patterns: tuple[str, ...] | None = WEIGHT_PATTERNS
+) -> Path:
     """Return a local directory (or file) holding `name_or_path`'s weights.
 
     A local path is used as is; anything shaped like `owner/name` that is not a local
@@ -50,7 +52,8 @@ def resolve_pretrained(name_or_path: str | Path, *, what: str, option: str) -> P
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=list(WEIGHT_PATTERNS)))
+        patterns = list(allow_patterns) if allow_patterns is not None else None
+        return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as error:  # offline, missing repo, no network: all end the same way
         raise WeightsNotFoundError(
             f"{what}: cannot fetch '{name}' from the hub ({type(error).__name__}); download it where there is "

@@ -330,10 +330,14 @@ def _check_vision_config(path: Path, config: TokenizerConfig) -> None:
         "hidden_act",
         "use_mean_pooling",
     )
+    def value(config, name):
+        item = getattr(config, name)
+        return tuple(item) if isinstance(item, list) else item
+
     diffs = [
-        f"{name}: {getattr(vision, name)} != {getattr(ours, name)}"
+        f"{name}: {value(vision, name)} != {value(ours, name)}"
         for name in fields
-        if getattr(vision, name) != getattr(ours, name)
+        if value(vision, name) != value(ours, name)
     ]
     text_hidden = theirs.get("text_config", {}).get("hidden_size")
     if text_hidden is not None and text_hidden != config.llm_hidden_size:

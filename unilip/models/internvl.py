@@ -1,0 +1,169 @@
+"""InternVL key names: importing the released UniLIP checkpoints and exporting into InternVL.
+
+The released UniLIP files (`1b_unilip.pth`, `2b_unilip.pth`) use the original InternVL
+naming (`encoder.encoder.layers.N.attn.qkv`, `mlp1.1`, ...); transformers' native InternVL
+uses its own (`encoder.layer.N.attention.q_proj`, `linear_1`, ...). The table below is the
+mapping transformers documents in `models/internvl/convert_internvl_weights_to_hf.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from unilip.models.hub import StateDictMismatchError, load_strict, resolve_pretrained
+from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
+
+log = logging.getLogger(__name__)
+
+# Original InternViT name (below the `encoder.` prefix of a UniLIP checkpoint) -> transformers name.
+_VIT_RENAMES = (
+    (r"embeddings\.class_embedding", r"embeddings.cls_token"),
+    (r"embeddings\.patch_embedding\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1"),
+    (r"embeddings\.position_embedding", r"embeddings.position_embeddings"),
+    (r"encoder\.layers\.(\d+)\.attn\.proj\.(weight|bias)", r"encoder.layer.\1.attention.projection_layer.\2"),
+    (r"encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.weight", r"encoder.layer.\1.attention.\2.weight"),
+    (r"encoder\.layers\.(\d+)\.ls(1|2)", r"encoder.layer.\1.lambda_\2"),
+    (r"encoder\.layers\.(\d+)\.norm1\.(weight|bias)", r"encoder.layer.\1.layernorm_before.\2"),
+    (r"encoder\.layers\.(\d+)\.norm2\.(weight|bias)", r"encoder.layer.\1.layernorm_after.\2"),
+    (r"encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"encoder.layer.\1.mlp.\2.\3"),
+)
+_QKV = re.compile(r"encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)")
+# InternVL's `mlp1` Sequential(LayerNorm, Linear, GELU, Linear) -> transformers' projector.
+_PROJECTOR_RENAMES = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+# Top-level prefixes of a released UniLIP checkpoint -> our module names.
+_DIRECT_PREFIXES = {"down_blocks.": "residual_blocks.", "down_mlp.": "down_mlp.", "decoder.": "decoder."}
+# Training-only heads some released files carry; they are not part of the tokenizer.
+TRAINING_ONLY_PREFIXES = ("regressor.",)
+
+
+def convert_internvit_key(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One original InternViT tensor -> its transformers tensor(s); qkv is split row-wise into q, k, v."""
+    if match := _QKV.fullmatch(key):
+        layer, kind = match.groups()
+        q, k, v = tensor.chunk(3, dim=0)
+        prefix = f"encoder.layer.{layer}.attention"
+        return {f"{prefix}.q_proj.{kind}": q, f"{prefix}.k_proj.{kind}": k, f"{prefix}.v_proj.{kind}": v}
+    for pattern, replacement in _VIT_RENAMES:
+        if re.fullmatch(pattern, key):
+            return {re.sub(pattern, replacement, key): tensor}
+    raise KeyError(key)
+
+
+def convert_unilip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A released UniLIP state dict (original InternVL names) -> `UniLIPTokenizer` names.
+
+    Every key must be understood: an unknown key is an error that lists them all.
+    """
+    converted, unknown, dropped = {}, [], []
+    for key, tensor in state.items():
+        if key.startswith(TRAINING_ONLY_PREFIXES):
+            dropped.append(key)
+        elif key.startswith("encoder."):
+            try:
+                for name, value in convert_internvit_key(key[len("encoder.") :], tensor).items():
+                    converted[f"vision_tower.{name}"] = value
+            except KeyError:
+                unknown.append(key)
+        elif key.startswith("mlp1.") and key.split(".")[1] in _PROJECTOR_RENAMES:
+            _, index, rest = key.split(".", 2)
+            converted[f"multi_modal_projector.{_PROJECTOR_RENAMES[index]}.{rest}"] = tensor
+        elif prefix := next((p for p in _DIRECT_PREFIXES if key.startswith(p)), None):
+            converted[_DIRECT_PREFIXES[prefix] + key[len(prefix) :]] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 8 else "")
+        raise StateDictMismatchError(f"unrecognised keys in the UniLIP checkpoint: {shown}")
+    if dropped:
+        log.info("ignored %d training-only tensors (%s)", len(dropped), ", ".join(sorted(TRAINING_ONLY_PREFIXES)))
+    return converted
+
+
+def load_unilip_checkpoint(path: str | Path, config: TokenizerConfig) -> UniLIPTokenizer:
+    """Build a tokenizer from a released UniLIP `.pth` file, every key accounted for.
+
+    The file is read with `torch.load(weights_only=True)`: tensors only, no pickled code.
+    `config` must be the matching preset (`unilip_1b` for `1b_unilip.pth`, `unilip_2b` for
+    `2b_unilip.pth`); a mismatch shows up as a shape error naming the tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"UniLIP checkpoint '{path}' does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    with torch.device("meta"):
+        model = UniLIPTokenizer(config)
+    load_strict(model, convert_unilip_state_dict(state), what=f"UniLIP checkpoint '{path}'")
+    model._set_normalisation()
+    return model
+
+
+# Files of a transformers checkpoint that `save_pretrained` rewrites; everything else is copied.
+_REWRITTEN = re.compile(r"(config\.json|generation_config\.json|model.*\.safetensors(\.index\.json)?|.*\.bin)")
+
+
+def export_to_internvl(
+    tokenizer: UniLIPTokenizer, base: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None
+) -> Path:
+    """Write a complete InternVL checkpoint whose vision tower and projector are `tokenizer`'s.
+
+    `base` is the InternVL checkpoint to start from (hub id or directory, transformers
+    format, e.g. `OpenGVLab/InternVL3-1B-hf`); its language model, tokenizer and processor
+    files are kept. The result loads with `InternVLForConditionalGeneration.from_pretrained`
+    with no missing or unexpected keys, and its `get_image_features` equals
+    `tokenizer.features` for the same image.
+    """
+    from transformers import InternVLForConditionalGeneration
+
+    base_dir = resolve_pretrained(base, what="base InternVL checkpoint", option="--base", allow_patterns=None)
+    model = InternVLForConditionalGeneration.from_pretrained(base_dir, dtype=dtype or "auto")
+    if model.config.downsample_ratio != tokenizer.config.downsample_ratio:
+        raise ValueError(
+            f"base downsample_ratio {model.config.downsample_ratio} != tokenizer's {tokenizer.config.downsample_ratio}"
+        )
+    for target, source in (
+        (model.model.vision_tower, tokenizer.vision_tower),
+        (model.model.multi_modal_projector, tokenizer.multi_modal_projector),
+    ):
+        state = {key: value.to(next(target.parameters()).dtype) for key, value in source.state_dict().items()}
+        load_strict(target, state, what=f"the tokenizer's {type(source).__name__}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    for file in base_dir.iterdir():
+        if file.is_file() and not _REWRITTEN.fullmatch(file.name) and not (out_dir / file.name).exists():
+            shutil.copy2(file, out_dir / file.name)
+    log.info("wrote InternVL checkpoint with the trained encoder to %s", out_dir)
+    return out_dir
+
+
+def verify_export(tokenizer: UniLIPTokenizer, out_dir: str | Path, *, image_size: int | None = None) -> float:
+    """Reload an exported checkpoint with transformers and compare image features.
+
+    Raises if any key is missing or unexpected; returns the max abs difference between
+    `get_image_features(...).pooler_output` and `tokenizer.features` on a random image.
+    """
+    from transformers import InternVLForConditionalGeneration
+
+    model, info = InternVLForConditionalGeneration.from_pretrained(
+        out_dir, dtype=torch.float32, output_loading_info=True
+    )
+    problems = {name: keys for name, keys in info.items() if name in ("missing_keys", "unexpected_keys") and keys}
+    if problems:
+        raise StateDictMismatchError(f"exported checkpoint '{out_dir}' does not load cleanly: {problems}")
+    size = image_size or model.config.vision_config.image_size[0]
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 3, size, size, generator=generator)
+    reference = tokenizer.to(torch.float32).eval()
+    with torch.no_grad():
+        ours = reference.features(images)
+        pixel_values = (images - reference.image_mean) / reference.image_std
+        theirs = model.eval().get_image_features(pixel_values=pixel_values).pooler_output
+    return (ours - theirs).abs().max().item()

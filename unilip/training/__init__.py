@@ -1,0 +1,1 @@
+"""Training: LightningModules and what they need (stages, EMA, schedules)."""
