@@ -79,7 +79,7 @@ def test_import_lists_unknown_and_missing_keys(tiny_tokenizer, tmp_path):
     state = to_released_layout(tiny_tokenizer)
     state["encoder.encoder.layers.0.attn.mystery"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(StateDictMismatchError, match="unrecognised keys.*attn.mystery"):
+    with pytest.raises(StateDictMismatchError, match=r"unrecognised keys.*attn.mystery"):
         load_tokenizer(tmp_path / "bad.pth", preset="tiny")
     state.pop("encoder.encoder.layers.0.attn.mystery")
     state.pop("down_mlp.1.weight")
@@ -94,8 +94,13 @@ def tiny_internvl(tokenizer: UniLIPTokenizer) -> InternVLForConditionalGeneratio
     config = InternVLConfig(
         vision_config=tokenizer.config.vision,
         text_config=dict(
-            model_type="qwen2", hidden_size=tokenizer.config.llm_hidden_size, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=320,
+            model_type="qwen2",
+            hidden_size=tokenizer.config.llm_hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=320,
         ),
         image_token_id=300,
         tie_word_embeddings=False,
@@ -117,7 +122,8 @@ def test_load_vision_tower_from_a_full_internvl_checkpoint(tiny_config, internvl
     path, reference = internvl_dir
     model = build_tokenizer(tiny_config, internvl_weights=str(path)).eval()
     assert all(
-        torch.equal(a, b) for a, b in zip(
+        torch.equal(a, b)
+        for a, b in zip(
             model.vision_tower.state_dict().values(), reference.model.vision_tower.state_dict().values(), strict=True
         )
     )
@@ -139,13 +145,20 @@ def test_an_internvl_checkpoint_of_another_size_is_refused(tiny_config, internvl
 def test_load_dcae_decoder(tiny_config, tmp_path):
     dec = tiny_config.decoder
     dcae = AutoencoderDC(
-        latent_channels=32, attention_head_dim=dec["attention_head_dim"],
-        encoder_block_types=dec["block_type"], decoder_block_types=dec["block_type"],
-        encoder_block_out_channels=dec["block_out_channels"], decoder_block_out_channels=dec["block_out_channels"],
-        encoder_layers_per_block=dec["layers_per_block"], decoder_layers_per_block=dec["layers_per_block"],
-        encoder_qkv_multiscales=dec["qkv_multiscales"], decoder_qkv_multiscales=dec["qkv_multiscales"],
-        upsample_block_type=dec["upsample_block_type"], downsample_block_type="Conv",
-        decoder_norm_types=dec["norm_type"], decoder_act_fns=dec["act_fn"],
+        latent_channels=32,
+        attention_head_dim=dec["attention_head_dim"],
+        encoder_block_types=dec["block_type"],
+        decoder_block_types=dec["block_type"],
+        encoder_block_out_channels=dec["block_out_channels"],
+        decoder_block_out_channels=dec["block_out_channels"],
+        encoder_layers_per_block=dec["layers_per_block"],
+        decoder_layers_per_block=dec["layers_per_block"],
+        encoder_qkv_multiscales=dec["qkv_multiscales"],
+        decoder_qkv_multiscales=dec["qkv_multiscales"],
+        upsample_block_type=dec["upsample_block_type"],
+        downsample_block_type="Conv",
+        decoder_norm_types=dec["norm_type"],
+        decoder_act_fns=dec["act_fn"],
     )
     dcae.save_pretrained(tmp_path / "dcae")
     model = build_tokenizer(tiny_config, decoder_weights=str(tmp_path / "dcae"))

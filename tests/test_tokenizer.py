@@ -71,9 +71,7 @@ def test_gradients_reach_exactly_the_trainable_parts(tiny_tokenizer, stage):
     (out.images.square().mean() + out.features.square().mean()).backward()
     trainable = {1: {"bottleneck", "decoder"}, 2: {"encoder", "bottleneck", "decoder"}}[stage]
     for part in ("encoder", "bottleneck", "decoder"):
-        for name, param in (
-            (n, p) for m in tiny_tokenizer.parts()[part] for n, p in m.named_parameters()
-        ):
+        for name, param in ((n, p) for m in tiny_tokenizer.parts()[part] for n, p in m.named_parameters()):
             if part in trainable:
                 assert param.grad is not None, f"stage {stage}: no gradient reached {part}.{name}"
             else:

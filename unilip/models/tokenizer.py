@@ -330,6 +330,7 @@ def _check_vision_config(path: Path, config: TokenizerConfig) -> None:
         "hidden_act",
         "use_mean_pooling",
     )
+
     def value(config, name):
         item = getattr(config, name)
         return tuple(item) if isinstance(item, list) else item
