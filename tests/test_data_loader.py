@@ -1,0 +1,267 @@
+"""ShardDataModule's promises: batch contract, each eval sample once, mixing by weight, bad data
+skipped and counted exactly, and a training stream that resumes bit-exactly."""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from unilip.data import DataError, EvalLoader, SampleTransform, ShardDataModule, TrainLoader, TrainSource, collate
+from unilip.data.shards import SkipCounter, read_shard
+
+
+def jpeg(seed: int, size: tuple[int, int] = (40, 32), mode: str = "RGB") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def write_shard(path: Path, keys: list[str], bad: tuple[str, ...] = (), size: tuple[int, int] = (40, 32)) -> Path:
+    """A shard of tiny random JPEGs captioned with their key; keys in `bad` get undecodable bytes."""
+    with wds.TarWriter(str(path), encoder=False) as writer:
+        for key in keys:
+            image = b"not an image" if key in bad else jpeg(zlib.crc32(key.encode()), size)
+            writer.write({"__key__": key, "jpg": image, "txt": f"caption of {key}".encode()})
+    return path
+
+
+def truncate_inside(path: Path, member: str) -> None:
+    """Cut the tar in the middle of `member`'s data, like an interrupted download."""
+    with tarfile.open(path) as tar:
+        info = tar.getmember(member)
+    data = path.read_bytes()
+    path.write_bytes(data[: info.offset_data + info.size // 2])
+
+
+def shards(tmp_path: Path, count: int, per_shard: int, prefix: str = "s") -> list[str]:
+    return [
+        str(write_shard(tmp_path / f"{prefix}{i}.tar", [f"{prefix}{i}_{j}" for j in range(per_shard)]))
+        for i in range(count)
+    ]
+
+
+def train_loader(urls: list[str], num_workers: int = 0, **kw) -> TrainLoader:
+    options = {"batch_size": 4, "batches_per_epoch": 5, "shuffle_buffer": 8} | kw
+    sources = [TrainSource("a", tuple(urls), 1.0)]
+    return TrainLoader(sources, SampleTransform(24, train=True), num_workers=num_workers, **options)
+
+
+def take(loader: TrainLoader, n: int) -> list[dict]:
+    """The next n batches, across epoch boundaries, as a training loop would see them."""
+    out: list[dict] = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out
+
+
+def test_batch_contract_and_input_modes(tmp_path):
+    path = tmp_path / "modes.tar"
+    with wds.TarWriter(str(path), encoder=False) as writer:
+        for key, mode in [("rgb", "RGB"), ("gray", "L"), ("cmyk", "CMYK")]:
+            writer.write({"__key__": key, "jpg": jpeg(1, (50, 30), mode), "txt": f"a {key} image".encode()})
+        rgba = io.BytesIO()
+        Image.new("RGBA", (30, 60), (255, 0, 0, 128)).save(rgba, "PNG")
+        writer.write({"__key__": "rgba", "png": rgba.getvalue(), "json": b'{"prompt": "a red square"}'})
+        writer.write({"__key__": "nocap", "webp": _webp()})
+    dm = ShardDataModule(val_urls=str(path), image_size=32, batch_size=8, num_workers=0)
+    (batch,) = list(dm.val_dataloader())
+    assert set(batch) == {"image", "caption", "key"}
+    assert batch["image"].shape == (5, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["image"].min() >= 0 and batch["image"].max() <= 1 and batch["image"].is_contiguous()
+    assert batch["key"] == ["rgb", "gray", "cmyk", "rgba", "nocap"]
+    assert batch["caption"] == ["a rgb image", "a gray image", "a cmyk image", "a red square", ""]
+    assert torch.allclose(batch["image"][3, :, 16, 16], torch.tensor([1.0, 0.0, 0.0]))  # RGBA -> RGB
+
+
+def _webp() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (40, 40), (0, 128, 255)).save(out, "WEBP")
+    return out.getvalue()
+
+
+def test_edit_samples_get_the_same_crop_and_flip(tmp_path):
+    """Source and target are cropped and flipped together; text-to-image samples get a zero source."""
+    path = tmp_path / "edit.tar"
+    with wds.TarWriter(str(path), encoder=False) as writer:
+        for i in range(12):
+            image = jpeg(i, (64, 40))
+            writer.write({"__key__": f"e{i}", "source.jpg": image, "target.jpg": image, "instruction.txt": b"same"})
+        writer.write({"__key__": "t2i", "jpg": jpeg(99), "txt": b"plain"})
+    transform = SampleTransform(24, train=True, flip_edits=True, with_source=True)
+    raw = list(read_shard(str(path), SkipCounter()))
+    batch = collate([transform(sample, random.Random(i)) for i, sample in enumerate(raw)], with_source=True)
+    edit = batch["has_source"]
+    assert edit.dtype == torch.bool and edit.sum() == 12
+    assert torch.equal(batch["source_image"][edit], batch["image"][edit])
+    assert torch.equal(batch["source_image"][~edit], torch.zeros_like(batch["image"][~edit]))
+    assert batch["caption"][int((~edit).nonzero())] == "plain" and "same" in batch["caption"]
+
+
+@pytest.mark.parametrize("num_shards", [6, 1], ids=["split-by-shard", "split-by-index"])
+def test_eval_sees_every_sample_once_across_ranks_and_workers(tmp_path, num_shards):
+    urls = shards(tmp_path, num_shards, per_shard=18 // num_shards + 1)
+    all_keys = [f"s{i}_{j}" for i in range(num_shards) for j in range(18 // num_shards + 1)]
+    seen, passes = [], []
+    for rank in range(2):
+        dm = ShardDataModule(val_urls=urls, image_size=16, batch_size=3, num_workers=2, rank=rank, world_size=2)
+        passes.append([[k for b in dm.val_dataloader() for k in b["key"]] for _ in range(2)])
+        seen += passes[-1][0]
+    assert sorted(seen) == sorted(all_keys)  # union is everything, with no duplicates
+    assert all(first == second for first, second in passes)  # stable order, pass after pass
+
+
+def test_training_streams_differ_across_ranks_and_workers(tmp_path):
+    urls = shards(tmp_path, 4, per_shard=10)
+    first = {}
+    for rank in range(2):
+        loader = train_loader(urls, num_workers=2, rank=rank, world_size=2)
+        batches = take(loader, 2)  # batch 0 from worker 0, batch 1 from worker 1
+        first[rank] = [b["key"] for b in batches]
+    assert first[0][0] != first[0][1] and first[1][0] != first[1][1]  # workers differ
+    assert first[0] != first[1]  # ranks differ
+
+
+def test_mixing_follows_the_weights(tmp_path):
+    """Over 3000 samples the share of each source is within 0.03 (4 standard deviations) of its weight."""
+    weights = {"short": 0.2, "long": 0.6, "jdb": 0.2}
+    sources = [TrainSource(n, tuple(shards(tmp_path, 2, 20, prefix=n)), w) for n, w in weights.items()]
+    loader = TrainLoader(sources, SampleTransform(8, train=True), batch_size=100, batches_per_epoch=30)
+    keys = [k for batch in take(loader, 30) for k in batch["key"]]
+    assert len(keys) == 3000
+    for name, weight in weights.items():
+        assert abs(sum(k.startswith(name) for k in keys) / len(keys) - weight) < 0.03
+
+
+def _bad_shards(tmp_path: Path) -> tuple[list[str], list[str]]:
+    """Good shard with one corrupt JPEG, a shard truncated inside its 5th sample, a missing shard."""
+    good = write_shard(tmp_path / "good.tar", [f"g{i}" for i in range(7)], bad=("g3",))
+    cut = write_shard(tmp_path / "cut.tar", [f"c{i}" for i in range(6)])
+    truncate_inside(cut, "c4.jpg")
+    expected = [f"g{i}" for i in range(7) if i != 3] + [f"c{i}" for i in range(4)]
+    return [str(good), str(cut), str(tmp_path / "missing.tar")], expected
+
+
+@pytest.mark.parametrize("ranks,workers", [(1, 0), (2, 2)])
+def test_bad_data_is_skipped_and_counted_exactly(tmp_path, ranks, workers):
+    urls, expected = _bad_shards(tmp_path)
+    keys, skipped = [], {"samples": 0, "shards": 0}
+    for rank in range(ranks):
+        dm = ShardDataModule(
+            val_urls=urls, image_size=16, batch_size=4, num_workers=workers, rank=rank, world_size=ranks
+        )
+        keys += [k for b in dm.val_dataloader() for k in b["key"]]
+        skipped = {k: skipped[k] + dm.skipped[f"val/{k}"] for k in skipped}
+    assert sorted(keys) == sorted(expected)
+    assert skipped == {"samples": 1, "shards": 2}  # the corrupt JPEG; the truncated and the missing shard
+
+
+def test_training_survives_bad_data_and_counts_every_skip(tmp_path):
+    urls, _ = _bad_shards(tmp_path)
+    loader = train_loader(urls, batches_per_epoch=20)
+    batches = take(loader, 20)
+    assert all(len(b["key"]) == 4 and "g3" not in b["key"] for b in batches)
+    state = loader.state_dict()["ranks"][0]
+    consumed = sum(state["positions"])
+    assert loader.skipped["samples"] == consumed - 20 * 4 > 0  # every raw sample not delivered was counted
+    assert loader.skipped["shards"] > 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_all_bad_training_data_stops_with_one_clear_error(tmp_path, workers):
+    bad = write_shard(tmp_path / "bad.tar", [f"b{i}" for i in range(5)], bad=tuple(f"b{i}" for i in range(5)))
+    with pytest.raises(DataError, match=r"samples in a row failed to decode \(last: b\d in .*bad.tar"):
+        take(train_loader([str(bad)], num_workers=workers, max_consecutive_failures=20), 1)
+    with pytest.raises(DataError, match=r"source 'a': 20 shard reads in a row gave no sample .*nothere"):
+        take(train_loader([str(tmp_path / "nothere.tar")], num_workers=workers, max_consecutive_failures=20), 1)
+
+
+def test_all_bad_validation_data_stops_with_one_clear_error(tmp_path):
+    bad = write_shard(tmp_path / "bad.tar", ["b0", "b1"], bad=("b0", "b1"))
+    loader = EvalLoader([str(bad), str(tmp_path / "gone.tar")], SampleTransform(16, train=False), batch_size=2)
+    with pytest.raises(DataError, match="validation: not one sample of 2 shards could be read"):
+        list(loader)
+
+
+def _roundtrip(state: dict) -> dict:
+    """Through torch.save / torch.load(weights_only=True), as a Lightning checkpoint would go."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop_after", [3, 8])  # mid-epoch 0; mid-epoch 1 with the worker roles rotated
+def test_training_stream_resumes_exactly(tmp_path, workers, stop_after):
+    urls = shards(tmp_path, 3, per_shard=9)
+    write_shard(Path(urls[1]), [f"s1_{j}" for j in range(9)], bad=("s1_4",))  # a corrupt image in the stream
+    more = 7  # crosses into the next epoch (5 batches per epoch)
+    reference = take(train_loader(urls, workers, seed=3), stop_after + more)
+
+    interrupted = train_loader(urls, workers, seed=3)
+    take(interrupted, stop_after)
+    state = _roundtrip(interrupted.state_dict())
+    resumed = train_loader(urls, workers, seed=3)
+    resumed.load_state_dict(state)
+    continued = take(resumed, more)
+
+    for expected, got in zip(reference[stop_after:], continued, strict=True):
+        assert got["key"] == expected["key"] and got["caption"] == expected["caption"]
+        assert torch.equal(got["image"], expected["image"])
+    uninterrupted = train_loader(urls, workers, seed=3)
+    take(uninterrupted, stop_after + more)
+    assert resumed.skipped == uninterrupted.skipped and resumed.skipped["samples"] > 0
+    assert resumed.state_dict() == uninterrupted.state_dict()
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    urls = shards(tmp_path, 1, per_shard=8)
+    state = train_loader(urls, seed=1).state_dict()
+    with pytest.raises(ValueError, match="seed=1 in the checkpoint but 2 now"):
+        train_loader(urls, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="num_workers=1 in the checkpoint but 2 now"):
+        train_loader(urls, num_workers=2, seed=1).load_state_dict(state)
+
+
+def test_rank_and_world_size_come_from_the_trainer(tmp_path):
+    urls = shards(tmp_path, 1, per_shard=4)
+    dm = ShardDataModule(train_sources=[{"name": "a", "urls": urls}], val_urls=urls, image_size=16, num_workers=0)
+    dm.trainer = type("FakeTrainer", (), {"global_rank": 1, "world_size": 3})()
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert (loader.rank, loader.world_size, len(loader)) == (1, 3, 1000)
+    explicit = ShardDataModule(val_urls=urls, rank=0, world_size=2, num_workers=0)
+    explicit.trainer = dm.trainer
+    explicit.setup("validate")
+    assert (explicit.rank, explicit.world_size) == (0, 2)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"data.train_sources\[0\].weight=0.0: must be > 0"):
+        ShardDataModule(train_sources=[{"name": "a", "urls": "x.tar", "weight": 0}])
+    with pytest.raises(ValueError, match=r"data\.image_size=0"):
+        ShardDataModule(image_size=0)
+    dm = ShardDataModule(train_sources=[{"name": "a", "urls": str(tmp_path / "*.tar")}])
+    with pytest.raises(DataError, match=r"data.train_sources\[a\].urls: no shard matches"):
+        dm.setup()
+
+
+def test_shuffle_buffer_mixes_within_a_shard_without_touching_global_rngs(tmp_path):
+    urls = shards(tmp_path, 1, per_shard=40)
+    python_rng, torch_rng = random.getstate(), torch.get_rng_state()
+    (batch,) = take(train_loader(urls, shuffle_buffer=20, batch_size=40, batches_per_epoch=1), 1)
+    assert batch["key"] != sorted(batch["key"], key=lambda k: int(k.split("_")[1]))
+    assert random.getstate() == python_rng and torch.equal(torch.get_rng_state(), torch_rng)

@@ -1,0 +1,217 @@
+"""`ShardDataModule`: webdataset shards in, clean batches out, on any number of ranks and workers.
+
+Batch contract (every loader of this module)::
+
+    batch = {
+        "image":   FloatTensor (B, 3, S, S) in [0, 1]   # image to reconstruct/generate; edit samples: the target
+        "caption": list[str]                            # txt/json caption; edit samples: the instruction; "" if none
+        "key":     list[str]                            # webdataset __key__
+        # only with `with_source=True`:
+        "source_image": FloatTensor (B, 3, S, S)        # edit source image; zeros for text-to-image samples
+        "has_source":   BoolTensor (B,)
+    }
+
+Sample formats are documented in `unilip.data.transforms`. Skipped data (undecodable samples,
+unreadable or truncated shards) is counted in `datamodule.skipped`, per rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from unilip.data.loaders import EvalLoader, TrainLoader
+from unilip.data.shards import expand_urls
+from unilip.data.streams import TrainSource
+from unilip.data.transforms import SampleTransform
+
+log = logging.getLogger(__name__)
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"data.{name}={value!r}: must be a positive integer")
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Training on a weighted mix of shard sources; validation on a fixed set of shards.
+
+    Args:
+        train_sources: list of `{name: str, urls: list | glob | brace pattern, weight: float}`;
+            a sample is drawn from a source with probability weight / sum of weights
+            (UniLIP: BLIP3o short caption / long caption / JourneyDB at 0.2 / 0.6 / 0.2).
+            None for an evaluation-only module.
+        val_urls: validation (or evaluation) shards: list, glob or brace pattern; None for none.
+        image_size: side S of the square crops (224, 448, ...).
+        batch_size: training samples per batch per rank.
+        train_batches_per_epoch: batches per rank that make an epoch (the stream is endless and
+            re-seeded each epoch).
+        val_batch_size: validation batch size (default: `batch_size`).
+        num_workers: training DataLoader workers per rank; resuming needs the same number.
+        val_num_workers: validation workers (default: `num_workers`).
+        random_flip: random horizontal flips in training.
+        flip_edits: flip edit pairs too (off: instructions may say "left" and "right").
+        with_source: add `source_image` / `has_source` to batches (generation and editing).
+        seed: seed of the training stream; same seed, same data, on any machine.
+        shuffle_buffer: raw samples per source and worker in the shuffle buffer.
+        max_consecutive_failures: undecodable samples (or empty shard reads) in a row that stop
+            the run with one clear error instead of spinning.
+        pin_memory: pin training and validation batches (only when CUDA is available).
+        prefetch_factor: batches prepared ahead per worker.
+        build_photos: let `prepare_data` build the bundled photo shards in `photos_dir` if missing.
+        photos_dir: where `build_photos` writes them.
+        rank, world_size: data-parallel rank and size; default: the trainer's at `setup`
+            (or 0 and 1 without a trainer). Set them to simulate ranks in tests.
+    """
+
+    def __init__(
+        self,
+        train_sources: Sequence[Mapping[str, Any]] | None = None,
+        val_urls: str | Sequence[str] | None = None,
+        image_size: int = 224,
+        batch_size: int = 16,
+        train_batches_per_epoch: int = 1000,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        val_num_workers: int | None = None,
+        random_flip: bool = True,
+        flip_edits: bool = False,
+        with_source: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        max_consecutive_failures: int = 100,
+        pin_memory: bool = True,
+        prefetch_factor: int = 2,
+        build_photos: bool = False,
+        photos_dir: str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        _positive("image_size", image_size)
+        _positive("batch_size", batch_size)
+        _positive("train_batches_per_epoch", train_batches_per_epoch)
+        _positive("shuffle_buffer", shuffle_buffer)
+        _positive("max_consecutive_failures", max_consecutive_failures)
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers}: must be >= 0")
+        if build_photos and not photos_dir:
+            raise ValueError("data.build_photos=true needs data.photos_dir (where to write the photo shards)")
+        self.train_sources = [_parse_source(i, s) for i, s in enumerate(train_sources or [])]
+        names = [s["name"] for s in self.train_sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.train_sources: names {names} must be unique")
+        self.val_urls = val_urls
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.train_batches_per_epoch = train_batches_per_epoch
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_num_workers = num_workers if val_num_workers is None else val_num_workers
+        self.random_flip, self.flip_edits, self.with_source = random_flip, flip_edits, with_source
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.max_consecutive_failures = max_consecutive_failures
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.build_photos, self.photos_dir = build_photos, photos_dir
+        self.rank, self.world_size = rank, world_size
+        self._train_loader: TrainLoader | None = None
+        self._val_loader: EvalLoader | None = None
+
+    def prepare_data(self) -> None:
+        """Build the bundled photo shards once (Lightning calls this on one process per node)."""
+        if self.build_photos:
+            from unilip.data.samples import build_photo_shards, photo_shards_exist
+
+            if not photo_shards_exist(self.photos_dir):
+                log.info("building the bundled photo shards in %s", self.photos_dir)
+                build_photo_shards(self.photos_dir)
+
+    def setup(self, stage: str | None = None, rank: int | None = None, world_size: int | None = None) -> None:
+        """Expand the urls (a glob that matches nothing fails here) and fix this process's rank."""
+        trainer = self.trainer
+        self.rank = rank if rank is not None else self.rank
+        self.world_size = world_size if world_size is not None else self.world_size
+        if self.rank is None:
+            self.rank = trainer.global_rank if trainer is not None else 0
+        if self.world_size is None:
+            self.world_size = trainer.world_size if trainer is not None else 1
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"data: rank {self.rank} is not in [0, world_size={self.world_size})")
+        self._sources = [
+            TrainSource(s["name"], tuple(expand_urls(s["urls"], f"data.train_sources[{s['name']}].urls")), s["weight"])
+            for s in self.train_sources
+        ]
+        self._val = expand_urls(self.val_urls, "data.val_urls") if self.val_urls else []
+
+    def _transform(self, train: bool) -> SampleTransform:
+        return SampleTransform(self.image_size, train, self.random_flip, self.flip_edits, self.with_source)
+
+    def train_dataloader(self) -> TrainLoader:
+        if not self.train_sources:
+            raise ValueError("data.train_sources is empty: this data config is for evaluation only")
+        self._ensure_setup()
+        self._train_loader = TrainLoader(
+            self._sources,
+            self._transform(train=True),
+            self.batch_size,
+            self.train_batches_per_epoch,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle_buffer=self.shuffle_buffer,
+            max_consecutive_failures=self.max_consecutive_failures,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+        )
+        return self._train_loader
+
+    def val_dataloader(self) -> EvalLoader | list:
+        self._ensure_setup()
+        if not self._val:
+            return []  # Lightning skips validation without loaders
+        self._val_loader = EvalLoader(
+            self._val,
+            self._transform(train=False),
+            self.val_batch_size,
+            num_workers=self.val_num_workers,
+            rank=self.rank,
+            world_size=self.world_size,
+            max_consecutive_failures=self.max_consecutive_failures,
+            pin_memory=self.pin_memory,
+        )
+        return self._val_loader
+
+    def test_dataloader(self) -> EvalLoader | list:
+        return self.val_dataloader()
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skipped on this rank: `train/samples`, `train/shards` (all delivered training batches) and
+        `val/samples`, `val/shards` (latest validation pass). Sum over ranks for the run's total."""
+        train = self._train_loader.skipped if self._train_loader else {"samples": 0, "shards": 0}
+        val = self._val_loader.skipped if self._val_loader else {"samples": 0, "shards": 0}
+        return {f"train/{k}": v for k, v in train.items()} | {f"val/{k}": v for k, v in val.items()}
+
+    def _ensure_setup(self) -> None:
+        if not hasattr(self, "_sources"):
+            self.setup()
+
+
+def _parse_source(index: int, source: Mapping[str, Any]) -> dict[str, Any]:
+    where = f"data.train_sources[{index}]"
+    if not isinstance(source, Mapping) or "urls" not in source:
+        raise ValueError(
+            f"{where}={source!r}: expected {{name: str, urls: list | glob | brace pattern, weight: float}}"
+        )
+    weight = float(source.get("weight", 1.0))
+    if not weight > 0:
+        raise ValueError(f"{where}.weight={weight}: must be > 0")
+    urls = source["urls"]
+    urls = str(urls) if isinstance(urls, (str, Path)) else [str(u) for u in urls]
+    return {"name": str(source.get("name", f"source{index}")), "urls": urls, "weight": weight}

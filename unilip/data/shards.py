@@ -1,0 +1,127 @@
+"""Reading webdataset shards: url expansion, raw samples, and exact accounting of what was skipped.
+
+A shard is a tar file in webdataset layout: members `<key>.<ext>` with the members of one sample
+next to each other (`000123.jpg`, `000123.txt`). A raw sample is the dict
+`{"__key__": key, "__url__": url, ext: bytes, ...}` with lower-case extensions, the same
+convention as `webdataset` (the key is everything before the first dot of the file name).
+
+Bad data never raises out of `read_shard`: a shard that cannot be opened or that breaks off in
+the middle (a truncated download) counts as one skipped shard, and reading goes on with the next.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import re
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import braceexpand
+from webdataset.gopen import gopen
+
+log = logging.getLogger(__name__)
+
+# webdataset's own key/extension split: key up to the first dot of the file name, extension after it.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# At most this many skips are logged one by one per worker; the rest only count.
+_LOG_FIRST = 10
+
+
+class DataError(RuntimeError):
+    """The data cannot produce a single good sample; the message says which data and why."""
+
+
+def expand_urls(urls: str | Sequence[str], what: str = "urls") -> list[str]:
+    """Expand brace patterns (`shard-{000..099}.tar`) and globs (`dir/*.tar`) into a list of urls.
+
+    Brace patterns and plain paths are kept even when the file does not exist (it is skipped,
+    and counted, when read); a glob that matches nothing is an error, because it almost always
+    means a wrong data directory. `pipe:` urls are passed through untouched.
+    """
+    specs = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for spec in specs:
+        for url in braceexpand.braceexpand(str(spec)):
+            if url.startswith("pipe:") or not _GLOB_CHARS.search(url):
+                out.append(url)
+                continue
+            matches = sorted(glob.glob(url))
+            if not matches:
+                raise DataError(f"{what}: no shard matches {url!r}; check the path (and the data directory)")
+            out.extend(matches)
+    if not out:
+        raise DataError(f"{what}: no urls given; set {what} to shard paths, a glob or a brace pattern")
+    return out
+
+
+@dataclass
+class SkipCounter:
+    """Counts what one worker skipped: undecodable samples and unreadable shards.
+
+    `active=False` while a resumed worker fast-forwards over samples it already delivered before
+    the checkpoint (those skips were counted then), so counts stay exact across a resume.
+    """
+
+    samples: int = 0
+    shards: int = 0
+    active: bool = True
+    verbose: bool = True
+    last_error: str = ""
+
+    def shard_failed(self, url: str, error: BaseException) -> None:
+        if not self.active:
+            return
+        self.shards += 1
+        self.last_error = f"{url}: {type(error).__name__}: {error}"
+        self._log("skipped shard %s", self.last_error)
+
+    def sample_failed(self, key: str, url: str, error: BaseException) -> None:
+        if not self.active:
+            return
+        self.samples += 1
+        self.last_error = f"{key} in {url}: {type(error).__name__}: {error}"
+        self._log("skipped sample %s", self.last_error)
+
+    def _log(self, fmt: str, message: str) -> None:
+        if self.verbose and self.samples + self.shards <= _LOG_FIRST:
+            log.warning(fmt, message)
+
+    def as_list(self) -> list[int]:
+        return [self.samples, self.shards]
+
+
+def read_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
+    """Yield the raw samples of one shard, in file order.
+
+    A shard that fails to open, or breaks off, adds 1 to `counter.shards`; the sample being read
+    when it broke off is dropped (it may be incomplete), the complete ones before it are kept.
+    A tar cut exactly at a member boundary reads as a shorter shard: tarfile cannot tell.
+    """
+    try:
+        stream = gopen(url, "rb")
+    except Exception as error:  # a missing file, a failing pipe: skip the shard, never the run
+        counter.shard_failed(url, error)
+        return
+    current: dict | None = None
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                match = _KEY_EXT.match(member.name)
+                if match is None or member.name.split("/")[-1].startswith("__"):
+                    continue  # not a sample member (webdataset skips these too)
+                key, ext = match.group(1), match.group(2).lower()
+                if current is not None and current["__key__"] != key:
+                    yield current  # complete: the next sample has begun
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = tar.extractfile(member).read()
+        if current is not None:
+            yield current
+    except Exception as error:  # truncated or corrupt tar (or a pipe that died): keep what was complete
+        counter.shard_failed(url, error)

@@ -1,0 +1,163 @@
+"""Raw webdataset sample -> cropped RGB arrays + caption, and a list of those -> a batch.
+
+Sample formats (extensions are matched lower-case):
+
+- image-caption: one image member `jpg`, `jpeg`, `png` or `webp`, plus an optional caption:
+  `txt` (UTF-8), or `json` with the first non-empty field of `caption`, `text`, `prompt`.
+- editing: `source.<e>` and `target.<e>` with <e> one of the image extensions above, plus
+  `instruction.txt` (or a `json` with an `instruction` field). The target is the image to
+  generate, the instruction its caption, the source the condition.
+
+Augmentation follows the UniLIP recipe: resize the shorter edge to the crop size, random crop
+(centre crop for evaluation), random horizontal flip. Source and target of an edit get the same
+crop, expressed as fractions of the image so it also fits when their sizes differ.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CAPTION_FIELDS = ("caption", "text", "prompt")
+
+
+def decode_image(data: bytes, min_side: int) -> Image.Image:
+    """Decode image bytes to RGB, at no less than `min_side` pixels on the shorter edge if it had them.
+
+    JPEGs are decoded with PIL's `draft`, which lets libjpeg downscale by 2, 4 or 8 in the DCT:
+    much faster than a full decode followed by a resize, and the result still has at least the
+    size the crop needs. Grayscale, palette, RGBA and CMYK inputs come out as RGB.
+    """
+    image = Image.open(io.BytesIO(data))
+    if image.format == "JPEG":
+        width, height = image.size
+        scale = min_side / min(width, height)
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+    return image.convert("RGB")
+
+
+def crop_box(width: int, height: int, size: int, rng: random.Random | None) -> tuple[float, float, float, float]:
+    """The square that the shorter-edge resize + crop keeps, as fractions (x0, y0, x1, y1) of the image.
+
+    `rng=None` gives the centre crop; otherwise the offset is uniform over the resized image.
+    """
+    scale = size / min(width, height)
+    resized_w, resized_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if rng is None:
+        x, y = (resized_w - size) // 2, (resized_h - size) // 2
+    else:
+        x, y = rng.randint(0, resized_w - size), rng.randint(0, resized_h - size)
+    return x / resized_w, y / resized_h, (x + size) / resized_w, (y + size) / resized_h
+
+
+def render(image: Image.Image, box: tuple[float, float, float, float], size: int, flip: bool) -> np.ndarray:
+    """Resample the fractional `box` of `image` to (size, size, 3) uint8, mirrored if `flip`.
+
+    Resizing only the box (PIL's `box=`) is the same as resize-then-crop, without resizing
+    pixels that are thrown away. Bicubic with antialiasing; `reducing_gap` first shrinks large
+    images by an integer factor, which PIL documents as indistinguishable from exact at >= 3.
+    """
+    width, height = image.size
+    pixels = (box[0] * width, box[1] * height, box[2] * width, box[3] * height)
+    out = image.resize((size, size), Image.Resampling.BICUBIC, box=pixels, reducing_gap=3.0)
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+def _find(raw: dict, prefix: str) -> bytes | None:
+    for ext in IMAGE_EXTS:
+        if (data := raw.get(prefix + ext)) is not None:
+            return data
+    return None
+
+
+def _text(raw: dict, txt_key: str, fields: tuple[str, ...]) -> str:
+    if (data := raw.get(txt_key)) is not None:
+        return data.decode("utf-8").strip()
+    if (data := raw.get("json")) is not None:
+        meta = json.loads(data)
+        for name in fields:
+            if isinstance(meta.get(name), str) and meta[name].strip():
+                return meta[name].strip()
+    return ""
+
+
+@dataclass
+class SampleTransform:
+    """Turn one raw sample into an example: `image` (S, S, 3) uint8, `caption`, `key`, maybe `source`.
+
+    Args:
+        image_size: side S of the square crop (224, 448, any positive size).
+        train: random crop and flip if True; centre crop, no flip, if False.
+        random_flip: flip horizontally with probability 0.5 during training.
+        flip_edits: also flip edit pairs. Off by default because edit instructions may name
+            left and right ("remove the cup on the left"), which a mirror image would contradict.
+        with_source: keep the source image of edit samples (generation/editing training);
+            if False an edit sample is used as an image-caption sample (target + instruction).
+    """
+
+    image_size: int
+    train: bool
+    random_flip: bool = True
+    flip_edits: bool = False
+    with_source: bool = False
+
+    def __call__(self, raw: dict, rng: random.Random | None) -> dict:
+        """Raise on any undecodable or incomplete sample; the caller counts and skips it."""
+        size = self.image_size
+        target = _find(raw, "target.")
+        is_edit = target is not None
+        data = target if is_edit else _find(raw, "")
+        if data is None:
+            raise ValueError(f"no image member (expected one of {IMAGE_EXTS} or target.<ext>); has {sorted(raw)}")
+        image = decode_image(data, size)
+        box = crop_box(*image.size, size, rng if self.train else None)
+        may_flip = self.train and self.random_flip and (self.flip_edits or not is_edit)
+        flip = may_flip and rng is not None and rng.random() < 0.5
+        example = {"image": render(image, box, size, flip), "key": raw["__key__"]}
+        if is_edit:
+            example["caption"] = _text(raw, "instruction.txt", ("instruction",))
+        else:
+            example["caption"] = _text(raw, "txt", CAPTION_FIELDS)
+        if self.with_source:
+            source = _find(raw, "source.") if is_edit else None
+            if is_edit and source is None:
+                raise ValueError("edit sample without a source.<ext> image")
+            example["source"] = None if source is None else render(decode_image(source, size), box, size, flip)
+        return example
+
+
+def collate(examples: list[dict], with_source: bool) -> dict:
+    """Stack examples into the batch contract.
+
+    Returns:
+        `image` (B, 3, S, S) float32 in [0, 1]; `caption` list[str]; `key` list[str]; with
+        `with_source` also `source_image` (B, 3, S, S) in [0, 1] (zeros for text-to-image
+        samples) and `has_source` (B,) bool.
+    """
+    batch = {
+        "image": _to_float(np.stack([e["image"] for e in examples])),
+        "caption": [e["caption"] for e in examples],
+        "key": [e["key"] for e in examples],
+    }
+    if with_source:
+        blank = np.zeros_like(examples[0]["image"])
+        sources = [blank if e["source"] is None else e["source"] for e in examples]
+        batch["source_image"] = _to_float(np.stack(sources))
+        batch["has_source"] = torch.tensor([e["source"] is not None for e in examples], dtype=torch.bool)
+    return batch
+
+
+def _to_float(images: np.ndarray) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 in [0, 1], contiguous."""
+    uint8 = torch.from_numpy(images).permute(0, 3, 1, 2)
+    return torch.empty(uint8.shape, dtype=torch.float32).copy_(uint8).div_(255.0)
