@@ -265,3 +265,45 @@ def test_shuffle_buffer_mixes_within_a_shard_without_touching_global_rngs(tmp_pa
     (batch,) = take(train_loader(urls, shuffle_buffer=20, batch_size=40, batches_per_epoch=1), 1)
     assert batch["key"] != sorted(batch["key"], key=lambda k: int(k.split("_")[1]))
     assert random.getstate() == python_rng and torch.equal(torch.get_rng_state(), torch_rng)
+
+
+def _rank_main(rank: int, init_file: str, urls: list[str], out: dict) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        loader = train_loader(urls, rank=rank, world_size=2)
+        take(loader, 3)
+        state = [loader.state_dict()]  # a collective: gathers both ranks' positions
+        torch.distributed.broadcast_object_list(state, src=0)  # every rank resumes from rank 0's checkpoint
+        expected = [b["key"] for b in take(loader, 2)]
+        resumed = train_loader(urls, rank=rank, world_size=2)
+        resumed.load_state_dict(state[0])
+        out[rank] = (sorted(state[0]["ranks"]), [b["key"] for b in take(resumed, 2)] == expected)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_state_dict_gathers_every_rank_under_torch_distributed(tmp_path):
+    """Lightning saves rank 0's checkpoint only: its loader state must hold every rank's position."""
+    import multiprocessing
+
+    urls = shards(tmp_path, 2, per_shard=6)
+    context = multiprocessing.get_context("fork")
+    with context.Manager() as manager:
+        out = manager.dict()
+        args = (str(tmp_path / "init"), urls, out)
+        processes = [context.Process(target=_rank_main, args=(rank, *args)) for rank in range(2)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(60)
+        assert [p.exitcode for p in processes] == [0, 0]
+        assert dict(out) == {0: ([0, 1], True), 1: ([0, 1], True)}
+
+
+def test_pipe_urls_stream_and_a_failing_pipe_is_one_skipped_shard(tmp_path):
+    good = write_shard(tmp_path / "good.tar", ["p0", "p1"])
+    loader = EvalLoader(
+        [f"pipe:cat {good}", f"pipe:cat {tmp_path / 'none.tar'} 2>/dev/null"], SampleTransform(16, False), 4
+    )
+    assert [k for b in loader for k in b["key"]] == ["p0", "p1"]
+    assert loader.skipped == {"samples": 0, "shards": 1}
