@@ -32,3 +32,39 @@ def tiny_tokenizer(tiny_config):
 
     torch.manual_seed(0)
     return UniLIPTokenizer(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory):
+    """The bundled photo shards (scikit-image photographs), built once per test session."""
+    from unilip.data import build_photo_shards
+
+    root = tmp_path_factory.mktemp("data")
+    build_photo_shards(root / "photos")
+    return root
+
+
+def compose_train(overrides: list[str]):
+    """Compose conf/train.yaml as `python train.py <overrides>` would (without Hydra's run-time keys)."""
+    from hydra import compose, initialize_config_dir
+
+    from unilip.models.loading import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def quick_overrides(data_root, run_dir, *extra: str) -> list[str]:
+    """The quick-start experiment shrunk for tests: tiny model, bundled photos, CPU, no perceptual nets."""
+    return [
+        "experiment=quickstart",
+        f"paths.data_dir={data_root}",
+        f"paths.runs_dir={run_dir.parent}",
+        f"run_dir={run_dir}",
+        "data.num_workers=0",
+        "data.val_num_workers=0",
+        "data.pin_memory=false",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]

@@ -118,6 +118,28 @@ class ResidualMLP(nn.Module):
         return x + self.mlp(x)
 
 
+def internvl_features(
+    vision_tower: InternVLVisionModel,
+    projector: InternVLMultiModalProjector,
+    pixel_values: torch.Tensor,
+    config: TokenizerConfig,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """InternVL's image-feature path: ViT -> drop CLS -> pixel shuffle -> projector.
+
+    (B, 3, H, W) normalised pixels -> ((B, N, D) features, (h, w) grid of the N tokens).
+    """
+    pixel_values = pixel_values.to(vision_tower.embeddings.patch_embeddings.projection.weight.dtype)
+    hidden = vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # drop CLS
+    patch = vision_tower.config.patch_size[0]
+    grid_h, grid_w = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+    hidden = hidden.reshape(hidden.shape[0], grid_h, grid_w, hidden.shape[-1])
+    # transformers' own pixel shuffle (a plain function of its arguments), so the features
+    # match InternVLModel.get_image_features bit for bit.
+    hidden = InternVLModel.pixel_shuffle(None, hidden, scale_factor=config.downsample_ratio)
+    grid = (hidden.shape[1], hidden.shape[2])
+    return projector(hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])), grid
+
+
 class TokenizerOutput(NamedTuple):
     images: torch.Tensor  # (B, 3, H, W), nominally [0, 1], not clamped so gradients flow
     features: torch.Tensor  # (B, N, D) post-projector features of the (padded) input
@@ -194,17 +216,7 @@ class UniLIPTokenizer(nn.Module):
     def _features(self, padded: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Padded (B, 3, H, W) in [0, 1] -> ((B, N, D) features, (H/28, W/28) grid)."""
         pixel_values = (padded - self.image_mean) / self.image_std
-        pixel_values = pixel_values.to(self.vision_tower.embeddings.patch_embeddings.projection.weight.dtype)
-        hidden = self.vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # drop CLS
-        patch = self.vision_tower.config.patch_size[0]
-        grid_h, grid_w = padded.shape[-2] // patch, padded.shape[-1] // patch
-        hidden = hidden.reshape(hidden.shape[0], grid_h, grid_w, hidden.shape[-1])
-        # transformers' own pixel shuffle (a plain function of its arguments), so our features
-        # match InternVLModel.get_image_features bit for bit.
-        hidden = InternVLModel.pixel_shuffle(None, hidden, scale_factor=self.config.downsample_ratio)
-        grid = (hidden.shape[1], hidden.shape[2])
-        features = self.multi_modal_projector(hidden.reshape(hidden.shape[0], -1, hidden.shape[-1]))
-        return features, grid
+        return internvl_features(self.vision_tower, self.multi_modal_projector, pixel_values, self.config)
 
     def latent_from_features(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, N, D) projector features on an (h, w) grid -> (B, C, h, w) latent."""
@@ -280,11 +292,17 @@ class UniLIPTokenizer(nn.Module):
         load_strict(self.decoder, tensors, what=f"'{path}' ({prefix}*)")
         log.info("loaded DC-AE decoder from %s", path)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write `config.json` and `model.safetensors`; `from_pretrained` restores it bit for bit."""
+    def save_pretrained(self, directory: str | Path, training: dict[str, Any] | None = None) -> None:
+        """Write `config.json` and `model.safetensors`; `from_pretrained` restores it bit for bit.
+
+        `training` (optional) records how the weights were made (stage, whether the encoder
+        was trained, where the distillation teacher came from) for the runs that start from them.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "config": self.config.to_dict()}
+        if training is not None:
+            meta["training"] = training
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         state = {key: value.detach().contiguous().cpu() for key, value in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -372,3 +390,36 @@ def build_tokenizer(
     if decoder_weights:
         model.load_dcae_decoder(decoder_weights)
     return model
+
+
+class FrozenEncoder(nn.Module):
+    """A frozen copy of a tokenizer's encoder (ViT + projector): the stage-2 distillation teacher.
+
+    `features(images)` is `UniLIPTokenizer.features` of the weights at copy time. It holds no
+    decoder, so it costs only the encoder's memory.
+    """
+
+    def __init__(self, tokenizer: UniLIPTokenizer):
+        super().__init__()
+        import copy
+
+        self.config = tokenizer.config
+        self.vision_tower = copy.deepcopy(tokenizer.vision_tower)
+        self.multi_modal_projector = copy.deepcopy(tokenizer.multi_modal_projector)
+        self.register_buffer("image_mean", tokenizer.image_mean.clone(), persistent=False)
+        self.register_buffer("image_std", tokenizer.image_std.clone(), persistent=False)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        return super().train(False)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, N, D), padding like the tokenizer."""
+        height, width = images.shape[-2:]
+        multiple = self.config.input_multiple
+        pad_h, pad_w = -height % multiple, -width % multiple
+        if pad_h or pad_w:
+            images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode="reflect")
+        pixel_values = (images - self.image_mean) / self.image_std
+        return internvl_features(self.vision_tower, self.multi_modal_projector, pixel_values, self.config)[0]

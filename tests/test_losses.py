@@ -1,0 +1,124 @@
+"""Loss terms, EMA and schedule against independent computations."""
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from unilip.losses import ConvNeXtLogitLoss, LeCamRegularizer, LPIPSLoss, TokenizerLoss, hinge_d_loss, hinge_g_loss
+from unilip.models.discriminator import PatchDiscriminator
+from unilip.training.ema import EMA
+from unilip.training.schedules import cosine_with_warmup
+
+
+def test_hinge_losses_by_hand():
+    real = torch.tensor([2.0, 0.5, -1.0])
+    fake = torch.tensor([-2.0, 0.0, 1.0])
+    # relu(1 - real) = [0, .5, 2] -> mean 5/6; relu(1 + fake) = [0, 1, 2] -> mean 1
+    assert hinge_d_loss(real, fake).item() == pytest.approx(5 / 6 + 1)
+    assert hinge_g_loss(fake).item() == pytest.approx(1 / 3)
+
+
+def test_lecam_regulariser_and_its_ema():
+    reg = LeCamRegularizer(decay=0.9)
+    real, fake = torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 0.0])
+    reg.update(real, fake)  # first update copies the means
+    assert reg.ema_real.item() == pytest.approx(2.0) and reg.ema_fake.item() == pytest.approx(-0.5)
+    reg.update(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]))
+    assert reg.ema_real.item() == pytest.approx(0.9 * 2.0) and reg.ema_fake.item() == pytest.approx(0.9 * -0.5 + 0.1)
+    ema_real, ema_fake = reg.ema_real.item(), reg.ema_fake.item()
+    expected = (F.relu(real - ema_fake) ** 2).mean() + (F.relu(ema_real - fake) ** 2).mean()
+    assert reg(real, fake).item() == pytest.approx(expected.item())
+
+
+def test_tokenizer_loss_weights_and_names():
+    loss = TokenizerLoss(l2_weight=1.0, l1_weight=0.5, perceptual_weight=0.0, distill_weight=2.0, gan_weight=0.1)
+    x, y = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    terms = loss.reconstruction(x, y)
+    assert set(terms) == {"l2", "l1"}  # perceptual weight 0: no LPIPS/ConvNeXt built or computed
+    assert terms["l2"].item() == pytest.approx(((x - y) ** 2).mean().item(), rel=1e-6)
+    assert terms["l1"].item() == pytest.approx(0.5 * (x - y).abs().mean().item(), rel=1e-6)
+    s, t = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    assert loss.distillation(s, t)["distill"].item() == pytest.approx(2.0 * ((s - t) ** 2).mean().item(), rel=1e-6)
+    assert loss.generator_adversarial(torch.ones(2, 1, 3, 3))["gan_g"].item() == pytest.approx(-0.1)
+
+
+def test_lpips_reads_user_vgg_weights(tmp_path):
+    vgg = torchvision.models.vgg16()
+    torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")
+    lpips = LPIPSLoss(str(tmp_path / "vgg16.pth"))
+    assert lpips.pretrained
+    assert torch.equal(getattr(lpips.net.net.slice1, "0").weight, vgg.features[0].weight)
+    assert torch.equal(getattr(lpips.net.net.slice5, "28").weight, vgg.features[28].weight)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-6)
+    assert (lpips(x, torch.rand(2, 3, 32, 32)) > 0).all()
+
+
+def test_perceptual_losses_warn_loudly_without_weights(caplog, monkeypatch):
+    monkeypatch.setattr("unilip.losses.perceptual._torchvision_vgg16_cached", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert not LPIPSLoss(None).pretrained
+        assert not ConvNeXtLogitLoss(None, input_size=32).pretrained
+    assert "RANDOM backbone" in caplog.text and "RANDOM network" in caplog.text
+
+
+def test_convnext_logit_loss_reads_weights_and_is_zero_on_identity(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    net = timm.create_model("convnext_small", pretrained=False)
+    save_file(net.state_dict(), tmp_path / "convnext.safetensors")
+    loss = ConvNeXtLogitLoss(str(tmp_path / "convnext.safetensors"), input_size=64)
+    assert torch.equal(loss.net.stem[0].weight, net.stem[0].weight)
+    x = torch.rand(1, 3, 48, 48)
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-10)
+    y = torch.rand(1, 3, 48, 48, requires_grad=True)
+    loss(x, y).sum().backward()
+    assert y.grad is not None and loss.net.stem[0].weight.grad is None  # the network stays frozen
+
+
+def test_patch_discriminator_shapes():
+    disc = PatchDiscriminator(base_channels=8, num_layers=3)
+    assert disc(torch.rand(2, 3, 112, 112)).shape == (2, 1, 12, 12)
+
+
+def test_ema_matches_a_hand_computed_average():
+    param = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    ema = EMA({"w": param}, decay=0.5, warmup=False)
+    values = [torch.tensor([3.0, 4.0]), torch.tensor([5.0, 0.0])]
+    expected = param.detach().clone()
+    for value in values:
+        param.data.copy_(value)
+        ema.update()
+        expected = 0.5 * expected + 0.5 * value
+    assert torch.allclose(ema.shadows()[0], expected)
+    with ema.swapped():
+        assert torch.equal(param.data, expected)
+    assert torch.equal(param.data, values[-1])  # restored
+    assert "w" in dict(ema.named_buffers()) and int(ema.num_updates) == 2
+
+
+def test_ema_warmup_decay():
+    ema = EMA({"w": torch.nn.Parameter(torch.zeros(1))}, decay=0.9999, warmup=True)
+    assert ema.current_decay() == pytest.approx(1 / 10)
+    ema.num_updates.fill_(90)
+    assert ema.current_decay() == pytest.approx(91 / 100)
+
+
+def test_cosine_schedule_with_warmup_and_final_lr():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    sched = cosine_with_warmup(opt, warmup_steps=10, total_steps=110, final_ratio=0.1)
+    lrs = []
+    for _ in range(120):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-5)  # (0 + 1) / 10 of the peak
+    assert lrs[9] == pytest.approx(1e-4)
+    assert lrs[10] == pytest.approx(1e-4)
+    assert lrs[60] == pytest.approx(1e-5 + 0.9e-4 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[110] == pytest.approx(1e-5) and lrs[119] == pytest.approx(1e-5)

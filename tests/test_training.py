@@ -1,0 +1,84 @@
+"""Tokenizer training on the bundled photos: what the paper's stages claim, at toy size."""
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import compose_train, quick_overrides
+from unilip.training.run import train
+
+
+def _metrics(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
+    return lambda key: [float(r[key]) for r in rows if r.get(key)]
+
+
+def _run(data_root, run_dir, *extra):
+    cfg = compose_train(quick_overrides(data_root, run_dir, *extra))
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def stage1_run(photos_dir, tmp_path_factory):
+    """Stage 1, 60 steps at 112 px; the starting point of the stage-2 tests."""
+    run_dir = tmp_path_factory.mktemp("runs") / "stage1"
+    cfg = compose_train(
+        quick_overrides(
+            photos_dir,
+            run_dir,
+            "stage=1",
+            "stages.stage1.max_steps=60",
+            "data.train_batches_per_epoch=30",
+            "loss.perceptual_weight=0",
+        )
+    )
+    from hydra.utils import instantiate
+
+    torch.manual_seed(cfg.seed)
+    before = instantiate(cfg.model).state_dict()  # the same seed builds the same initial tokenizer
+    train(cfg)
+    return run_dir, before
+
+
+def test_stage1_loss_falls_and_the_encoder_stays_frozen(stage1_run):
+    run_dir, before = stage1_run
+    metric = _metrics(run_dir)
+    l2 = metric("loss/l2")
+    assert len(l2) == 60
+    first, last = sum(l2[:5]) / 5, sum(l2[-5:]) / 5
+    print(f"stage 1 L2: first 5 steps {first:.4f}, last 5 {last:.4f}; val PSNR {metric('val/psnr')}")
+    assert last < 0.6 * first
+    after = load_file(run_dir / "tokenizer" / "model.safetensors")
+    frozen = [k for k in before if k.startswith(("vision_tower.", "multi_modal_projector."))]
+    trained = [k for k in before if k.startswith(("residual_blocks.", "down_mlp.", "decoder."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert sum(not torch.equal(before[k], after[k]) for k in trained) == len(trained)
+
+
+def _stage2(photos_dir, stage1_dir, run_dir, distill_weight):
+    _run(
+        photos_dir,
+        run_dir,
+        "stage=2",
+        f"init_from={stage1_dir}",
+        "stages.stage2.max_steps=40",
+        "stages.stage2.gan_start_step=1000",
+        "data.train_batches_per_epoch=40",
+        "loss.perceptual_weight=0",
+        f"stages.stage2.distill_weight={distill_weight}",
+    )
+    return _metrics(run_dir)("val/teacher_cosine")[-1]
+
+
+@pytest.fixture
+def distill_runs(photos_dir, stage1_run, tmp_path):
+    stage1_dir, _ = stage1_run
+    return {w: _stage2(photos_dir, stage1_dir, tmp_path / f"w{w}", w) for w in (1.0, 0.0)}
+
+
+def test_stage2_teacher_cosine_with_and_without_distillation(distill_runs):
+    print(f"teacher-feature cosine after stage 2: distill 1 -> {distill_runs[1.0]:.4f}, 0 -> {distill_runs[0.0]:.4f}")
+    assert distill_runs[1.0] >= 0.99
+    assert distill_runs[0.0] < distill_runs[1.0] - 0.01

@@ -1,0 +1,28 @@
+"""Train UniLIP.
+
+    python train.py stage=1 experiment=quickstart          # tiny model, bundled photos, CPU
+    python train.py stage=2 experiment=quickstart          # starts from the stage-1 run of the same name
+    python train.py stage=1 experiment=unilip_1b_224 trainer=ddp trainer.devices=8
+
+Configuration: conf/train.yaml and its groups; see README.md.
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from unilip.training.config import ConfigError
+    from unilip.training.run import train
+
+    try:
+        train(cfg)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Perceptual losses: LPIPS (VGG) and the ConvNeXt-S logit loss of the UniLIP recipe.
+
+Both networks are frozen and need pretrained weights that are normally downloaded. Pass
+the files explicitly (`vgg_weights`, `weights`); without them the loss still runs, on a
+random backbone, and says so loudly: a perceptual loss on random features is not the
+recipe's loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"perceptual-loss weights '{path}' do not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _torchvision_vgg16_cached() -> bool:
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
+    return hub.exists()
+
+
+class LPIPSLoss(nn.Module):
+    """LPIPS distance with a VGG-16 backbone, per image: (B, 3, H, W) x2 in [0, 1] -> (B,).
+
+    Args:
+        vgg_weights: torchvision's `vgg16-397923af.pth` (ImageNet VGG-16). If None, the
+            torchvision cache is used when it has the file; otherwise the backbone is random
+            (a warning says so). LPIPS's own linear heads ship with the `lpips` package.
+    """
+
+    def __init__(self, vgg_weights: str | None = None):
+        super().__init__()
+        import lpips
+
+        use_cache = vgg_weights is None and _torchvision_vgg16_cached()
+        self.net = lpips.LPIPS(net="vgg", pnet_rand=not use_cache, verbose=False)
+        if vgg_weights is not None:
+            self._load_vgg(_load_weights_file(vgg_weights))
+        elif not use_cache:
+            log.warning(
+                "LPIPS: no VGG-16 weights (set loss.lpips_vgg_weights=<vgg16-397923af.pth>); using a RANDOM "
+                "backbone: this is not the LPIPS of the recipe"
+            )
+        self.pretrained = vgg_weights is not None or use_cache
+        self.requires_grad_(False).eval()
+
+    def _load_vgg(self, state: dict[str, torch.Tensor]) -> None:
+        # lpips splits torchvision's `features.N` layers into slice1..slice5, keeping the indices.
+        own = self.net.net.state_dict()
+        mapped = {}
+        for key in own:
+            index, name = re.fullmatch(r"slice\d\.(\d+)\.(\w+)", key).groups()
+            mapped[key] = state[f"features.{index}.{name}"]
+        self.net.net.load_state_dict(mapped, strict=True)
+
+    def train(self, mode: bool = True) -> LPIPSLoss:
+        return super().train(False)  # always frozen, dropout off
+
+    def forward(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+        return self.net(reconstructions, images, normalize=True).flatten()
+
+
+class ConvNeXtLogitLoss(nn.Module):
+    """MSE between ConvNeXt-S ImageNet logits of image and reconstruction: (B, 3, H, W) x2 in [0, 1] -> (B,).
+
+    Args:
+        weights: a timm `convnext_small` state dict (.safetensors or .pth). If None the
+            network is random and a warning says so.
+        model_name: the timm model.
+        input_size: images are resized to this side before the network (224, its training size).
+    """
+
+    def __init__(self, weights: str | None = None, model_name: str = "convnext_small", input_size: int = 224):
+        super().__init__()
+        import timm
+
+        self.net = timm.create_model(model_name, pretrained=False)
+        if weights is not None:
+            self.net.load_state_dict(_load_weights_file(weights), strict=True)
+        else:
+            log.warning(
+                "ConvNeXt logit loss: no weights (set loss.convnext_weights=<%s weights>); using a RANDOM "
+                "network: this is not the loss of the recipe",
+                model_name,
+            )
+        self.pretrained = weights is not None
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> ConvNeXtLogitLoss:
+        return super().train(False)
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True)
+        return self.net((images - self.mean) / self.std)
+
+    def forward(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self._logits(images)
+        return (self._logits(reconstructions) - target).float().square().mean(dim=1)

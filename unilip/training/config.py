@@ -1,0 +1,37 @@
+"""Start-up checks of a composed training config: one clear line per mistake, before anything is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+TOKENIZER_STAGES = {1: "decoder alignment", 2: "self-distillation"}
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key, the bad value and the fix."""
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    if cfg.task != "tokenizer":
+        raise ConfigError(f"task={cfg.task!r} is not known; use task=tokenizer")
+    stage = cfg.stage
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in TOKENIZER_STAGES:
+        raise ConfigError(
+            f"stage={stage!r} is not a tokenizer stage; use stage=1 (decoder alignment) or stage=2 (self-distillation)"
+        )
+    image_size = cfg.data.image_size
+    model = cfg.model.config
+    multiple = int(model.vision.patch_size / model.downsample_ratio)
+    if image_size % multiple and not model.pad_to_multiple:
+        raise ConfigError(
+            f"data.image_size={image_size} is not a multiple of {multiple} and model.config.pad_to_multiple=false; "
+            f"use a multiple of {multiple} (224, 448) or set model.config.pad_to_multiple=true"
+        )
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
+        raise ConfigError(f"resume={cfg.resume} does not exist; use resume=auto or an existing checkpoint")
+    if cfg.init_from is not None and not Path(cfg.init_from).exists():
+        raise ConfigError(
+            f"init_from={cfg.init_from} does not exist; give a run directory, a checkpoint (.ckpt) or a saved tokenizer"
+        )

@@ -1,0 +1,150 @@
+"""Where a run's starting weights and its distillation teacher come from.
+
+Stage 2 starts from stage 1's EMA weights (`init_from`: a run directory, a Lightning
+checkpoint or a saved tokenizer) and distils towards the ORIGINAL encoder. Stage 1 never
+trains the encoder, so its encoder is the original; a stage-2 output's is not, so every
+saved tokenizer records its lineage (`encoder_trained`, `teacher`) and a later run (e.g.
+stage 2 at 448 px from stage 2 at 224 px) finds the right teacher without a hand-edited path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unilip.models.hub import load_strict
+from unilip.models.tokenizer import CONFIG_NAME, FrozenEncoder, TokenizerConfig, UniLIPTokenizer
+from unilip.training.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE_FIELDS = (
+    "vision",
+    "llm_hidden_size",
+    "downsample_ratio",
+    "num_residual_blocks",
+    "latent_channels",
+    "decoder",
+)
+
+
+@dataclass
+class TrainedTokenizer:
+    tokenizer: UniLIPTokenizer
+    source: str  # the file or directory it was read from
+    lineage: dict[str, Any]  # {"stage", "encoder_trained", "teacher"}
+
+
+def locate(path: str | Path) -> Path:
+    """A run directory -> its saved tokenizer (finished run) or last checkpoint; other paths unchanged."""
+    path = Path(path)
+    if (path / "tokenizer" / CONFIG_NAME).exists():
+        return path / "tokenizer"
+    if (path / "checkpoints" / "last.ckpt").exists():
+        return path / "checkpoints" / "last.ckpt"
+    return path
+
+
+def _from_state(config: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> UniLIPTokenizer:
+    with torch.device("meta"):
+        model = UniLIPTokenizer(TokenizerConfig(**config))
+    load_strict(model, state, what=what)
+    model._set_normalisation()
+    return model
+
+
+def tokenizer_state_from_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `TokenizerTraining` state dict -> tokenizer weights, the EMA replacing what it averages."""
+    weights = {k[len("tokenizer.") :]: v for k, v in state_dict.items() if k.startswith("tokenizer.")}
+    for key, value in state_dict.items():
+        if key.startswith("ema.") and key != "ema.num_updates":
+            weights[key[len("ema.") :].replace("__", ".")] = value
+    return weights
+
+
+def load_trained_tokenizer(path: str | Path) -> TrainedTokenizer:
+    """Load the tokenizer (EMA weights) of a run directory, a Lightning checkpoint or a saved tokenizer."""
+    located = locate(path)
+    if (located / CONFIG_NAME).exists():
+        meta = json.loads((located / CONFIG_NAME).read_text())
+        return TrainedTokenizer(UniLIPTokenizer.from_pretrained(located), str(located), meta.get("training", {}))
+    if located.is_file() and located.suffix == ".ckpt":
+        checkpoint = torch.load(located, map_location="cpu", weights_only=True, mmap=True)
+        meta = checkpoint.get("unilip")
+        if not meta or meta.get("task") != "tokenizer":
+            raise ConfigError(f"{located} is not a unilip tokenizer checkpoint")
+        state = tokenizer_state_from_checkpoint(checkpoint["state_dict"])
+        model = _from_state(meta["tokenizer_config"], state, f"tokenizer weights in {located}")
+        return TrainedTokenizer(model, str(located), _lineage(meta))
+    if located.is_dir() and (located / ".metadata").exists():
+        from unilip.training.distributed import load_sharded_checkpoint
+
+        checkpoint = load_sharded_checkpoint(located)
+        meta = checkpoint["unilip"]
+        state = tokenizer_state_from_checkpoint(checkpoint["state_dict"])
+        model = _from_state(meta["tokenizer_config"], state, f"tokenizer weights in {located}")
+        return TrainedTokenizer(model, str(located), _lineage(meta))
+    raise ConfigError(
+        f"{path} is not a run directory, a unilip checkpoint or a saved tokenizer "
+        f"(no tokenizer/{CONFIG_NAME}, checkpoints/last.ckpt or {CONFIG_NAME} there)"
+    )
+
+
+def _lineage(meta: dict[str, Any]) -> dict[str, Any]:
+    return {key: meta.get(key) for key in ("stage", "encoder_trained", "teacher")}
+
+
+def check_same_architecture(config: TokenizerConfig, preset: TokenizerConfig, source: str) -> TokenizerConfig:
+    """Refuse weights of another size than the chosen preset; keep the preset's run-time options."""
+    differs = [f for f in ARCHITECTURE_FIELDS if getattr(config, f) != getattr(preset, f)]
+    if differs:
+        raise ConfigError(
+            f"init_from={source} is a different tokenizer than the chosen model preset (differs in {', '.join(differs)}); "
+            "choose the model preset it was trained with"
+        )
+    return dataclasses.replace(config, pad_to_multiple=preset.pad_to_multiple)
+
+
+def build_teacher(
+    teacher_from: str | None, init: TrainedTokenizer, preset: TokenizerConfig
+) -> tuple[FrozenEncoder, str]:
+    """The frozen original encoder for stage-2 distillation, and a string saying where it came from."""
+    if teacher_from is None:
+        if not init.lineage.get("encoder_trained"):
+            return FrozenEncoder(init.tokenizer), init.source  # a stage-1 encoder is the original
+        teacher_from = init.lineage.get("teacher")
+        if not teacher_from:
+            raise ConfigError(
+                f"init_from={init.source} has a trained encoder and does not record the original one; "
+                "pass teacher_from=<InternVL checkpoint or stage-1 run>"
+            )
+    source = Path(teacher_from)
+    if source.exists() and (
+        ((locate(source) / CONFIG_NAME).exists() and _is_tokenizer_dir(locate(source)))
+        or locate(source).suffix == ".ckpt"
+    ):
+        teacher_init = load_trained_tokenizer(source)
+        if teacher_init.lineage.get("encoder_trained"):
+            raise ConfigError(f"teacher_from={teacher_from} has a trained encoder; the teacher must be the original")
+        return FrozenEncoder(teacher_init.tokenizer), teacher_init.source
+    # an InternVL checkpoint (hub id or directory): read its vision tower and projector
+    with torch.device("meta"):
+        shell = UniLIPTokenizer(preset)
+    shell.to_empty(device="cpu")
+    shell._set_normalisation()
+    shell.load_internvl(teacher_from)
+    log.info("distillation teacher: the encoder of %s", teacher_from)
+    return FrozenEncoder(shell), str(teacher_from)
+
+
+def _is_tokenizer_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / CONFIG_NAME).read_text()).get("format") == "unilip-tokenizer"
+    except (OSError, json.JSONDecodeError):
+        return False

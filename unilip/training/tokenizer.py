@@ -1,0 +1,350 @@
+"""`TokenizerTraining`: stage 1 and stage 2 of the UniLIP tokenizer, one LightningModule.
+
+One optimisation step (manual optimisation, one optimizer whose parameter groups are the
+generator parts and the discriminator, so one backward serves both and DDP sees one):
+
+    x^ = tokenizer(x);  L_G = recon + perceptual [+ distill(student, teacher)] [+ GAN_G(D(x^))]
+    L_D = hinge(D(x), D(x^.detach())) + LeCam                  (after the GAN start)
+    backward(L_G + L_D), clip G and D separately, step, schedule, EMA
+
+D's parameters are frozen while L_G's adversarial term runs, so L_G never trains D and L_D
+never reaches the generator: the same updates as alternating G and D steps.
+
+Frozen networks (the stage-2 teacher, LPIPS, ConvNeXt) live outside the module tree: no
+optimizer, no gradient sync, not in checkpoints. They are rebuilt from their own weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.optim import Optimizer
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from unilip.losses import LeCamRegularizer, TokenizerLoss
+from unilip.models.tokenizer import FrozenEncoder, UniLIPTokenizer
+from unilip.training.ema import EMA
+from unilip.training.schedules import cosine_with_warmup
+from unilip.training.stages import apply_stage, check_stage
+
+log = logging.getLogger(__name__)
+
+
+class Frozen:
+    """Holder for frozen helper networks kept out of the module tree (see module docstring)."""
+
+    def __init__(self, **modules: nn.Module | None):
+        self.modules = {name: module for name, module in modules.items() if module is not None}
+
+    def __getattr__(self, name: str) -> Any:
+        modules = self.__dict__.get("modules", {})
+        return modules.get(name)
+
+    def to(self, device: torch.device) -> Frozen:
+        for module in self.modules.values():
+            module.to(device)
+        return self
+
+
+@contextmanager
+def frozen_parameters(module: nn.Module):
+    """Temporarily stop gradients flowing into `module`'s parameters (they still flow through it)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in zip(module.parameters(), flags, strict=True):
+            param.requires_grad_(flag)
+
+
+def _decay_groups(params: list[nn.Parameter], **group: Any) -> list[dict[str, Any]]:
+    """Weight decay on matrices and convolutions only; norms, biases and LayerScale vectors are exempt."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return [g for g in ({"params": decay, **group}, {"params": no_decay, **group, "weight_decay": 0.0}) if g["params"]]
+
+
+class TokenizerTraining(L.LightningModule):
+    """Trains a `UniLIPTokenizer` for one stage of the recipe.
+
+    Args:
+        tokenizer: the model; its `parts()` decide what each stage trains.
+        stage: 1 (decoder alignment: encoder frozen) or 2 (self-distillation: all train).
+        loss: the objective's terms and weights.
+        optimizer: a partial optimizer (e.g. AdamW with betas and weight decay), given param groups.
+        lr: LR of the bottleneck and decoder; `encoder_lr_multiplier` x lr for ViT + projector (stage 2).
+        discriminator: PatchGAN, or None for no GAN (stage 1 of the recipe, whose GAN start is past its end).
+        discriminator_lr: its LR (same schedule).
+        teacher: frozen encoder for the distillation loss (stage 2).
+        warmup_steps, max_steps, final_lr: cosine schedule with warm-up, ending at final_lr.
+        grad_clip: max gradient norm, applied to the generator and the discriminator separately.
+        ema_decay: decay of the weight EMA used for validation and export (None: no EMA).
+        gan_start_step: optimizer step at which the adversarial terms and the discriminator start.
+        max_nonfinite_streak: stop after this many consecutive steps with a non-finite loss.
+        gradient_checkpointing: recompute ViT activations in backward (memory for compute).
+        compile: `torch.compile` the ViT and the decoder.
+        sample_dir: where validation reconstruction grids are written (PNG).
+        metadata: facts about the run recorded with every checkpoint (e.g. where the teacher came from).
+    """
+
+    def __init__(
+        self,
+        tokenizer: UniLIPTokenizer,
+        stage: int,
+        loss: TokenizerLoss,
+        optimizer: Callable[..., Optimizer],
+        lr: float = 1e-4,
+        encoder_lr_multiplier: float = 0.1,
+        discriminator: nn.Module | None = None,
+        discriminator_lr: float = 1e-4,
+        teacher: FrozenEncoder | None = None,
+        warmup_steps: int = 10_000,
+        max_steps: int = 300_000,
+        final_lr: float = 1e-5,
+        grad_clip: float | None = 1.0,
+        ema_decay: float | None = 0.9999,
+        gan_start_step: int = 0,
+        lecam_decay: float = 0.999,
+        max_nonfinite_streak: int = 20,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+        sample_dir: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.stage = check_stage(stage)
+        if stage == 2 and loss.distill_weight and teacher is None:
+            raise ValueError("stage 2 with a distillation weight needs a teacher encoder")
+        self.tokenizer = tokenizer
+        self.discriminator = discriminator
+        self.lecam = LeCamRegularizer(lecam_decay) if discriminator is not None else None
+        self.frozen = Frozen(teacher=teacher, loss=loss)
+        self.optimizer_factory = optimizer
+        self.lr, self.encoder_lr_multiplier, self.discriminator_lr = lr, encoder_lr_multiplier, discriminator_lr
+        self.warmup_steps, self.max_steps, self.final_lr = warmup_steps, max_steps, final_lr
+        self.grad_clip, self.ema_decay, self.gan_start_step = grad_clip, ema_decay, gan_start_step
+        self.max_nonfinite_streak = max_nonfinite_streak
+        self.gradient_checkpointing, self.compile_modules = gradient_checkpointing, compile
+        self.sample_dir = Path(sample_dir) if sample_dir else None
+        self.metadata = (
+            OmegaConf.to_container(metadata, resolve=True) if isinstance(metadata, DictConfig) else dict(metadata or {})
+        )
+        self.groups = apply_stage(tokenizer, stage)
+        self.ema: EMA | None = None
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+
+    @property
+    def loss(self) -> TokenizerLoss:
+        return self.frozen.loss
+
+    @property
+    def teacher(self) -> FrozenEncoder | None:
+        return self.frozen.teacher
+
+    # ------------------------------------------------------------------ set-up
+    def configure_model(self) -> None:
+        if self.ema is not None:  # called again (e.g. by a second fit): already set up
+            return
+        if self.gradient_checkpointing:
+            self.tokenizer.vision_tower.gradient_checkpointing_enable()
+        if getattr(self, "device_mesh", None) is not None:  # ModelParallelStrategy: FSDP2
+            from unilip.training.distributed import shard_tokenizer_training
+
+            shard_tokenizer_training(self, self.device_mesh)
+            self.groups = {part: self.tokenizer.part_parameters(part) for part in self.groups}
+        if self.compile_modules:
+            self.tokenizer.vision_tower.compile()
+            self.tokenizer.decoder.compile()
+        if self.ema_decay is not None:
+            trainable = {n: p for n, p in self.tokenizer.named_parameters() if p.requires_grad}
+            self.ema = EMA(trainable, decay=self.ema_decay)
+
+    def configure_optimizers(self):
+        groups = []
+        for part, params in self.groups.items():
+            lr = self.lr * (self.encoder_lr_multiplier if part == "encoder" else 1.0)
+            groups += _decay_groups(params, lr=lr, name=part)
+        if self.discriminator is not None:
+            groups += _decay_groups(
+                list(self.discriminator.parameters()), lr=self.discriminator_lr, name="discriminator"
+            )
+        optimizer = self.optimizer_factory(groups)
+        scheduler = cosine_with_warmup(optimizer, self.warmup_steps, self.max_steps, self.final_lr / self.lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        self.frozen.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.frozen.to(self.device)
+
+    # ------------------------------------------------------------------ training
+    def _gan_active(self) -> bool:
+        return self.discriminator is not None and self.global_step >= self.gan_start_step
+
+    def _losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        out = self.tokenizer.reconstruct(images)
+        generator = self.loss.reconstruction(images, out.images)
+        if self.teacher is not None and self.loss.distill_weight:
+            generator |= self.loss.distillation(out.features, self.teacher.features(images))
+        discriminator: dict[str, torch.Tensor] = {}
+        if self._gan_active():
+            with frozen_parameters(self.discriminator):
+                generator |= self.loss.generator_adversarial(self.discriminator(out.images))
+            logits_real = self.discriminator(images)
+            logits_fake = self.discriminator(out.images.detach())
+            discriminator = self.loss.discriminator(logits_real, logits_fake, self.lecam(logits_real, logits_fake))
+            self.lecam.update(logits_real.detach(), logits_fake.detach())
+        return generator, discriminator
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        bad = (~torch.isfinite(value.detach())).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad)  # every rank must skip together
+        return not bool(bad.item())
+
+    def _clip(self, params: list[nn.Parameter]) -> torch.Tensor:
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.device)
+        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        images = batch["image"]
+        generator, discriminator = self._losses(images)
+        total = sum(generator.values()) + sum(discriminator.values(), torch.zeros((), device=images.device))
+        if not self._all_finite(total):
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+            log.warning(
+                "non-finite loss at step %d: step skipped (%d in a row)", self.global_step, self.nonfinite_streak
+            )
+            if self.nonfinite_streak >= self.max_nonfinite_streak:
+                raise RuntimeError(
+                    f"the loss was not finite for {self.nonfinite_streak} steps in a row (up to step {self.global_step}); "
+                    "lower the learning rate, check the data, or resume from an earlier checkpoint"
+                )
+            return
+        self.nonfinite_streak = 0
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        norms = {"grad_norm/generator": self._clip([p for ps in self.groups.values() for p in ps])}
+        if discriminator:
+            norms["grad_norm/discriminator"] = self._clip(list(self.discriminator.parameters()))
+        optimizer.step()
+        scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+
+        logged = {f"loss/{name}": value.detach() for name, value in (generator | discriminator).items()}
+        logged["loss/total"] = total.detach()
+        self.log_dict(logged | norms, on_step=True, prog_bar=False)
+        self.log("loss", total.detach(), prog_bar=True, logger=False)
+        for group in optimizer.param_groups:
+            if group["params"] and group["weight_decay"] != 0.0:
+                self.log(f"lr/{group['name']}", group["lr"], on_step=True)
+        self.log("nonfinite_steps", float(self.nonfinite_total), on_step=True)
+
+    # ------------------------------------------------------------------ validation
+    @contextmanager
+    def ema_weights(self):
+        if self.ema is None:
+            yield
+        else:
+            with self.ema.swapped():
+                yield
+
+    def on_validation_epoch_start(self) -> None:
+        self._ema_context = self.ema_weights()
+        self._ema_context.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        self._ema_context.__exit__(None, None, None)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images = batch["image"]
+        out = self.tokenizer.reconstruct(images)
+        recon = out.images.float().clamp(0, 1)
+        self.val_psnr(recon, images.float())
+        self.val_ssim(recon, images.float())
+        metrics = {"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}
+        if self.teacher is not None:
+            cosine = F.cosine_similarity(out.features.float(), self.teacher.features(images).float(), dim=-1)
+            metrics["val/teacher_cosine"] = cosine.mean()
+        self.log_dict(metrics, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
+        if batch_idx == 0:
+            self._save_grid(images, recon)
+
+    def _save_grid(self, images: torch.Tensor, recon: torch.Tensor) -> None:
+        if self.global_rank != 0:
+            return
+        from torchvision.utils import make_grid, save_image
+
+        count = min(8, images.shape[0])
+        grid = make_grid(torch.cat([images[:count], recon[:count]]).float().cpu(), nrow=count)
+        if self.sample_dir is not None:
+            self.sample_dir.mkdir(parents=True, exist_ok=True)
+            save_image(grid, self.sample_dir / f"reconstruction_step{self.global_step:07d}.png")
+        logger = self.logger
+        if logger is not None and hasattr(logger, "log_image"):
+            logger.log_image("val/reconstruction", [grid], step=self.global_step, caption=["top: input, bottom: EMA"])
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+        rng = {  # plain tensors and numbers only: checkpoints are read with weights_only=True
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
+            "python": random.getstate(),
+        }
+        states = [rng]
+        if dist.is_available() and dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, rng)
+        checkpoint["unilip"] = {
+            "task": "tokenizer",
+            "stage": self.stage,
+            "tokenizer_config": self.tokenizer.config.to_dict(),
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_streak": self.nonfinite_streak,
+            "rng": states,
+            **self.metadata,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("unilip", {})
+        if state.get("stage", self.stage) != self.stage:
+            raise ValueError(f"checkpoint is from stage {state['stage']}, this run is stage {self.stage}")
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        states = state.get("rng")
+        if states:
+            rng = states[self.global_rank] if self.global_rank < len(states) else states[0]
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            kind, keys, position, has_gauss, cached_gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+            random.setstate(rng["python"])
