@@ -11,7 +11,8 @@ from unilip.training.run import train
 
 
 def _metrics(run_dir):
-    rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
+    with open(run_dir / "logs" / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
     return lambda key: [float(r[key]) for r in rows if r.get(key)]
 
 

@@ -169,8 +169,8 @@ class TrainLoader:
         """Position of this loader, and of every rank's loader when torch.distributed is running.
 
         Format: {"version": 1, "seed", "num_workers", "world_size", "sources": [[name, weight]],
-        "batches_per_epoch", "ranks": {rank: {"epoch", "delivered", "positions": [int] * W,
-        "vworker_skips": [[samples, shards]] * W, "skipped_before": [samples, shards]}}}.
+        "batches_per_epoch", "num_shards": [int per source], "ranks": {rank: {"epoch", "delivered",
+        "positions": [int] * W, "vworker_skips": [[samples, shards]] * W, "skipped_before": [samples, shards]}}}.
         Lightning writes the checkpoint from rank 0 only, so under DDP this gathers all ranks
         (a collective: every rank calls it, as Lightning's checkpointing does).
         """
@@ -190,6 +190,7 @@ class TrainLoader:
             "version": STATE_VERSION,
             **self._fingerprint(),
             "batches_per_epoch": self.batches_per_epoch,
+            "num_shards": [len(s.urls) for s in self.sources],
             "ranks": ranks,
         }
 
@@ -205,6 +206,13 @@ class TrainLoader:
                 )
         if state["batches_per_epoch"] != self.batches_per_epoch:
             log.warning("train loader: batches_per_epoch changed %s -> %s", state["batches_per_epoch"], len(self))
+        if state["num_shards"] != (now := [len(s.urls) for s in self.sources]):
+            # Allowed (a dataset may grow), but the stream then differs from the saved run's.
+            log.warning(
+                "train loader: shards per source changed %s -> %s; the data order is not resumed exactly",
+                state["num_shards"],
+                now,
+            )
         own = state["ranks"].get(self.rank)
         if own is None:
             raise ValueError(f"train loader state has ranks {sorted(state['ranks'])}, not rank {self.rank}")

@@ -105,8 +105,8 @@ def check_same_architecture(config: TokenizerConfig, preset: TokenizerConfig, so
     differs = [f for f in ARCHITECTURE_FIELDS if getattr(config, f) != getattr(preset, f)]
     if differs:
         raise ConfigError(
-            f"init_from={source} is a different tokenizer than the chosen model preset (differs in {', '.join(differs)}); "
-            "choose the model preset it was trained with"
+            f"init_from={source} is a different tokenizer than the chosen model preset "
+            f"(differs in {', '.join(differs)}); choose the model preset it was trained with"
         )
     return dataclasses.replace(config, pad_to_multiple=preset.pad_to_multiple)
 

@@ -37,7 +37,8 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         return str(cfg.resume)
     if last.exists():
         raise ConfigError(
-            f"{run_dir} already holds checkpoints; pass resume=auto to continue that run, or name=<new name> for a new one"
+            f"{run_dir} already holds checkpoints; pass resume=auto to continue that run, "
+            "or name=<new name> for a new one"
         )
     return None
 

@@ -242,8 +242,8 @@ class TokenizerTraining(L.LightningModule):
             )
             if self.nonfinite_streak >= self.max_nonfinite_streak:
                 raise RuntimeError(
-                    f"the loss was not finite for {self.nonfinite_streak} steps in a row (up to step {self.global_step}); "
-                    "lower the learning rate, check the data, or resume from an earlier checkpoint"
+                    f"the loss was not finite for {self.nonfinite_streak} steps in a row (up to step "
+                    f"{self.global_step}); lower the learning rate, check the data, or resume from an earlier one"
                 )
             return
         self.nonfinite_streak = 0
