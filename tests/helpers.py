@@ -53,3 +53,14 @@ class FixedGlobalBatches(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer else 1
         dataset = _GlobalBatches(self.images, self.global_batch, self.steps, rank, world)
         return DataLoader(dataset, batch_size=None, shuffle=False)
+
+
+class StopAfter(L.Callback):
+    """Ask the trainer to stop (gracefully, on every rank) once `step` optimizer steps are done."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

@@ -259,7 +259,9 @@ class UniLIPTokenizer(nn.Module):
         features, grid = self._features(padded)
         latent = self.latent_from_features(features, grid)
         decoded = self.decode(latent, size=padded.shape[-2:])
-        return TokenizerOutput(decoded[..., top : top + height, left : left + width], features, latent)
+        if padded.shape[-2:] != images.shape[-2:]:
+            decoded = decoded[..., top : top + height, left : left + width]
+        return TokenizerOutput(decoded, features, latent)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> reconstruction (B, 3, H, W), nominally in [0, 1]."""

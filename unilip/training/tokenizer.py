@@ -145,6 +145,7 @@ class TokenizerTraining(L.LightningModule):
         )
         self.groups = apply_stage(tokenizer, stage)
         self.ema: EMA | None = None
+        self.average_discriminator_gradients = False
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
@@ -169,6 +170,7 @@ class TokenizerTraining(L.LightningModule):
 
             shard_tokenizer_training(self, self.device_mesh)
             self.groups = {part: self.tokenizer.part_parameters(part) for part in self.groups}
+            self.average_discriminator_gradients = True  # D stays replicated, outside FSDP
         if self.compile_modules:
             self.tokenizer.vision_tower.compile()
             self.tokenizer.decoder.compile()
@@ -220,6 +222,15 @@ class TokenizerTraining(L.LightningModule):
             dist.all_reduce(bad)  # every rank must skip together
         return not bool(bad.item())
 
+    @staticmethod
+    def _average_gradients(module: nn.Module) -> None:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)  # SUM, then divide: gloo has no AVG
+        flat /= dist.get_world_size()
+        for grad, chunk in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            grad.copy_(chunk.view_as(grad))
+
     def _clip(self, params: list[nn.Parameter]) -> torch.Tensor:
         params = [p for p in params if p.grad is not None]
         if not params:
@@ -250,6 +261,8 @@ class TokenizerTraining(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
         norms = {"grad_norm/generator": self._clip([p for ps in self.groups.values() for p in ps])}
+        if discriminator and self.average_discriminator_gradients:
+            self._average_gradients(self.discriminator)
         if discriminator:
             norms["grad_norm/discriminator"] = self._clip(list(self.discriminator.parameters()))
         optimizer.step()
