@@ -83,3 +83,36 @@ def test_stage2_teacher_cosine_with_and_without_distillation(distill_runs):
     print(f"teacher-feature cosine after stage 2: distill 1 -> {distill_runs[1.0]:.4f}, 0 -> {distill_runs[0.0]:.4f}")
     assert distill_runs[1.0] >= 0.99
     assert distill_runs[0.0] < distill_runs[1.0] - 0.01
+
+
+def _fixed_batches(tmp_path, images):
+    torch.save(images, tmp_path / "images.pt")
+    return [
+        "data._target_=tests.helpers.FixedGlobalBatches",
+        f"+data.images_file={tmp_path / 'images.pt'}",
+        "+data.global_batch=2",
+        "+data.steps=6",
+        "trainer.check_val_every_n_epoch=1000",
+        "stages.stage1.max_steps=6",
+        "loss.perceptual_weight=0",
+        "stages.stage1.image_size=56",
+        "checkpoint_every=100",
+    ]
+
+
+def test_a_non_finite_step_is_skipped_and_counted(photos_dir, tmp_path):
+    images = torch.rand(12, 3, 56, 56)
+    images[2] = float("nan")  # the second global batch
+    run_dir = tmp_path / "run"
+    _run(photos_dir, run_dir, *_fixed_batches(tmp_path, images), "trainer.max_steps=5")
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 5  # 6 batches, one skipped: 5 optimizer steps
+    assert state["unilip"]["nonfinite_total"] == 1 and state["unilip"]["nonfinite_streak"] == 0
+    assert state["lr_schedulers"][0]["last_epoch"] == 5  # the schedule follows the optimizer steps
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_too_many_non_finite_steps_stop_the_run(photos_dir, tmp_path):
+    images = torch.full((12, 3, 56, 56), float("nan"))
+    with pytest.raises(RuntimeError, match="not finite for 3 steps in a row"):
+        _run(photos_dir, tmp_path / "run", *_fixed_batches(tmp_path, images), "module.max_nonfinite_streak=3")

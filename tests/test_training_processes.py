@@ -13,9 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_train(data_root, run_dir, *overrides, check=True, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra flags (-m) go before the overrides
+    overrides = [o for o in overrides if not o.startswith("-")]
     command = [
         sys.executable,
         str(REPO / "train.py"),
+        *flags,
         "experiment=quickstart",
         f"paths.data_dir={data_root}",
         f"paths.runs_dir={run_dir.parent}",
@@ -207,3 +210,29 @@ def test_fsdp2_trains_checkpoints_and_resumes(photos_dir, stage1_dir, tmp_path):
 
     saved = load_file(stopped / "tokenizer" / "model.safetensors")  # gathered from the shards
     assert saved["decoder.conv_in.weight"].shape == (32, 32, 3, 3)
+    from unilip.training.lineage import load_trained_tokenizer
+
+    from_shards = load_trained_tokenizer(checkpoint).tokenizer.state_dict()  # what init_from=<that dir> loads
+    assert all(torch.equal(from_shards[k], saved[k]) for k in saved)  # the same EMA weights
+
+
+def test_hydra_sweep_runs_every_job(photos_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train(
+        photos_dir,
+        tmp_path / "unused",
+        "-m",
+        "stage=1",
+        "stages.stage1.max_steps=2",
+        "stages.stage1.image_size=56",
+        "data.train_batches_per_epoch=2",
+        "data.num_workers=0",
+        "optim.lr=1e-3,5e-4",
+        f"hydra.sweep.dir={sweep}",
+    )
+    for job in ("0", "1"):
+        assert (sweep / job / "tokenizer" / "model.safetensors").exists()
+    assert (
+        "5e-4" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
+        or "0.0005" in (sweep / "1" / "config.yaml").read_text()
+    )

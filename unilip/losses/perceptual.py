@@ -34,6 +34,17 @@ def _load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def _download(build, option: str):
+    """Build a network whose constructor downloads its weights; offline, say which option to set."""
+    try:
+        return build()
+    except Exception as error:
+        raise RuntimeError(
+            f"could not download perceptual-loss weights ({type(error).__name__}: {error}); "
+            f"set {option}=<local weights file>"
+        ) from None
+
+
 def _torchvision_vgg16_cached() -> bool:
     hub = Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth"
     return hub.exists()
@@ -43,15 +54,19 @@ class LPIPSLoss(nn.Module):
     """LPIPS distance with a VGG-16 backbone, per image: (B, 3, H, W) x2 in [0, 1] -> (B,).
 
     Args:
-        vgg_weights: torchvision's `vgg16-397923af.pth` (ImageNet VGG-16). If None, the
-            torchvision cache is used when it has the file; otherwise the backbone is random
-            (a warning says so). LPIPS's own linear heads ship with the `lpips` package.
+        vgg_weights: torchvision's `vgg16-397923af.pth` (ImageNet VGG-16), or "download" to
+            fetch it into the torch hub cache. If None, the cache is used when it has the file;
+            otherwise the backbone is random (a warning says so). LPIPS's own linear heads ship
+            with the `lpips` package.
     """
 
     def __init__(self, vgg_weights: str | None = None):
         super().__init__()
         import lpips
 
+        if vgg_weights == "download":
+            _download(lambda: __import__("torchvision").models.vgg16(weights="IMAGENET1K_V1"), "loss.lpips_vgg_weights")
+            vgg_weights = None
         use_cache = vgg_weights is None and _torchvision_vgg16_cached()
         self.net = lpips.LPIPS(net="vgg", pnet_rand=not use_cache, verbose=False)
         if vgg_weights is not None:
@@ -84,8 +99,9 @@ class ConvNeXtLogitLoss(nn.Module):
     """MSE between ConvNeXt-S ImageNet logits of image and reconstruction: (B, 3, H, W) x2 in [0, 1] -> (B,).
 
     Args:
-        weights: a timm `convnext_small` state dict (.safetensors or .pth). If None the
-            network is random and a warning says so.
+        weights: a timm `convnext_small` state dict (.safetensors or .pth), or "download" for
+            timm's pretrained weights from the hub. If None the network is random and a
+            warning says so.
         model_name: the timm model.
         input_size: images are resized to this side before the network (224, its training size).
     """
@@ -94,8 +110,11 @@ class ConvNeXtLogitLoss(nn.Module):
         super().__init__()
         import timm
 
-        self.net = timm.create_model(model_name, pretrained=False)
-        if weights is not None:
+        if weights == "download":
+            self.net = _download(lambda: timm.create_model(model_name, pretrained=True), "loss.convnext_weights")
+        else:
+            self.net = timm.create_model(model_name, pretrained=False)
+        if weights not in (None, "download"):
             self.net.load_state_dict(_load_weights_file(weights), strict=True)
         else:
             log.warning(
