@@ -102,7 +102,7 @@ def test_kill_and_resume_is_bit_identical(photos_dir, stage1_dir, tmp_path):
 
 def test_bad_configs_fail_with_one_clear_line(photos_dir, tmp_path):
     cases = {
-        "stage=3": "stage=3 is not a tokenizer stage",
+        "stage=3": "stage=3 is not a tokenizer stage; use stage=1 (decoder alignment) or stage=2",
         "stage=2 init_from=null": "stage 2 needs init_from",
         "stages.stage1.image_size=250 model.config.pad_to_multiple=false": "not a multiple of 28",
         "init_from=/nonexistent": "init_from=/nonexistent does not exist",

@@ -13,14 +13,18 @@ class ConfigError(ValueError):
     """A configuration mistake; the message names the key, the bad value and the fix."""
 
 
+# task -> its stages, named for the error message
+TASK_STAGES = {"tokenizer": TOKENIZER_STAGES}
+
+
 def check_train_config(cfg: DictConfig) -> None:
-    if cfg.task != "tokenizer":
-        raise ConfigError(f"task={cfg.task!r} is not known; use task=tokenizer")
+    stages = TASK_STAGES.get(cfg.task)
+    if stages is None:
+        raise ConfigError(f"task={cfg.task!r} is not known; use one of {sorted(TASK_STAGES)}")
     stage = cfg.stage
-    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in TOKENIZER_STAGES:
-        raise ConfigError(
-            f"stage={stage!r} is not a tokenizer stage; use stage=1 (decoder alignment) or stage=2 (self-distillation)"
-        )
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in stages:
+        choices = " or ".join(f"stage={number} ({name})" for number, name in stages.items())
+        raise ConfigError(f"stage={stage!r} is not a {cfg.task} stage; use {choices}")
     image_size = cfg.data.image_size
     model = cfg.model.config
     multiple = int(model.vision.patch_size / model.downsample_ratio)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,20 +85,8 @@ def build_tokenizer_training(cfg: DictConfig) -> TokenizerTraining:
     )
 
 
-def save_tokenizer(module: TokenizerTraining, directory: Path) -> None:
-    """Write the EMA tokenizer with `save_pretrained` (gathering shards under FSDP); rank 0 writes."""
-    with module.ema_weights():
-        state = {}
-        for key, value in module.tokenizer.state_dict().items():
-            value = value.full_tensor() if hasattr(value, "full_tensor") else value  # FSDP2 shards
-            state[key] = value.detach().cpu()
-    if module.global_rank != 0:
-        return
-    with torch.device("meta"):
-        model = UniLIPTokenizer(module.tokenizer.config)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.save_pretrained(directory, training=module.metadata["lineage"])
-    log.info("saved the EMA tokenizer to %s", directory)
+# task name -> builder of its LightningModule; every module has `save_result(run_dir)`.
+TASKS: dict[str, Callable[[DictConfig], L.LightningModule]] = {"tokenizer": build_tokenizer_training}
 
 
 def train(cfg: DictConfig) -> Path:
@@ -110,7 +99,7 @@ def train(cfg: DictConfig) -> Path:
     ckpt_path = resume_checkpoint(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    module = build_tokenizer_training(cfg)
+    module = TASKS[cfg.task](cfg)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values() if callback]
     logger = instantiate(cfg.logger) if cfg.logger else False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
@@ -119,5 +108,5 @@ def train(cfg: DictConfig) -> Path:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    save_tokenizer(module, run_dir / "tokenizer")
+    module.save_result(run_dir)
     return run_dir

@@ -323,7 +323,25 @@ class TokenizerTraining(L.LightningModule):
         if logger is not None and hasattr(logger, "log_image"):
             logger.log_image("val/reconstruction", [grid], step=self.global_step, caption=["top: input, bottom: EMA"])
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ results and checkpoints
+    def save_result(self, run_dir: Path) -> None:
+        """Write the EMA tokenizer to `run_dir/tokenizer` (`save_pretrained`, with its lineage).
+
+        Every rank must call this (FSDP shards are gathered); rank 0 writes.
+        """
+        with self.ema_weights():
+            state = {}
+            for key, value in self.tokenizer.state_dict().items():
+                value = value.full_tensor() if hasattr(value, "full_tensor") else value  # FSDP2 shards
+                state[key] = value.detach().cpu()
+        if self.global_rank != 0:
+            return
+        with torch.device("meta"):
+            model = UniLIPTokenizer(self.tokenizer.config)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.save_pretrained(Path(run_dir) / "tokenizer", training=self.metadata.get("lineage"))
+        log.info("saved the EMA tokenizer to %s", Path(run_dir) / "tokenizer")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
         rng = {  # plain tensors and numbers only: checkpoints are read with weights_only=True
