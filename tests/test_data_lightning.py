@@ -3,14 +3,29 @@ mid-epoch and resumed sees exactly the batches of the uninterrupted run."""
 
 from __future__ import annotations
 
+import io
+
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
 from torch import nn
 
-from tests.test_data_loader import shards
 from unilip.data import ShardDataModule
+from unilip.data.make_shards import ShardSink
+
+
+def shards(root, count: int, per_shard: int) -> list[str]:
+    """`count` shards of tiny random JPEGs."""
+    with ShardSink(root, "s", per_shard) as sink:
+        for i in range(count * per_shard):
+            image = io.BytesIO()
+            pixels = np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(image, "JPEG")
+            sink.write({"__key__": f"k{i}", "jpg": image.getvalue(), "txt": f"caption {i}".encode()})
+    return sink.shards
 
 
 class RecordBatches(L.LightningModule):
@@ -61,7 +76,7 @@ def test_lightning_resume_mid_epoch_sees_the_uninterrupted_batches(tmp_path):
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="{step}")
     first = _fit(urls, max_steps=6, root=tmp_path / "b", callbacks=[checkpoint]).seen  # stops in epoch 1, batch 2
-    again = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    again = ModelCheckpoint(dirpath=tmp_path / "ckpt2", every_n_train_steps=6, save_top_k=-1, filename="{step}")
     resumed = _fit(urls, 10, tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "step=6.ckpt", callbacks=[again]).seen
 
     assert len(reference) == 10 and first == reference[:6]

@@ -72,10 +72,14 @@ def loader_throughput(urls: list[str], size: int, workers: int, batch_size: int,
 
 
 def _ms(fn, repeat: int) -> float:
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return 1000 * (time.perf_counter() - start) / repeat
+    """Milliseconds per call: the best of three blocks of `repeat` calls (a shared machine only adds time)."""
+    blocks = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        blocks.append(1000 * (time.perf_counter() - start) / repeat)
+    return min(blocks)
 
 
 def stage_profile(urls: list[str], size: int, repeat: int = 20) -> dict[str, float]:
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
+    parser.add_argument("--repeat", type=int, default=1, help="measure each setting this often, keep the best")
     parser.add_argument("--images", type=int, default=256, help="generated JPEGs (without --urls)")
     parser.add_argument("--urls", help="benchmark these shards (glob/brace pattern) instead of generated JPEGs")
     parser.add_argument("--json", type=Path, default=Path("loader_bench.json"))
@@ -125,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             profile = stage_profile(urls, size)
             for workers in args.workers:
-                rate = loader_throughput(urls, size, workers, args.batch_size, args.batches)
+                # The best of a few runs: on a shared machine, other processes only ever slow a run down.
+                rate = max(
+                    loader_throughput(urls, size, workers, args.batch_size, args.batches) for _ in range(args.repeat)
+                )
                 rows.append(
                     {
                         "size": size,
@@ -145,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['size']:>5} {r['workers']:>7} {r['images_per_s']:>9.0f} {r['per_worker']:>10.0f} | "
             f"{r['decode_full_ms']:.2f} / {r['decode_draft_ms']:.2f}, {r['crop_resize_ms']:.2f}, {r['collate_ms']:.3f}"
         )
-    args.json.write_text(json.dumps({"machine": machine(), "batch_size": args.batch_size, "rows": rows}, indent=2))
+    record = {"machine": machine(), "batch_size": args.batch_size, "repeat": args.repeat, "rows": rows}
+    args.json.write_text(json.dumps(record, indent=2))
     print(f"written {args.json}")
     return 0
 
