@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from unilip.data import ShardDataModule
-from unilip.data.make_shards import ShardSink
+from unilip.data.shards import ShardSink
 
 
 def shards(root, count: int, per_shard: int) -> list[str]:

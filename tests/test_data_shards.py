@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image, ImageOps
 
-from unilip.data import PHOTOS, DataError, ShardDataModule, build_photo_shards, make_shards
+from unilip.data import PHOTOS, DataError, ShardDataModule, build_photo_shards, write_shards
 from unilip.data.make_shards import folder_records, main
 from unilip.data.samples import EDITS, VAL_PHOTOS
 
@@ -46,7 +46,7 @@ def test_folder_to_shards_yields_every_image_once_with_its_caption(tmp_path):
     save_photo(root / "extra.png", 10, fmt="PNG")
     expected["extra"] = ""
     (root / "broken.jpg").write_bytes(save_photo(tmp_path / "x.jpg", 0).read_bytes()[:200])  # truncated file
-    report = make_shards(folder_records(root), tmp_path / "shards", prefix="f", samples_per_shard=3)
+    report = write_shards(folder_records(root), tmp_path / "shards", prefix="f", samples_per_shard=3)
     assert report.written == 8 and len(report.bad) == 1 and "broken.jpg" in report.bad[0]
     assert [Path(s).name for s in report.shards] == ["f-000000.tar", "f-000001.tar", "f-000002.tar"]
 
@@ -59,12 +59,12 @@ def test_folder_to_shards_yields_every_image_once_with_its_caption(tmp_path):
 def test_original_bytes_are_kept_unless_a_resize_is_asked(tmp_path):
     jpg = save_photo(tmp_path / "in" / "a.jpg", 1, size=(80, 60))
     save_photo(tmp_path / "in" / "b.bmp", 2, size=(80, 60), fmt="BMP")
-    make_shards(folder_records(tmp_path / "in"), tmp_path / "keep", prefix="k")
+    write_shards(folder_records(tmp_path / "in"), tmp_path / "keep", prefix="k")
     with tarfile.open(tmp_path / "keep" / "k-000000.tar") as tar:
         names = tar.getnames()
         assert tar.extractfile("a.jpg").read() == jpg.read_bytes()  # no re-encoding
     assert names == ["a.jpg", "b.png"]  # BMP is not read by the loader: stored as lossless PNG
-    make_shards(folder_records(tmp_path / "in"), tmp_path / "small", prefix="s", max_size=40)
+    write_shards(folder_records(tmp_path / "in"), tmp_path / "small", prefix="s", max_size=40)
     with tarfile.open(tmp_path / "small" / "s-000000.tar") as tar:
         assert Image.open(io.BytesIO(tar.extractfile("a.jpg").read())).size == (40, 30)
 

@@ -1,7 +1,7 @@
 """Data: webdataset shards in, clean batches out, on any number of ranks and workers.
 
 `ShardDataModule` is what the configs in `conf/data/` build; `build_photo_shards` writes the
-bundled photo set; `make_shards` (also `unilip-make-shards`) turns folders and JSONL into shards.
+bundled photo set; `write_shards` (CLI: `unilip-make-shards`) turns folders and JSONL into shards.
 """
 
 from __future__ import annotations
@@ -9,22 +9,27 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from unilip.data.loaders import EvalLoader, TrainLoader
-from unilip.data.make_shards import make_shards
 from unilip.data.samples import PHOTOS, build_photo_shards
-from unilip.data.shards import DataError, expand_urls
+from unilip.data.shards import DataError, ShardSink, expand_urls
 from unilip.data.streams import TrainSource
 from unilip.data.transforms import SampleTransform, collate
 
 if TYPE_CHECKING:
     from unilip.data.datamodule import ShardDataModule
+    from unilip.data.make_shards import write_shards
 
 
 def __getattr__(name: str) -> Any:
-    # ShardDataModule needs Lightning (seconds to import); the loaders and the shard tools do not.
+    # Imported on first use: ShardDataModule needs Lightning (seconds to import), and a module run
+    # as `python -m unilip.data.make_shards` must not be imported already by its package.
     if name == "ShardDataModule":
         from unilip.data.datamodule import ShardDataModule
 
         return ShardDataModule
+    if name == "write_shards":
+        from unilip.data.make_shards import write_shards
+
+        return write_shards
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -34,10 +39,11 @@ __all__ = [
     "EvalLoader",
     "SampleTransform",
     "ShardDataModule",
+    "ShardSink",
     "TrainLoader",
     "TrainSource",
     "build_photo_shards",
     "collate",
     "expand_urls",
-    "make_shards",
+    "write_shards",
 ]

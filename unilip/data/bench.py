@@ -27,9 +27,8 @@ import torch
 from PIL import Image
 
 from unilip.data.loaders import TrainLoader
-from unilip.data.make_shards import ShardSink
 from unilip.data.samples import PHOTOS, load_photo
-from unilip.data.shards import SkipCounter, expand_urls, read_shard
+from unilip.data.shards import ShardSink, SkipCounter, expand_urls, read_shard
 from unilip.data.streams import TrainSource
 from unilip.data.transforms import SampleTransform, collate, crop_box, decode_image, render
 

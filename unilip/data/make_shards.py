@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image
+
+from unilip.data.shards import ShardSink
 
 log = logging.getLogger(__name__)
 
@@ -89,39 +90,6 @@ def _encode(args: tuple[Record, int | None]) -> dict | str:
     return sample
 
 
-class ShardSink:
-    """Write sample dicts to `<out_dir>/<prefix>-%06d.tar`, starting a new shard at a count or size limit."""
-
-    def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int = 1000, max_bytes: float = 1e9):
-        self.pattern = str(Path(out_dir) / f"{prefix}-%06d.tar")
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        self.samples_per_shard, self.max_bytes = samples_per_shard, max_bytes
-        self.shards: list[str] = []
-        self._writer: wds.TarWriter | None = None
-        self._count = self._bytes = 0
-
-    def write(self, sample: dict) -> None:
-        if self._writer is None or self._count >= self.samples_per_shard or self._bytes >= self.max_bytes:
-            self.close()
-            self.shards.append(self.pattern % len(self.shards))
-            # mtime=0: the same input gives byte-identical shards
-            self._writer = wds.TarWriter(self.shards[-1], encoder=False, mtime=0)
-            self._count = self._bytes = 0
-        self._bytes += self._writer.write(sample)
-        self._count += 1
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def __enter__(self) -> ShardSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def _keys(paths: Iterable[Path], root: Path) -> Iterator[tuple[str, Path]]:
     """Readable, unique webdataset keys from relative paths (no dots: they would split the key)."""
     seen: set[str] = set()
@@ -175,7 +143,7 @@ def jsonl_records(path: Path) -> list[Record]:
     return records
 
 
-def make_shards(
+def write_shards(
     records: list[Record],
     out_dir: str | Path,
     prefix: str = "shard",
@@ -222,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     fmt = args.format or _guess_format(args.input)
     reader = {"folder": folder_records, "classes": class_records, "jsonl": jsonl_records}[fmt]
     records = reader(args.input)
-    report = make_shards(
+    report = write_shards(
         records, args.out_dir, args.prefix, args.samples_per_shard, args.max_bytes, args.max_size, args.workers
     )
     log.info(

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from unilip.data.make_shards import ShardSink
+from unilip.data.shards import ShardSink
 
 log = logging.getLogger(__name__)
 

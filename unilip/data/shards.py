@@ -1,4 +1,4 @@
-"""Reading webdataset shards: url expansion, raw samples, and exact accounting of what was skipped.
+"""Reading and writing webdataset shards: url expansion, raw samples, exact accounting of skips.
 
 A shard is a tar file in webdataset layout: members `<key>.<ext>` with the members of one sample
 next to each other (`000123.jpg`, `000123.txt`). A raw sample is the dict
@@ -17,8 +17,10 @@ import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import braceexpand
+import webdataset as wds
 from webdataset.gopen import gopen
 
 log = logging.getLogger(__name__)
@@ -125,3 +127,36 @@ def read_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
             yield current
     except Exception as error:  # truncated or corrupt tar (or a pipe that died): keep what was complete
         counter.shard_failed(url, error)
+
+
+class ShardSink:
+    """Write sample dicts to `<out_dir>/<prefix>-%06d.tar`, starting a new shard at a count or size limit."""
+
+    def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int = 1000, max_bytes: float = 1e9):
+        self.pattern = str(Path(out_dir) / f"{prefix}-%06d.tar")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self.samples_per_shard, self.max_bytes = samples_per_shard, max_bytes
+        self.shards: list[str] = []
+        self._writer: wds.TarWriter | None = None
+        self._count = self._bytes = 0
+
+    def write(self, sample: dict) -> None:
+        if self._writer is None or self._count >= self.samples_per_shard or self._bytes >= self.max_bytes:
+            self.close()
+            self.shards.append(self.pattern % len(self.shards))
+            # mtime=0: the same input gives byte-identical shards
+            self._writer = wds.TarWriter(self.shards[-1], encoder=False, mtime=0)
+            self._count = self._bytes = 0
+        self._bytes += self._writer.write(sample)
+        self._count += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
