@@ -243,6 +243,7 @@ def test_rank_and_world_size_come_from_the_trainer(tmp_path):
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert (loader.rank, loader.world_size, len(loader)) == (1, 3, 1000)
+    assert dm.train_dataloader() is loader  # asked again, the same position in the same stream
     explicit = ShardDataModule(val_urls=urls, rank=0, world_size=2, num_workers=0)
     explicit.trainer = dm.trainer
     explicit.setup("validate")

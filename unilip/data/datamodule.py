@@ -152,9 +152,14 @@ class ShardDataModule(L.LightningDataModule):
         return SampleTransform(self.image_size, train, self.random_flip, self.flip_edits, self.with_source)
 
     def train_dataloader(self) -> TrainLoader:
+        """The training loader; the same one on every call, so that its position (epoch, batch)
+        carries over if Lightning asks again (e.g. `reload_dataloaders_every_n_epochs`)."""
         if not self.train_sources:
             raise ValueError("data.train_sources is empty: this data config is for evaluation only")
         self._ensure_setup()
+        loader = self._train_loader
+        if loader is not None and (loader.rank, loader.world_size) == (self.rank, self.world_size):
+            return loader
         self._train_loader = TrainLoader(
             self._sources,
             self._transform(train=True),
