@@ -68,3 +68,23 @@ def quick_overrides(data_root, run_dir, *extra: str) -> list[str]:
         "trainer.enable_progress_bar=false",
         *extra,
     ]
+
+
+def compose_eval(data_root, out_dir, *overrides: str):
+    """Compose conf/eval.yaml for the bundled photos on CPU."""
+    from hydra import compose, initialize_config_dir
+
+    from unilip.models.loading import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(
+            config_name="eval",
+            overrides=[
+                f"paths.data_dir={data_root}",
+                f"out_dir={out_dir}",
+                "trainer=cpu",
+                "data.val_num_workers=0",
+                "trainer.enable_progress_bar=false",
+                *overrides,
+            ],
+        )

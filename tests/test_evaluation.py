@@ -1,0 +1,154 @@
+"""eval.py: metrics against independent computations, identity, multi-process, missing weights."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage import data as skdata
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from tests.conftest import compose_eval
+from unilip.evaluation.metrics import PSNR_CAP_DB, build_fid, feature_similarity, psnr, ssim
+from unilip.evaluation.run import evaluate
+from unilip.models import UniLIPTokenizer
+from unilip.models.tokenizer import TokenizerOutput
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _photo_pairs():
+    """Real photo crops and degraded copies (noise, blur-like shift), as [0, 1] float tensors."""
+    rng = np.random.default_rng(0)
+    photos = [skdata.astronaut()[100:196, 150:246], skdata.coffee()[50:146, 200:296], skdata.chelsea()[80:176, 100:196]]
+    x = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).float() / 255
+    noisy = (x + torch.from_numpy(rng.normal(0, 0.05, x.shape)).float()).clamp(0, 1)
+    shifted = torch.roll(x, shifts=1, dims=-1) * 0.9
+    return x, torch.cat([noisy[:2], shifted[2:]])
+
+
+def test_psnr_and_ssim_equal_scikit_image():
+    x, y = _photo_pairs()
+    ours_psnr, ours_ssim = psnr(x, y), ssim(x, y)
+    for i in range(len(x)):
+        a, b = x[i].permute(1, 2, 0).double().numpy(), y[i].permute(1, 2, 0).double().numpy()
+        ref_psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
+        ref_ssim = structural_similarity(
+            a, b, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
+        assert abs(ours_psnr[i].item() - ref_psnr) < 1e-3
+        assert abs(ours_ssim[i].item() - ref_ssim) < 1e-3
+
+
+def test_identity_metrics_are_perfect_and_finite():
+    x, _ = _photo_pairs()
+    assert torch.equal(psnr(x, x), torch.full((3,), PSNR_CAP_DB))
+    assert torch.allclose(ssim(x, x), torch.ones(3), atol=1e-6)
+    features = torch.randn(3, 16, 48)
+    cosine, mse = feature_similarity(features, features)
+    assert torch.allclose(cosine, torch.ones(3), atol=1e-6) and torch.equal(mse, torch.zeros(3))
+
+
+class IdentityTokenizer(UniLIPTokenizer):
+    """Reconstructs perfectly: what an eval of a perfect model must report."""
+
+    def reconstruct(self, images):
+        out = super().reconstruct(images)
+        return TokenizerOutput(images.clone(), out.features, out.latent)
+
+
+@pytest.fixture
+def saved_tokenizer(tiny_config, tmp_path):
+    model = UniLIPTokenizer(tiny_config)
+    model.save_pretrained(tmp_path / "tok", training={"stage": 1, "encoder_trained": False, "teacher": None})
+    return tmp_path / "tok"
+
+
+def test_eval_of_a_perfect_reconstruction_end_to_end(photos_dir, saved_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr("unilip.evaluation.run.load_trained_tokenizer", _identity_loader)
+    results = evaluate(compose_eval(photos_dir, tmp_path / "out", f"ckpt={saved_tokenizer}"))
+    agg = results["aggregate"]
+    assert results["images"] == 12  # every held-out photo crop once
+    assert agg["psnr"]["mean"] == PSNR_CAP_DB and agg["ssim"]["min"] > 0.9999
+    # a stage-1 encoder is the original: the teacher is the evaluated encoder itself
+    assert agg["feature_cosine"]["min"] > 0.9999 and agg["feature_mse"]["max"] == 0.0
+    written = json.loads((tmp_path / "out" / "results.json").read_text())  # strict JSON: no inf or NaN
+    assert written["aggregate"] == agg and len(written["per_image"]) == 12
+    assert written["config"]["protocol"] == 256 and "reflect-pad to 280x280" in written["protocol"]
+    assert (tmp_path / "out" / "reconstructions.png").exists()
+    # without Inception / VGG weights: no rFID, no LPIPS, and a note saying so; everything else reported
+    assert results["rfid"] is None and "lpips" not in agg
+    assert any("rFID not measured" in note for note in results["notes"])
+    assert "| rFID | not measured |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def _identity_loader(path):
+    from unilip.training.lineage import load_trained_tokenizer
+
+    loaded = load_trained_tokenizer(path)
+    identity = IdentityTokenizer(loaded.tokenizer.config)
+    identity.load_state_dict(loaded.tokenizer.state_dict())
+    loaded.tokenizer = identity
+    return loaded
+
+
+def test_rfid_with_supplied_inception_weights(tmp_path, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    # a randomly initialised network of the right architecture stands in for the real weights
+    monkeypatch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    monkeypatch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+    state = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    monkeypatch.undo()
+    torch.save(state, tmp_path / "inception.pth")
+    fid = build_fid(str(tmp_path / "inception.pth"))
+    x, y = _photo_pairs()
+    images = torch.cat([x, x.flip(-1), y]).repeat(2, 1, 1, 1)
+    fid.update(images, real=True)
+    fid.update(images, real=False)
+    assert abs(fid.compute().item()) < 1e-2  # identical sets
+    assert build_fid(None) is None
+
+
+def _run_eval(photos_dir, out, *overrides):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        str(REPO / "eval.py"),
+        f"paths.data_dir={photos_dir}",
+        f"hydra.run.dir={out}",
+        "data.val_num_workers=1",
+        "batch_size=4",
+        "trainer.enable_progress_bar=false",
+        *overrides,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def test_two_process_evaluation_equals_one_process(photos_dir, saved_tokenizer, tmp_path):
+    one = _run_eval(photos_dir, tmp_path / "one", f"ckpt={saved_tokenizer}", "trainer=cpu")
+    two = _run_eval(
+        photos_dir,
+        tmp_path / "two",
+        f"ckpt={saved_tokenizer}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+    )
+    assert [r["key"] for r in one["per_image"]] == [r["key"] for r in two["per_image"]]  # each image once
+    for name, stats in one["aggregate"].items():
+        for stat, value in stats.items():
+            assert two["aggregate"][name][stat] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, stat)
+
+
+def test_eval_config_errors_are_one_line(photos_dir, tmp_path):
+    with pytest.raises(Exception, match="pass preset=unilip_1b"):
+        evaluate(compose_eval(photos_dir, tmp_path, f"ckpt={tmp_path / 'x.pth'}"))
+    with pytest.raises(Exception, match="does not exist"):
+        evaluate(compose_eval(photos_dir, tmp_path, "ckpt=/nonexistent/run"))

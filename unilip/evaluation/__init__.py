@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction quality and semantic fidelity, with the protocol stated."""

@@ -1,0 +1,76 @@
+"""`ReconstructionEvaluation`: one pass over an evaluation set, per-image records gathered from every rank."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from unilip.evaluation.metrics import ExternalFeatures, feature_similarity, psnr, ssim
+from unilip.models.tokenizer import FrozenEncoder, UniLIPTokenizer
+
+
+class ReconstructionEvaluation(L.LightningModule):
+    """Reconstructs every image once and records per-image metrics.
+
+    Args:
+        tokenizer: the model evaluated (its `pad_to_multiple` decides the 256 px protocol).
+        teacher: the original encoder, for feature fidelity (None: not measured).
+        lpips: a per-image LPIPS module (None: not measured).
+        fid: a torchmetrics FID (None: not measured).
+        external: an external feature model (None: not measured).
+        grid_images: how many originals/reconstructions to keep for the grid.
+    """
+
+    def __init__(
+        self,
+        tokenizer: UniLIPTokenizer,
+        teacher: FrozenEncoder | None = None,
+        lpips: nn.Module | None = None,
+        fid: nn.Module | None = None,
+        external: ExternalFeatures | None = None,
+        grid_images: int = 8,
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer.eval()
+        self.teacher, self.lpips, self.fid, self.external = teacher, lpips, fid, external
+        self.grid_images = grid_images
+        self.records: list[dict[str, Any]] = []
+        self.grid: list[torch.Tensor] = []
+        self.fid_value: float | None = None
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images = batch["image"]
+        out = self.tokenizer.reconstruct(images)
+        recon = out.images.float().clamp(0, 1)
+        columns = {"psnr": psnr(images, recon), "ssim": ssim(images, recon)}
+        if self.lpips is not None:
+            columns["lpips"] = self.lpips(images, recon).float()
+        if self.teacher is not None:
+            columns["feature_cosine"], columns["feature_mse"] = feature_similarity(
+                out.features, self.teacher.features(images)
+            )
+        if self.external is not None:
+            columns["external_cosine"] = self.external(images, recon).float()
+        if self.fid is not None:
+            self.fid.update(images.float(), real=True)
+            self.fid.update(recon, real=False)
+        values = {name: column.cpu().tolist() for name, column in columns.items()}
+        for index, key in enumerate(batch["key"]):
+            self.records.append({"key": key, **{name: value[index] for name, value in values.items()}})
+        if len(self.grid) < self.grid_images and self.global_rank == 0:
+            count = self.grid_images - len(self.grid)
+            self.grid += [torch.stack([x, y]).cpu() for x, y in zip(images[:count], recon[:count], strict=True)]
+
+    def on_validation_epoch_end(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, self.records)
+            self.records = [record for part in gathered for record in part]
+        self.records.sort(key=lambda record: record["key"])  # the same order whatever the number of ranks
+        if self.fid is not None:
+            self.fid_value = float(self.fid.compute())  # torchmetrics reduces its statistics over ranks
