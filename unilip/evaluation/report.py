@@ -33,7 +33,8 @@ def describe_protocol(image_size: int, multiple: int, padded: bool) -> str:
     return (
         f"{image_size} px: resize the shorter edge to {image_size} px, center-crop {image_size}x{image_size}, "
         f"{geometry}. Metrics on RGB images in [0, 1]: PSNR per image (data range 1, identical images capped at "
-        f"{PSNR_CAP_DB:.0f} dB), SSIM per image (11x11 Gaussian window, sigma 1.5, averaged over the valid region as in Wang et al.), LPIPS (VGG) per image, rFID "
+        f"{PSNR_CAP_DB:.0f} dB), SSIM per image (11x11 Gaussian window, sigma 1.5, averaged over the valid region "
+        "as in Wang et al.), LPIPS (VGG) per image, rFID "
         "(Inception-V3 pool features at 299 px over the whole set); feature fidelity: cosine and MSE between the "
         "evaluated encoder's post-projector features and the original encoder's, per image (mean over tokens). "
         "Aggregates are means over images (min and max alongside)."
