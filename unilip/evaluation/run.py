@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from unilip.evaluation.metrics import ExternalFeatures, build_fid
 from unilip.evaluation.module import ReconstructionEvaluation
 from unilip.evaluation.report import describe_protocol, write_report
+from unilip.logs import quiet_third_party_noise
 from unilip.models.loading import load_tokenizer, tokenizer_preset
 from unilip.models.tokenizer import FrozenEncoder
 from unilip.training.config import ConfigError
@@ -59,6 +60,7 @@ def build_lpips(weights: str | None, notes: list[str]) -> torch.nn.Module | None
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt` on `cfg.data`'s validation shards; returns the results written to `cfg.out_dir`."""
+    quiet_third_party_noise()
     if cfg.protocol not in (256, 448) and not isinstance(cfg.protocol, int):
         raise ConfigError(f"protocol={cfg.protocol!r}: use 256 (pad to 280, crop back), 448, or an image size")
     evaluated = load_evaluated(str(cfg.ckpt), cfg.preset)

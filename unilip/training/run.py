@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from unilip.logs import quiet_third_party_noise
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
 from unilip.training.config import ConfigError, check_train_config
 from unilip.training.lineage import build_teacher, check_same_architecture, load_trained_tokenizer
@@ -91,6 +92,7 @@ TASKS: dict[str, Callable[[DictConfig], L.LightningModule]] = {"tokenizer": buil
 
 def train(cfg: DictConfig) -> Path:
     """Run one training job described by a composed `conf/train.yaml`; returns the run directory."""
+    quiet_third_party_noise()
     check_train_config(cfg)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions (recipe: bf16 + TF32)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from unilip.losses import LeCamRegularizer, TokenizerLoss
@@ -146,6 +147,7 @@ class TokenizerTraining(L.LightningModule):
         self.groups = apply_stage(tokenizer, stage)
         self.ema: EMA | None = None
         self.average_discriminator_gradients = False
+        self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
@@ -240,6 +242,16 @@ class TokenizerTraining(L.LightningModule):
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.flops_per_batch is None:
+            # Model FLOPs of one step (forward + backward, this rank's batch), counted once with
+            # torch.utils.flop_counter; Lightning's ThroughputMonitor turns it into FLOP/s and MFU.
+            with FlopCounterMode(display=False) as counter:
+                self._training_step(batch)
+            self.flops_per_batch = counter.get_total_flops()
+        else:
+            self._training_step(batch)
+
+    def _training_step(self, batch: dict[str, Any]) -> None:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         images = batch["image"]

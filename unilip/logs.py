@@ -1,0 +1,22 @@
+"""Keep the console about the run: drop third-party advertising and deprecation chatter we cannot act on."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_third_party_noise() -> None:
+    """Filter Lightning's product tips and deprecation warnings raised inside libraries, not by our calls."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning internals
+    warnings.filterwarnings("ignore", message=r".*parameter 'pretrained' is deprecated.*")  # lpips -> torchvision
+    warnings.filterwarnings("ignore", message=r".*Arguments other than a weight enum.*")  # lpips -> torchvision
