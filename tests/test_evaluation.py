@@ -152,3 +152,33 @@ def test_eval_config_errors_are_one_line(photos_dir, tmp_path):
         evaluate(compose_eval(photos_dir, tmp_path, f"ckpt={tmp_path / 'x.pth'}"))
     with pytest.raises(Exception, match="does not exist"):
         evaluate(compose_eval(photos_dir, tmp_path, "ckpt=/nonexistent/run"))
+
+
+@pytest.mark.slow
+def test_ablation_script_runs_every_arm(photos_dir, tmp_path):
+    from unilip.evaluation.ablation import main
+
+    out = tmp_path / "table.md"
+    main(
+        [
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--data-dir",
+            str(photos_dir),
+            "--out",
+            str(out),
+            "stages.stage1.max_steps=3",
+            "stages.stage2.max_steps=3",
+            "stages.stage2.gan_start_step=1",
+            "data.num_workers=0",
+            "data.val_num_workers=0",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
+    rows = out.read_text().splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "stage 1",
+        "stage 1, longer",
+        "stage 2, distill",
+        "stage 2, no distill",
+    ]
