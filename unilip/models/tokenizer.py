@@ -415,13 +415,19 @@ class FrozenEncoder(nn.Module):
     def train(self, mode: bool = True) -> FrozenEncoder:
         return super().train(False)
 
-    @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, N, D), padding like the tokenizer."""
-        height, width = images.shape[-2:]
-        multiple = self.config.input_multiple
-        pad_h, pad_w = -height % multiple, -width % multiple
-        if pad_h or pad_w:
-            images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode="reflect")
-        pixel_values = (images - self.image_mean) / self.image_std
-        return internvl_features(self.vision_tower, self.multi_modal_projector, pixel_values, self.config)[0]
+        """(B, 3, H, W) in [0, 1] -> (B, N, D), padding like the tokenizer.
+
+        Computed in inference mode (no autograd bookkeeping at all); the result is a copy that
+        can serve as a loss target.
+        """
+        with torch.inference_mode():
+            height, width = images.shape[-2:]
+            multiple = self.config.input_multiple
+            pad_h, pad_w = -height % multiple, -width % multiple
+            if pad_h or pad_w:
+                padding = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+                images = F.pad(images, padding, mode="reflect")
+            pixel_values = (images - self.image_mean) / self.image_std
+            features = internvl_features(self.vision_tower, self.multi_modal_projector, pixel_values, self.config)[0]
+        return features.clone()

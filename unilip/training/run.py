@@ -95,8 +95,8 @@ def train(cfg: DictConfig) -> Path:
     quiet_third_party_noise()
     check_train_config(cfg)
     if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions (recipe: bf16 + TF32)
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32  # fp32 matmuls and convolutions on tensor cores (recipe)
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
     run_dir = Path(cfg.run_dir)
     ckpt_path = resume_checkpoint(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)

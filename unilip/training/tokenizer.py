@@ -96,7 +96,11 @@ class TokenizerTraining(L.LightningModule):
         gan_start_step: optimizer step at which the adversarial terms and the discriminator start.
         max_nonfinite_streak: stop after this many consecutive steps with a non-finite loss.
         gradient_checkpointing: recompute ViT activations in backward (memory for compute).
-        compile: `torch.compile` the ViT and the decoder.
+        compile: `torch.compile` the ViT and the decoder (True: inductor; or a backend name).
+        channels_last: keep the conv decoder and the discriminator in channels-last memory format
+            (faster convolutions on tensor-core GPUs).
+        skip_nonfinite: check the loss every step and skip non-finite steps (one scalar host-device
+            sync per step); off, nothing is checked.
         sample_dir: where validation reconstruction grids are written (PNG).
         metadata: facts about the run recorded with every checkpoint (e.g. where the teacher came from).
     """
@@ -121,7 +125,9 @@ class TokenizerTraining(L.LightningModule):
         lecam_decay: float = 0.999,
         max_nonfinite_streak: int = 20,
         gradient_checkpointing: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
+        channels_last: bool = False,
+        skip_nonfinite: bool = True,
         sample_dir: str | None = None,
         metadata: dict[str, Any] | None = None,
     ):
@@ -140,6 +146,7 @@ class TokenizerTraining(L.LightningModule):
         self.grad_clip, self.ema_decay, self.gan_start_step = grad_clip, ema_decay, gan_start_step
         self.max_nonfinite_streak = max_nonfinite_streak
         self.gradient_checkpointing, self.compile_modules = gradient_checkpointing, compile
+        self.channels_last, self.skip_nonfinite = channels_last, skip_nonfinite
         self.sample_dir = Path(sample_dir) if sample_dir else None
         self.metadata = (
             OmegaConf.to_container(metadata, resolve=True) if isinstance(metadata, DictConfig) else dict(metadata or {})
@@ -173,9 +180,14 @@ class TokenizerTraining(L.LightningModule):
             shard_tokenizer_training(self, self.device_mesh)
             self.groups = {part: self.tokenizer.part_parameters(part) for part in self.groups}
             self.average_discriminator_gradients = True  # D stays replicated, outside FSDP
+        if self.channels_last:
+            self.tokenizer.decoder.to(memory_format=torch.channels_last)
+            if self.discriminator is not None:
+                self.discriminator.to(memory_format=torch.channels_last)
         if self.compile_modules:
-            self.tokenizer.vision_tower.compile()
-            self.tokenizer.decoder.compile()
+            backend = "inductor" if self.compile_modules is True else self.compile_modules
+            self.tokenizer.vision_tower.compile(backend=backend)
+            self.tokenizer.decoder.compile(backend=backend)
         if self.ema_decay is not None:
             trainable = {n: p for n, p in self.tokenizer.named_parameters() if p.requires_grad}
             self.ema = EMA(trainable, decay=self.ema_decay)
@@ -257,7 +269,7 @@ class TokenizerTraining(L.LightningModule):
         images = batch["image"]
         generator, discriminator = self._losses(images)
         total = sum(generator.values()) + sum(discriminator.values(), torch.zeros((), device=images.device))
-        if not self._all_finite(total):
+        if self.skip_nonfinite and not self._all_finite(total):
             self.nonfinite_total += 1
             self.nonfinite_streak += 1
             log.warning(
