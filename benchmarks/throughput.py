@@ -1,0 +1,157 @@
+"""Step throughput, peak memory and model FLOPs utilisation of tokenizer training.
+
+    python benchmarks/throughput.py                                   # tiny preset, CPU (runs anywhere)
+    python benchmarks/throughput.py --preset unilip_1b --device cuda --stages 1 2 --sizes 224 448 \\
+        --batch 224=32 448=16 --precision bf16-mixed [--compile] [--json throughput.json]
+
+Random weights and synthetic batches (no downloads, no data loading: `python -m unilip.data.bench`
+measures the loader separately). Each configuration runs the real `TokenizerTraining` step
+through Lightning with the full recipe objective (L2, LPIPS, ConvNeXt logits, distillation and
+the GAN in stage 2). Model FLOPs per step (forward + backward) are counted once with
+`torch.utils.flop_counter` on the first step; MFU = FLOPs per step / time per step / peak
+(`--peak-tflops`, default 989 = H100/H200 dense bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import compose_train  # noqa: E402  (the config path users take)
+from unilip.logs import quiet_third_party_noise  # noqa: E402
+from unilip.models.tokenizer import FrozenEncoder  # noqa: E402
+
+
+class _Timer(L.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.times = warmup, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def on_train_end(self, trainer, module):
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def seconds_per_step(self) -> float:
+        timed = self.times[self.warmup :]
+        return (timed[-1] - timed[0]) / (len(timed) - 1)
+
+
+def measure(preset: str, stage: int, size: int, batch: int, steps: int, args) -> dict:
+    overrides = [
+        f"model={preset}",
+        "model.internvl_weights=null",
+        "model.decoder_weights=null",
+        f"stage={stage}",
+        f"stages.stage{stage}.image_size={size}",
+        f"stages.stage{stage}.max_steps={steps}",
+        "run_dir=/tmp/bench",
+        f"stages.stage{stage}.gan_start_step={0 if stage == 2 else 10**9}",
+        f"module.compile={args.compile}",
+        f"module.gradient_checkpointing={args.gradient_checkpointing}",
+        f"module.channels_last={args.channels_last}",
+    ]
+    cfg = compose_train(overrides)
+    device = torch.device(args.device)
+    tokenizer = instantiate(cfg.model, device=None)
+    module = instantiate(
+        cfg.module,
+        tokenizer=tokenizer,
+        loss=instantiate(cfg.loss),
+        discriminator=instantiate(cfg.discriminator) if stage == 2 else None,
+        teacher=FrozenEncoder(tokenizer) if stage == 2 else None,
+        metadata={},
+    )
+    timer = _Timer(warmup=min(5, steps - 2))
+    images = torch.rand(batch, 3, size, size)
+    loader = torch.utils.data.DataLoader([{"image": images}] * steps, batch_size=None)
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision=args.precision,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, train_dataloaders=loader)
+    seconds = timer.seconds_per_step()
+    flops = module.flops_per_batch
+    row = {
+        "preset": preset,
+        "stage": stage,
+        "size": size,
+        "batch": batch,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "precision": args.precision,
+        "compile": args.compile,
+        "images_per_s": batch / seconds,
+        "ms_per_step": 1000 * seconds,
+        "model_tflop_per_step": flops / 1e12,
+        "achieved_tflops": flops / seconds / 1e12,
+        "mfu": flops / seconds / (args.peak_tflops * 1e12) if device.type == "cuda" else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    }
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
+    parser.add_argument("--batch", nargs="+", default=["224=8", "448=4"], help="SIZE=BATCH per image size")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--compile", default="false", help="false, true (inductor) or a backend name")
+    parser.add_argument("--gradient-checkpointing", default="false")
+    parser.add_argument("--channels-last", default="false")
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    quiet_third_party_noise()
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    batches = {int(k): int(v) for k, v in (item.split("=") for item in args.batch)}
+    rows = [
+        measure(args.preset, stage, size, batches[size], args.steps, args)
+        for stage in args.stages
+        for size in args.sizes
+    ]
+    header = f"{'preset':>10} {'stage':>5} {'size':>4} {'batch':>5} {'img/s':>8} {'ms/step':>8} {'TFLOP/step':>10}"
+    print(header + f" {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        print(
+            f"{r['preset']:>10} {r['stage']:>5} {r['size']:>4} {r['batch']:>5} {r['images_per_s']:>8.2f} "
+            f"{r['ms_per_step']:>8.1f} {r['model_tflop_per_step']:>10.4f} {r['achieved_tflops']:>8.3f} "
+            f"{mfu:>6} {memory:>8}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
