@@ -320,8 +320,10 @@ class DualConditioner(nn.Module):
                 got = 0 if features is None else features.shape[0] * features.shape[1]
                 raise ValueError(f"{expected} image tokens in the prompts but {got} image features")
             embeds = embeds.masked_scatter(image_mask, features.to(embeds.dtype))
-        index = (batch.query_mask.cumsum(dim=1) - 1).clamp(min=0)  # position within the queries
-        embeds = torch.where(batch.query_mask.unsqueeze(-1), queries.to(embeds.dtype)[index], embeds)
+        # each row holds the Q queries in order; masked_scatter's backward is a masked_select, so the
+        # queries' gradient is summed over rows deterministically (a gather's index_put is not, on CPU)
+        rows = queries.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
+        embeds = embeds.masked_scatter(batch.query_mask.unsqueeze(-1), rows)
         hidden = self.language_model(
             inputs_embeds=embeds, attention_mask=batch.attention_mask.long(), use_cache=False
         ).last_hidden_state

@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 TOKENIZER_STAGES = {1: "decoder alignment", 2: "self-distillation"}
+GENERATION_STAGES = {1: "connector alignment", 2: "pretraining", 3: "SFT"}
 
 
 class ConfigError(ValueError):
@@ -14,7 +15,7 @@ class ConfigError(ValueError):
 
 
 # task -> its stages, named for the error message
-TASK_STAGES = {"tokenizer": TOKENIZER_STAGES}
+TASK_STAGES = {"tokenizer": TOKENIZER_STAGES, "generate": GENERATION_STAGES}
 
 
 def check_train_config(cfg: DictConfig) -> None:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from unilip.logs import quiet_third_party_noise
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
 from unilip.training.config import ConfigError, check_train_config
+from unilip.training.generation_setup import build_generation_training
 from unilip.training.lineage import build_teacher, check_same_architecture, load_trained_tokenizer
 from unilip.training.tokenizer import TokenizerTraining
 
@@ -87,7 +88,10 @@ def build_tokenizer_training(cfg: DictConfig) -> TokenizerTraining:
 
 
 # task name -> builder of its LightningModule; every module has `save_result(run_dir)`.
-TASKS: dict[str, Callable[[DictConfig], L.LightningModule]] = {"tokenizer": build_tokenizer_training}
+TASKS: dict[str, Callable[[DictConfig], L.LightningModule]] = {
+    "tokenizer": build_tokenizer_training,
+    "generate": build_generation_training,
+}
 
 
 def train(cfg: DictConfig) -> Path:

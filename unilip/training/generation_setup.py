@@ -1,0 +1,189 @@
+"""Building a generation run from its config: where the tokenizer, the starting weights and the latents come from.
+
+Stages chain without hand-edited paths: stage N > 1 starts from `init_from`, by default this run
+name's stage N-1 (`<runs>/<name>/generate/stage<N-1>`), and reads the tokenizer that run recorded
+(`tokenizer_from` overrides it; a first run looks for this name's tokenizer run, stage 2 then 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from unilip.models.generator import (
+    CONFIG_NAME,
+    DiTPreset,
+    UniLIPGenerator,
+    build_dit,
+    from_state,
+)
+from unilip.models.latents import DCAELatents, UniLIPLatents, build_dcae
+from unilip.models.mllm import MLLMPreset, build_conditioner
+from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
+from unilip.pipelines.generation import SCHEDULERS, load_tokenizer_source
+from unilip.training.config import ConfigError
+from unilip.training.generation import GenerationTraining
+
+log = logging.getLogger(__name__)
+
+LATENT_MULTIPLE = {"unilip": 28, "dcae": 32}  # image sides the latent spaces encode without padding
+
+
+def check_generation_config(cfg: DictConfig) -> None:
+    """Start-up checks of a `task=generate` config, one clear line per mistake."""
+    recipe = cfg.recipe
+    if recipe.latent_space not in LATENT_MULTIPLE:
+        raise ConfigError(f"recipe.latent_space={recipe.latent_space!r}; use unilip (stages 2, 3) or dcae (stage 1)")
+    multiple = LATENT_MULTIPLE[recipe.latent_space]
+    if recipe.image_size % multiple:
+        raise ConfigError(
+            f"stages.stage{cfg.stage}.image_size={recipe.image_size} is not a multiple of {multiple}, which the "
+            f"{recipe.latent_space} latents need (448 for UniLIP, 512 for DC-AE)"
+        )
+    if recipe.latent_space == "dcae" and cfg.dit.dcae is None and cfg.dit.dcae_weights is None:
+        raise ConfigError("recipe.latent_space=dcae needs a DC-AE: set dit.dcae_weights=<SANA pipeline or DC-AE>")
+    if not 0 <= cfg.module.cfg_dropout < 1:
+        raise ConfigError(f"module.cfg_dropout={cfg.module.cfg_dropout} must be in [0, 1)")
+    if cfg.module.sample_scheduler not in SCHEDULERS:
+        raise ConfigError(f"module.sample_scheduler={cfg.module.sample_scheduler!r}; use one of {SCHEDULERS}")
+    if cfg.generator.num_queries < 1 or cfg.generator.connector_layers < 1:
+        raise ConfigError(f"generator={dict(cfg.generator)}: num_queries and connector_layers must be >= 1")
+    if cfg.tokenizer_from is not None and not Path(cfg.tokenizer_from).exists():
+        raise ConfigError(
+            f"tokenizer_from={cfg.tokenizer_from} does not exist; give a tokenizer run directory, saved tokenizer, "
+            "checkpoint or released .pth"
+        )
+
+
+# ------------------------------------------------------------------ starting weights
+def locate_generator(path: str | Path) -> Path:
+    """A run directory -> its saved generator (finished run) or last checkpoint; other paths unchanged."""
+    path = Path(path)
+    if (path / "generator" / CONFIG_NAME).exists():
+        return path / "generator"
+    if (path / "checkpoints" / "last.ckpt").exists():
+        return path / "checkpoints" / "last.ckpt"
+    return path
+
+
+def generator_state_from_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `GenerationTraining` state dict -> generator weights, the EMA replacing what it averages."""
+    weights = {k[len("generator.") :]: v for k, v in state_dict.items() if k.startswith("generator.")}
+    for key, value in state_dict.items():
+        if key.startswith("ema.") and key != "ema.num_updates":
+            weights[key[len("ema.") :].replace("__", ".")] = value
+    return weights
+
+
+def load_trained_generator(path: str | Path) -> tuple[UniLIPGenerator, dict[str, Any]]:
+    """The (EMA) generator of a run directory, Lightning checkpoint (file or FSDP directory) or saved generator."""
+    located = locate_generator(path)
+    if (located / CONFIG_NAME).exists():
+        return UniLIPGenerator.from_pretrained(located)
+    if located.suffix == ".ckpt" and located.is_file():
+        checkpoint = torch.load(located, map_location="cpu", weights_only=True, mmap=True)
+    elif located.is_dir() and (located / ".metadata").exists():
+        from unilip.training.distributed import load_sharded_checkpoint
+
+        checkpoint = load_sharded_checkpoint(located)
+    else:
+        raise ConfigError(f"init_from={path} is not a generation run directory, checkpoint or saved generator")
+    meta = checkpoint.get("unilip", {})
+    if meta.get("task") != "generate":
+        raise ConfigError(f"init_from={path} is a {meta.get('task')} checkpoint, not a generation one")
+    state = generator_state_from_checkpoint(checkpoint["state_dict"])
+    return from_state(meta["generator_config"], state, f"generator weights in {located}"), meta
+
+
+def _init_source(cfg: DictConfig) -> str | None:
+    if cfg.init_from is not None:
+        return str(cfg.init_from)
+    if cfg.stage == 1:
+        return None
+    previous = Path(cfg.paths.runs_dir) / cfg.name / cfg.task / f"stage{cfg.stage - 1}"
+    if previous.exists():
+        log.info("stage %d starts from this run name's stage-%d run: %s", cfg.stage, cfg.stage - 1, previous)
+        return str(previous)
+    raise ConfigError(
+        f"stage {cfg.stage} needs init_from=<stage-{cfg.stage - 1} generation run or checkpoint>; none given and "
+        f"no run at {previous}"
+    )
+
+
+def _tokenizer_source(cfg: DictConfig, init_meta: dict[str, Any] | None) -> str:
+    if cfg.tokenizer_from is not None:
+        return str(Path(cfg.tokenizer_from).resolve())
+    if init_meta and init_meta.get("tokenizer"):
+        return init_meta["tokenizer"]["source"]
+    for stage in (2, 1):
+        run = Path(cfg.paths.runs_dir) / cfg.name / "tokenizer" / f"stage{stage}"
+        if run.exists():
+            log.info("tokenizer: this run name's tokenizer run %s", run)
+            return str(run.resolve())
+    raise ConfigError(
+        "task=generate needs tokenizer_from=<UniLIP tokenizer run, saved tokenizer, checkpoint or released .pth>; "
+        f"none given and no tokenizer run under {Path(cfg.paths.runs_dir) / cfg.name / 'tokenizer'}"
+    )
+
+
+def _load_tokenizer(source: str, preset: TokenizerConfig) -> UniLIPTokenizer:
+    config = preset.to_dict() if Path(source).suffix in (".pth", ".pt") else None
+    try:
+        return load_tokenizer_source(source, config)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"tokenizer_from={source}: {error}") from None
+
+
+def _check_same(init_config: dict[str, Any], generator_cfg: DictConfig, dit: DiTPreset, source: str) -> None:
+    differs = [k for k in ("num_queries", "connector_layers") if init_config[k] != generator_cfg[k]]
+    differs += [f"dit.{k}" for k, v in dit.transformer.items() if init_config["dit"].get(k) != v]
+    if differs:
+        raise ConfigError(
+            f"init_from={source} is a different generator (differs in {', '.join(differs)}); "
+            "choose the generator and dit presets it was trained with"
+        )
+
+
+# ------------------------------------------------------------------ the module
+def build_generation_training(cfg: DictConfig) -> GenerationTraining:
+    """The `GenerationTraining` of `cfg` (task=generate), with its frozen conditioner and latents."""
+    check_generation_config(cfg)
+    mllm: MLLMPreset = instantiate(cfg.mllm)
+    dit_preset: DiTPreset = instantiate(cfg.dit)
+    init_path = _init_source(cfg)
+    init_meta = None
+    if init_path is not None:
+        generator, init_meta = load_trained_generator(init_path)
+        _check_same(generator.config.to_dict(), cfg.generator, dit_preset, init_path)
+    tokenizer_source = _tokenizer_source(cfg, init_meta)
+    tokenizer = _load_tokenizer(tokenizer_source, instantiate(cfg.model.config))
+    try:
+        conditioner = build_conditioner(mllm, tokenizer)
+    except ValueError as error:
+        raise ConfigError(f"mllm and tokenizer do not fit: {error}") from None
+    if init_path is None:
+        try:
+            generator = UniLIPGenerator.from_language_model(
+                conditioner.language_model, build_dit(dit_preset), **OmegaConf.to_container(cfg.generator)
+            )
+        except ValueError as error:
+            raise ConfigError(f"generator: {error}") from None
+    if cfg.recipe.latent_space == "dcae":
+        latents = DCAELatents(build_dcae(dit_preset))
+        latents_meta = {"kind": "dcae", "scale": latents.scale}
+    else:
+        latents = UniLIPLatents(tokenizer, mllm.latent_scale)
+        latents_meta = {"kind": "unilip", "scale": mllm.latent_scale}
+    metadata = {
+        "mllm": mllm.to_dict(),
+        "dit": dit_preset.to_dict(),
+        "tokenizer": {"source": tokenizer_source, "config": tokenizer.config.to_dict()},
+        "latents": latents_meta,
+        "init_from": init_path,
+    }
+    return instantiate(cfg.module, generator=generator, conditioner=conditioner, latents=latents, metadata=metadata)
