@@ -20,3 +20,6 @@ def quiet_third_party_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning internals
     warnings.filterwarnings("ignore", message=r".*parameter 'pretrained' is deprecated.*")  # lpips -> torchvision
     warnings.filterwarnings("ignore", message=r".*Arguments other than a weight enum.*")  # lpips -> torchvision
+    # Lightning's advice for manual optimisation; our checkpoints are meant to hold the state after
+    # the step they are named after (resume is tested to be exact).
+    warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
