@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import compose_train
 from tests.generation_helpers import fingerprint
+from unilip.models.loading import CONF_DIR as REPO_CONF
 from unilip.training.config import ConfigError
 from unilip.training.run import train
 
@@ -115,7 +116,7 @@ def stage2(photos_dir, runs_dir, stage1, handful):
 
 @pytest.fixture(scope="module")
 def stage3(photos_dir, runs_dir, stage2):
-    return train(_cfg(photos_dir, runs_dir, 3, *_short(3, 2)))
+    return train(_cfg(photos_dir, runs_dir, 3, *_short(3, 2), "module.ema_decay=0.9"))
 
 
 def _changes(run_dir, snapshot):
@@ -178,6 +179,15 @@ def test_stage3_starts_from_stage2_and_trains_everything(photos_dir, runs_dir, s
     assert all(torch.equal(initial[k], stage2_weights[k]) for k in stage2_weights)
     changes = _changes(stage3, runs_dir / f"snapshot3-{NAME}")
     assert all(changed == total for changed, total in changes.values()), changes
+    from unilip.training.generation_setup import load_trained_generator
+
+    # with an EMA, the result is the EMA: the same weights a later stage reads from the checkpoint
+    checkpoint = torch.load(stage3 / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("ema.") for k in checkpoint)
+    from_checkpoint = load_trained_generator(stage3 / "checkpoints" / "last.ckpt")[0].state_dict()
+    saved = load_file(stage3 / "generator" / "model.safetensors")
+    assert all(torch.equal(from_checkpoint[k], saved[k]) for k in saved)
+    assert not torch.equal(checkpoint["generator.queries"], saved["queries"])  # EMA, not the raw weights
     _frozen_unchanged(_cfg(photos_dir, runs_dir, 3), runs_dir / f"snapshot3-{NAME}", tokenizer_dir)
 
 
@@ -234,3 +244,31 @@ def test_config_mistakes_fail_with_one_clear_error(photos_dir, runs_dir, tokeniz
         with pytest.raises(ConfigError, match=message):
             train(cfg)
     assert compose_train(["stage=1", "run_dir=/tmp/x"]).task == "tokenizer"  # stage=1 alone: the tokenizer
+
+
+GENERATE_EXPERIMENTS = sorted(p.stem for p in (REPO_CONF / "experiment" / "generate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", GENERATE_EXPERIMENTS)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_generation_experiment_composes_into_a_coherent_recipe(experiment, stage):
+    from omegaconf import OmegaConf
+
+    cfg = compose_train([f"experiment=generate/{experiment}", f"stage={stage}", "run_dir=/tmp/x"])
+    OmegaConf.resolve(cfg)
+    assert cfg.task == "generate" and cfg.trainer.max_steps == cfg.recipe.max_steps
+    assert cfg.recipe.latent_space == ("dcae" if stage == 1 else "unilip") and cfg.recipe.train_dit == (stage > 1)
+    assert cfg.mllm.internvl.text_config.hidden_size == cfg.model.config.llm_hidden_size  # MLLM fits the tokenizer
+    assert cfg.generator.connector_layers <= cfg.mllm.internvl.text_config.num_hidden_layers
+    assert cfg.module.train_dit == cfg.recipe.train_dit and cfg.data.image_size == cfg.recipe.image_size
+    if experiment != "quickstart":  # the recipe (REFERENCE section 3)
+        assert (cfg.generator.num_queries, cfg.generator.connector_layers, cfg.module.cfg_dropout) == (256, 6, 0.1)
+        assert (cfg.optim.lr, cfg.optim.final_lr, cfg.module.warmup_ratio, cfg.module.weight_decay) == (
+            1e-4,
+            1e-5,
+            0.003,
+            0.0,
+        )
+        assert cfg.dit.transformer.caption_channels == 2304 and cfg.module.gradient_checkpointing
+        assert cfg.mllm.latent_scale == (10.6 if experiment == "unilip_1b" else 9.5)
+        assert cfg.data.with_source and cfg.recipe.image_size == (512 if stage == 1 else 448)

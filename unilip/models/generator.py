@@ -197,6 +197,7 @@ class UniLIPGenerator(nn.Module):
         """
         length = mask.shape[1]
         bidirectional = mask[:, None, None, :].expand(-1, 1, length, -1)
+        hidden = hidden.to(self.projection.weight.dtype)  # the frozen LLM may run in another dtype
         out = self.connector(inputs_embeds=hidden, attention_mask=bidirectional, use_cache=False).last_hidden_state
         return self.projection(out)
 

@@ -334,7 +334,7 @@ class GenerationTraining(L.LightningModule):
             state = {}
             for key, value in self.generator.state_dict().items():
                 value = value.full_tensor() if hasattr(value, "full_tensor") else value  # FSDP2 shards
-                state[key] = value.detach().cpu()
+                state[key] = value.detach().cpu().clone()  # a copy: on CPU .cpu() aliases what the swap restores
         if self.global_rank != 0:
             return
         model = from_state(self.generator.config.to_dict(), state, "the trained generator")
