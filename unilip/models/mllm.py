@@ -307,7 +307,7 @@ class DualConditioner(nn.Module):
         return self.tokenizer.features(images)
 
     def forward(self, batch: PromptBatch, queries: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        """-> (B, L, D) dual-condition hidden states (zeros carry no meaning at padding; mask them).
+        """-> (B, L, D) dual-condition hidden states (meaningless at padding: mask them with `attention_mask`).
 
         `queries` (Q, D) keep their gradient (through the frozen LLM); `features` (E, N, D) are the
         source images of the E edit rows, in batch order.
