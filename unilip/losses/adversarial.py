@@ -34,16 +34,24 @@ class LeCamRegularizer(nn.Module):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
-    def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
+    def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Fold this step's mean logits into the EMAs; `keep` (a 0/1 tensor) = 0 leaves them unchanged."""
         means = torch.stack([logits_real.float().mean(), logits_fake.float().mean()])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(means)  # SUM, then divide: gloo has no AVG
             means /= dist.get_world_size()
         # the first update copies (decay 0), so the EMAs do not start from an arbitrary zero
         decay = torch.where(self.initialised, self.decay, 0.0)
-        self.ema_real.copy_(decay * self.ema_real + (1 - decay) * means[0])
-        self.ema_fake.copy_(decay * self.ema_fake + (1 - decay) * means[1])
-        self.initialised.fill_(True)
+        new_real = decay * self.ema_real + (1 - decay) * means[0]
+        new_fake = decay * self.ema_fake + (1 - decay) * means[1]
+        if keep is not None:  # a skipped (non-finite) step must not poison the EMAs
+            use = keep > 0
+            new_real, new_fake = torch.where(use, new_real, self.ema_real), torch.where(use, new_fake, self.ema_fake)
+            self.initialised.logical_or_(use)
+        else:
+            self.initialised.fill_(True)
+        self.ema_real.copy_(new_real)
+        self.ema_fake.copy_(new_fake)
 
     def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
         return F.relu(logits_real - self.ema_fake).square().mean() + F.relu(self.ema_real - logits_fake).square().mean()

@@ -99,8 +99,11 @@ class TokenizerTraining(L.LightningModule):
         compile: `torch.compile` the ViT and the decoder (True: inductor; or a backend name).
         channels_last: keep the conv decoder and the discriminator in channels-last memory format
             (faster convolutions on tensor-core GPUs).
-        skip_nonfinite: check the loss every step and skip non-finite steps (one scalar host-device
-            sync per step); off, nothing is checked.
+        skip_nonfinite: skip steps whose loss is not finite, counting them. With a fused AdamW
+            (`optim.optimizer.fused=true`) the skip happens on the device: no host sync per step,
+            but a skipped step still advances the schedule and the EMA, and a run of bad steps is
+            noticed at the next logging step. Otherwise it costs one scalar host sync per step
+            and a skipped step changes nothing. Off: nothing is checked.
         sample_dir: where validation reconstruction grids are written (PNG).
         metadata: facts about the run recorded with every checkpoint (e.g. where the teacher came from).
     """
@@ -155,8 +158,9 @@ class TokenizerTraining(L.LightningModule):
         self.ema: EMA | None = None
         self.average_discriminator_gradients = False
         self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor
-        self.nonfinite_total = 0
-        self.nonfinite_streak = 0
+        # buffers: saved with the weights, updated on the device
+        self.register_buffer("nonfinite_total", torch.zeros(()))
+        self.register_buffer("nonfinite_streak", torch.zeros(()))
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 
@@ -215,26 +219,43 @@ class TokenizerTraining(L.LightningModule):
     def _gan_active(self) -> bool:
         return self.discriminator is not None and self.global_step >= self.gan_start_step
 
-    def _losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], tuple | None]:
+        """Weighted generator and discriminator terms, and D's logits (for the LeCam EMAs, updated after the step)."""
         out = self.tokenizer.reconstruct(images)
         generator = self.loss.reconstruction(images, out.images)
         if self.teacher is not None and self.loss.distill_weight:
             generator |= self.loss.distillation(out.features, self.teacher.features(images))
         discriminator: dict[str, torch.Tensor] = {}
+        logits = None
         if self._gan_active():
             with frozen_parameters(self.discriminator):
                 generator |= self.loss.generator_adversarial(self.discriminator(out.images))
             logits_real = self.discriminator(images)
             logits_fake = self.discriminator(out.images.detach())
             discriminator = self.loss.discriminator(logits_real, logits_fake, self.lecam(logits_real, logits_fake))
-            self.lecam.update(logits_real.detach(), logits_fake.detach())
-        return generator, discriminator
+            logits = (logits_real.detach(), logits_fake.detach())
+        return generator, discriminator, logits
 
-    def _all_finite(self, value: torch.Tensor) -> bool:
+    def _nonfinite(self, value: torch.Tensor) -> torch.Tensor:
+        """1.0 on every rank if the loss is not finite on any rank, else 0.0; a device tensor (no host sync)."""
         bad = (~torch.isfinite(value.detach())).float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad)  # every rank must skip together
-        return not bool(bad.item())
+        return bad.clamp(max=1.0)
+
+    def _count_nonfinite(self, bad: torch.Tensor, check: bool) -> None:
+        self.nonfinite_total += bad
+        self.nonfinite_streak.mul_(bad).add_(bad)  # +1 while bad, back to 0 on a good step
+        if check and self.nonfinite_streak.item() >= self.max_nonfinite_streak:
+            raise RuntimeError(
+                f"the loss was not finite for {int(self.nonfinite_streak)} steps in a row (up to step "
+                f"{self.global_step}); lower the learning rate, check the data, or resume from an earlier one"
+            )
+
+    def _sync_free(self, optimizer) -> bool:
+        """Skip bad steps on the device: fused AdamW takes a `found_inf` flag (as under GradScaler)."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        return self.skip_nonfinite and bool(inner.defaults.get("fused")) and not self.average_discriminator_gradients
 
     @staticmethod
     def _average_gradients(module: nn.Module) -> None:
@@ -255,33 +276,35 @@ class TokenizerTraining(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.flops_per_batch is None:
-            # Model FLOPs of one step (forward + backward, this rank's batch), counted once with
-            # torch.utils.flop_counter; Lightning's ThroughputMonitor turns it into FLOP/s and MFU.
-            with FlopCounterMode(display=False) as counter:
-                self._training_step(batch)
-            self.flops_per_batch = counter.get_total_flops()
-        else:
-            self._training_step(batch)
+            self.flops_per_batch = self._count_flops(batch["image"])
+        self._training_step(batch)
+
+    @torch.no_grad()
+    def _count_flops(self, images: torch.Tensor) -> int:
+        """Model FLOPs of one step on this rank: 3 x the forward's (backward ~ 2 x forward, the usual MFU
+        convention), the forward counted with torch.utils.flop_counter on a dry run that changes no state.
+
+        Counting the real step instead would run it under a dispatch mode, which may pick other
+        kernels: the first step after a resume would then differ from the uninterrupted run.
+        """
+        with FlopCounterMode(display=False) as counter:
+            self._losses(images)
+        return 3 * counter.get_total_flops()
 
     def _training_step(self, batch: dict[str, Any]) -> None:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         images = batch["image"]
-        generator, discriminator = self._losses(images)
+        generator, discriminator, logits = self._losses(images)
         total = sum(generator.values()) + sum(discriminator.values(), torch.zeros((), device=images.device))
-        if self.skip_nonfinite and not self._all_finite(total):
-            self.nonfinite_total += 1
-            self.nonfinite_streak += 1
+        sync_free = self._sync_free(optimizer)
+        bad = self._nonfinite(total) if self.skip_nonfinite else None
+        if bad is not None and not sync_free and bad.item():  # the one host sync of a step, unless sync-free
+            self._count_nonfinite(bad, check=True)
             log.warning(
-                "non-finite loss at step %d: step skipped (%d in a row)", self.global_step, self.nonfinite_streak
+                "non-finite loss at step %d: step skipped (%d in a row)", self.global_step, int(self.nonfinite_streak)
             )
-            if self.nonfinite_streak >= self.max_nonfinite_streak:
-                raise RuntimeError(
-                    f"the loss was not finite for {self.nonfinite_streak} steps in a row (up to step "
-                    f"{self.global_step}); lower the learning rate, check the data, or resume from an earlier one"
-                )
             return
-        self.nonfinite_streak = 0
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
         norms = {"grad_norm/generator": self._clip([p for ps in self.groups.values() for p in ps])}
@@ -289,10 +312,17 @@ class TokenizerTraining(L.LightningModule):
             self._average_gradients(self.discriminator)
         if discriminator:
             norms["grad_norm/discriminator"] = self._clip(list(self.discriminator.parameters()))
+        if sync_free:
+            optimizer.optimizer.found_inf = bad  # fused AdamW leaves weights and moments alone if 1
         optimizer.step()
         scheduler.step()
+        if logits is not None:
+            self.lecam.update(*logits, keep=None if bad is None else 1.0 - bad)
         if self.ema is not None:
             self.ema.update()
+        if bad is not None:
+            logging_step = self.global_step % self.trainer.log_every_n_steps == 0
+            self._count_nonfinite(bad, check=sync_free and logging_step)
 
         logged = {f"loss/{name}": value.detach() for name, value in (generator | discriminator).items()}
         logged["loss/total"] = total.detach()
@@ -301,7 +331,7 @@ class TokenizerTraining(L.LightningModule):
         for group in optimizer.param_groups:
             if group["params"] and group["weight_decay"] != 0.0:
                 self.log(f"lr/{group['name']}", group["lr"], on_step=True)
-        self.log("nonfinite_steps", float(self.nonfinite_total), on_step=True)
+        self.log("nonfinite_steps", self.nonfinite_total, on_step=True)
 
     # ------------------------------------------------------------------ validation
     @contextmanager
@@ -382,8 +412,6 @@ class TokenizerTraining(L.LightningModule):
             "task": "tokenizer",
             "stage": self.stage,
             "tokenizer_config": self.tokenizer.config.to_dict(),
-            "nonfinite_total": self.nonfinite_total,
-            "nonfinite_streak": self.nonfinite_streak,
             "rng": states,
             **self.metadata,
         }
@@ -392,8 +420,6 @@ class TokenizerTraining(L.LightningModule):
         state = checkpoint.get("unilip", {})
         if state.get("stage", self.stage) != self.stage:
             raise ValueError(f"checkpoint is from stage {state['stage']}, this run is stage {self.stage}")
-        self.nonfinite_total = state.get("nonfinite_total", 0)
-        self.nonfinite_streak = state.get("nonfinite_streak", 0)
         states = state.get("rng")
         if states:
             rng = states[self.global_rank] if self.global_rank < len(states) else states[0]
