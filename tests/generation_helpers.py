@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
@@ -81,3 +82,13 @@ class GenerationSnapshot(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         self._record(pl_module, "end")
         (self.directory / "frozen.json").write_text(json.dumps(self.hashes))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for the toy generator tests: tiny ops gain nothing from a second thread, and with
+    two threads every op waits for a preempted peer whenever another job shares the two cores (~100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

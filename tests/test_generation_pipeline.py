@@ -5,6 +5,7 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import compose_train
+from tests.generation_helpers import one_thread  # noqa: F401  (autouse fixture)
 from unilip.models.generator import UniLIPGenerator, build_dit
 from unilip.models.latents import UniLIPLatents
 from unilip.models.mllm import build_conditioner

@@ -13,7 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_generate(data_root, runs_dir, stage, *overrides, name="mp"):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    # one thread per process: two processes x two threads on two cores wait on each other's preemption
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
     command = [
         sys.executable,
         str(REPO / "train.py"),

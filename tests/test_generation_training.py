@@ -12,7 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import compose_train
-from tests.generation_helpers import fingerprint
+from tests.generation_helpers import (
+    fingerprint,
+    one_thread,  # noqa: F401  (autouse fixture)
+)
 from unilip.models.loading import CONF_DIR as REPO_CONF
 from unilip.training.config import ConfigError
 from unilip.training.run import train

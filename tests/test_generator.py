@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from tests.conftest import compose_train
+from tests.generation_helpers import one_thread  # noqa: F401  (autouse fixture)
 from unilip.models.generator import UniLIPGenerator, build_dit, count_parameters
 from unilip.models.mllm import SPECIAL_TOKENS, build_conditioner, build_language_model, byte_level_tokenizer
 
