@@ -1,14 +1,17 @@
-"""Step throughput, peak memory and model FLOPs utilisation of tokenizer training.
+"""Step throughput, peak memory and model FLOPs utilisation of tokenizer and generation training.
 
-    python benchmarks/throughput.py                                   # tiny preset, CPU (runs anywhere)
-    python benchmarks/throughput.py --preset unilip_1b --device cuda --stages 1 2 --sizes 224 448 \\
-        --batch 224=32 448=16 --precision bf16-mixed [--compile] [--json throughput.json]
+    python benchmarks/throughput.py                                   # tiny presets, CPU (runs anywhere)
+    python benchmarks/throughput.py --preset unilip_1b --device cuda --stages 1 2 g2 --sizes 224 448 \\
+        --batch 224=32 448=16 --precision bf16-mixed [--compile true] [--json throughput.json]
 
 Random weights and synthetic batches (no downloads, no data loading: `python -m unilip.data.bench`
-measures the loader separately). Each configuration runs the real `TokenizerTraining` step
-through Lightning with the full recipe objective (L2, LPIPS, ConvNeXt logits, distillation and
-the GAN in stage 2). Model FLOPs per step (forward + backward) are counted once with
-`torch.utils.flop_counter` on the first step; MFU = FLOPs per step / time per step / peak
+measures the loader separately). Each configuration runs the real training step through Lightning:
+tokenizer stages 1 and 2 (`TokenizerTraining`, the full recipe objective: L2, LPIPS, ConvNeXt
+logits, distillation and the GAN in stage 2) at every `--sizes`, and generation stage 2 (`g2`,
+`GenerationTraining`: frozen InternVL LLM, connector, SANA DiT, UniLIP latents) at the recipe's
+448 px (56 px for `tiny`), one third of each batch edits (the recipe's mix), 128-token prompts.
+Model FLOPs per step (forward + backward, the frozen networks' forwards included) are counted once
+with `torch.utils.flop_counter` on the first step; MFU = FLOPs per step / time per step / peak
 (`--peak-tflops`, default 989 = H100/H200 dense bf16).
 """
 
@@ -29,7 +32,17 @@ sys.path.insert(0, str(REPO))
 
 from tests.conftest import compose_train  # noqa: E402  (the config path users take)
 from unilip.logs import quiet_third_party_noise  # noqa: E402
+from unilip.models.generator import UniLIPGenerator, build_dit  # noqa: E402
+from unilip.models.latents import UniLIPLatents  # noqa: E402
+from unilip.models.mllm import build_conditioner  # noqa: E402
 from unilip.models.tokenizer import FrozenEncoder  # noqa: E402
+
+# tokenizer preset -> (mllm preset, dit preset, generation image size) of the same UniLIP model
+GENERATION_PRESETS = {
+    "tiny": ("tiny", "tiny", 56),
+    "unilip_1b": ("internvl3_1b", "sana_600m", 448),
+    "unilip_2b": ("internvl3_2b", "sana_1600m", 448),
+}
 
 
 class _Timer(L.Callback):
@@ -51,7 +64,7 @@ class _Timer(L.Callback):
         return (timed[-1] - timed[0]) / (len(timed) - 1)
 
 
-def measure(preset: str, stage: int, size: int, batch: int, steps: int, args) -> dict:
+def tokenizer_module(preset: str, stage: int, size: int, steps: int, args) -> L.LightningModule:
     overrides = [
         f"model={preset}",
         "model.internvl_weights=null",
@@ -66,9 +79,8 @@ def measure(preset: str, stage: int, size: int, batch: int, steps: int, args) ->
         f"module.channels_last={args.channels_last}",
     ]
     cfg = compose_train(overrides)
-    device = torch.device(args.device)
     tokenizer = instantiate(cfg.model, device=None)
-    module = instantiate(
+    return instantiate(
         cfg.module,
         tokenizer=tokenizer,
         loss=instantiate(cfg.loss),
@@ -76,9 +88,64 @@ def measure(preset: str, stage: int, size: int, batch: int, steps: int, args) ->
         teacher=FrozenEncoder(tokenizer) if stage == 2 else None,
         metadata={},
     )
+
+
+def generation_module(preset: str, steps: int, args) -> L.LightningModule:
+    """Generation stage 2 at real (or tiny) size with random weights; the byte-level text tokenizer
+    stands in for InternVL's (prompt lengths are set in tokens, so the cost is the same)."""
+    mllm, dit, size = GENERATION_PRESETS[preset]
+    cfg = compose_train(
+        [
+            "task=generate",
+            "stage=2",
+            f"model={preset}",
+            "model.internvl_weights=null",
+            "model.decoder_weights=null",
+            f"mllm={mllm}",
+            "mllm.weights=null",
+            "mllm.text_tokenizer=null",
+            "mllm.internvl.image_token_id=261",  # <IMG_CONTEXT> of the byte-level tokenizer
+            f"dit={dit}",
+            "dit.weights=null",
+            f"stages.stage2.image_size={size}",
+            f"stages.stage2.max_steps={steps}",
+            "run_dir=/tmp/bench",
+            f"module.gradient_checkpointing={args.gradient_checkpointing}",
+            f"module.frozen_dtype={'bfloat16' if args.precision.startswith('bf16') else 'null'}",
+        ]
+    )
+    tokenizer = instantiate(cfg.model, device=None)
+    mllm_preset = instantiate(cfg.mllm)
+    conditioner = build_conditioner(mllm_preset, tokenizer)
+    generator = UniLIPGenerator.from_language_model(
+        conditioner.language_model, build_dit(instantiate(cfg.dit)), **cfg.generator
+    )
+    latents = UniLIPLatents(tokenizer, mllm_preset.latent_scale)
+    return instantiate(cfg.module, generator=generator, conditioner=conditioner, latents=latents, metadata={})
+
+
+def generation_batch(batch: int, size: int) -> dict:
+    edits = torch.arange(batch) % 3 == 2
+    return {
+        "image": torch.rand(batch, 3, size, size),
+        "source_image": torch.rand(batch, 3, size, size),
+        "has_source": edits,
+        "caption": ["a" * 128] * batch,  # 128 tokens in the byte-level tokenizer
+        "key": [str(i) for i in range(batch)],
+    }
+
+
+def measure(preset: str, stage: str, size: int, batch: int, steps: int, args) -> dict:
+    if stage == "g2":
+        size = GENERATION_PRESETS[preset][2]
+        module = generation_module(preset, steps, args)
+        sample = generation_batch(batch, size)
+    else:
+        module = tokenizer_module(preset, int(stage), size, steps, args)
+        sample = {"image": torch.rand(batch, 3, size, size)}
+    device = torch.device(args.device)
     timer = _Timer(warmup=min(5, steps - 2))
-    images = torch.rand(batch, 3, size, size)
-    loader = torch.utils.data.DataLoader([{"image": images}] * steps, batch_size=None)
+    loader = torch.utils.data.DataLoader([sample] * steps, batch_size=None, collate_fn=lambda b: b)
     trainer = L.Trainer(
         accelerator=device.type,
         devices=1,
@@ -118,9 +185,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--stages", nargs="+", default=["1", "2", "g2"], help="1, 2 (tokenizer), g2 (generation)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
     parser.add_argument("--batch", nargs="+", default=["224=8", "448=4"], help="SIZE=BATCH per image size")
+    parser.add_argument("--generation-batch", type=int, default=8, help="batch of the g2 rows")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--compile", default="false", help="false, true (inductor) or a backend name")
@@ -136,8 +204,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [
         measure(args.preset, stage, size, batches[size], args.steps, args)
         for stage in args.stages
+        if stage != "g2"
         for size in args.sizes
     ]
+    if "g2" in args.stages:
+        rows.append(measure(args.preset, "g2", 0, args.generation_batch, args.steps, args))
     header = f"{'preset':>10} {'stage':>5} {'size':>4} {'batch':>5} {'img/s':>8} {'ms/step':>8} {'TFLOP/step':>10}"
     print(header + f" {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
     for r in rows:

@@ -181,4 +181,5 @@ def test_ablation_script_runs_every_arm(photos_dir, tmp_path):
         "stage 1, longer",
         "stage 2, distill",
         "stage 2, no distill",
+        "stage 2, distill, GAN from half-way",
     ]

@@ -155,7 +155,8 @@ def test_stage1_trains_connector_and_queries_with_the_dit_frozen(photos_dir, run
     meta = json.loads((stage1 / "generator" / "config.json").read_text())
     assert meta["stage"] == 1 and meta["latents"]["kind"] == "dcae"
     state = torch.load(stage1 / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert all(key.startswith("generator.") for key in state)  # frozen networks are not in checkpoints
+    # frozen networks are not in checkpoints: the generator and the non-finite step counters only
+    assert {key.split(".")[0] for key in state} == {"generator", "nonfinite"}
     assert list((stage1 / "samples").glob("generation_step*.png"))
 
 
@@ -230,6 +231,27 @@ def test_resume_is_exact(photos_dir, runs_dir, tokenizer_dir):
     a = load_file(straight / "generator" / "model.safetensors")
     b = load_file(resumed / "generator" / "model.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sync", "sync-free"])
+def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(photos_dir, tmp_path, tokenizer_dir, fused):
+    images = torch.full((4, 3, 64, 64), float("nan"))  # stage 1: DC-AE latents at 64 px
+    torch.save({"image": images, "caption": ["a cat"] * 4}, tmp_path / "nan.pt")
+    cfg = _cfg(
+        photos_dir,
+        tmp_path,
+        1,
+        *_short(1, 6),
+        f"tokenizer_from={tokenizer_dir}",
+        "data._target_=tests.generation_helpers.FixedCaptionedBatches",
+        f"+data.images_file={tmp_path / 'nan.pt'}",
+        "+data.steps=6",
+        "+trainer.use_distributed_sampler=false",
+        "module.max_nonfinite_streak=3",
+        *(["+optim.optimizer.fused=true"] if fused else []),
+    )
+    with pytest.raises(RuntimeError, match="not finite for 3 steps in a row"):
+        train(cfg)
 
 
 def test_config_mistakes_fail_with_one_clear_error(photos_dir, runs_dir, tokenizer_dir, tmp_path):

@@ -56,6 +56,10 @@ def test_stage1_loss_falls_and_the_encoder_stays_frozen(stage1_run):
     trained = [k for k in before if k.startswith(("residual_blocks.", "down_mlp.", "decoder."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert sum(not torch.equal(before[k], after[k]) for k in trained) == len(trained)
+    # the result is the EMA of the weights (what validation used), not the last raw weights
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(after[k], state["ema." + k.replace(".", "__")]) for k in trained)
+    assert any(not torch.equal(after[k], state["tokenizer." + k]) for k in trained)
 
 
 def _stage2(photos_dir, stage1_dir, run_dir, distill_weight):
@@ -107,7 +111,7 @@ def test_a_non_finite_step_is_skipped_and_counted(photos_dir, tmp_path):
     _run(photos_dir, run_dir, *_fixed_batches(tmp_path, images), "trainer.max_steps=5")
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 5  # 6 batches, one skipped: 5 optimizer steps
-    assert state["state_dict"]["nonfinite_total"] == 1 and state["state_dict"]["nonfinite_streak"] == 0
+    assert state["state_dict"]["nonfinite.total"] == 1 and state["state_dict"]["nonfinite.streak"] == 0
     assert state["lr_schedulers"][0]["last_epoch"] == 5  # the schedule follows the optimizer steps
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
@@ -127,7 +131,7 @@ def test_sync_free_skip_with_fused_adamw(photos_dir, tmp_path):
     _run(photos_dir, run_dir, *fixed, "stages.stage1.max_steps=6", "+optim.optimizer.fused=true")
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 6  # the bad step is skipped inside the optimizer, so it still counts
-    assert state["state_dict"]["nonfinite_total"] == 1
+    assert state["state_dict"]["nonfinite.total"] == 1
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
     moments = state["optimizer_states"][0]["state"]
     assert all(torch.isfinite(m["exp_avg"]).all() and torch.isfinite(m["exp_avg_sq"]).all() for m in moments.values())

@@ -70,3 +70,15 @@ def load_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
     if meta.exists():
         checkpoint.update(torch.load(meta, map_location="cpu", weights_only=True))
     return checkpoint
+
+
+def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s full state dict as CPU copies, FSDP2 shards gathered (a collective: call on every rank).
+
+    Copies, not views: on CPU `.cpu()` returns the parameter itself, which a caller may change after.
+    """
+    state = {}
+    for key, value in module.state_dict().items():
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value
+        state[key] = value.detach().cpu().clone()
+    return state

@@ -54,3 +54,27 @@ class EMA(nn.Module):
         finally:
             for param, saved in zip(self._params, backup, strict=True):
                 param.copy_(saved)
+
+
+class ValidatesWithEMA:
+    """LightningModule mixin: validation runs on the EMA weights (`self.ema`, an `EMA` or None).
+
+    `ema_weights()` is the same swap as a context manager, e.g. for saving the result.
+    """
+
+    ema: EMA | None
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        if self.ema is None:
+            yield
+        else:
+            with self.ema.swapped():
+                yield
+
+    def on_validation_epoch_start(self) -> None:
+        self._ema_context = self.ema_weights()
+        self._ema_context.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        self._ema_context.__exit__(None, None, None)

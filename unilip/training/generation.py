@@ -16,13 +16,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from omegaconf import DictConfig, OmegaConf
@@ -33,7 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from unilip.models.generator import UniLIPGenerator, from_state
 from unilip.models.mllm import DualConditioner
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR, UniLIPPipeline
-from unilip.training.ema import EMA
+from unilip.training.distributed import gathered_state_dict
+from unilip.training.ema import EMA, ValidatesWithEMA
+from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
 from unilip.training.rng import gather_rng_states, restore_rng_states
 from unilip.training.schedules import cosine_with_warmup
 from unilip.training.tokenizer import Frozen, _decay_groups
@@ -41,7 +41,7 @@ from unilip.training.tokenizer import Frozen, _decay_groups
 log = logging.getLogger(__name__)
 
 
-class GenerationTraining(L.LightningModule):
+class GenerationTraining(ValidatesWithEMA, L.LightningModule):
     """Trains a `UniLIPGenerator` against a frozen `DualConditioner` for one stage of the recipe.
 
     Args:
@@ -64,6 +64,9 @@ class GenerationTraining(L.LightningModule):
         sample_size, sample_steps, guidance_scale, sample_scheduler, flow_shift: how they are sampled.
         sample_dir: where the sample grids are written (PNG and the prompts beside it).
         max_nonfinite_streak: stop after this many consecutive non-finite losses (each step is skipped).
+        skip_nonfinite: skip steps whose loss is not finite, counting them: on the device with a fused
+            AdamW (`optim.optimizer.fused=true`, no host sync per step), else with one scalar sync per
+            step (see `NonFiniteGuard`). Off: nothing is checked.
         seed: seeds the module's own generator of noise, timesteps and prompt dropout (offset by rank);
             its state is checkpointed, so a resumed run draws exactly what an uninterrupted one would.
         metadata: what the run was made from (MLLM, DiT, tokenizer, latents), saved with the result.
@@ -99,6 +102,7 @@ class GenerationTraining(L.LightningModule):
         flow_shift: float = 3.0,
         sample_dir: str | None = None,
         max_nonfinite_streak: int = 20,
+        skip_nonfinite: bool = True,
         seed: int = 0,
         metadata: dict[str, Any] | None = None,
     ):
@@ -118,7 +122,7 @@ class GenerationTraining(L.LightningModule):
         self.num_samples, self.sample_size, self.sample_steps = num_samples, sample_size, sample_steps
         self.guidance_scale, self.sample_scheduler, self.flow_shift = guidance_scale, sample_scheduler, flow_shift
         self.sample_dir = Path(sample_dir) if sample_dir else None
-        self.max_nonfinite_streak = max_nonfinite_streak
+        self.skip_nonfinite = skip_nonfinite
         self.seed, self.rng = seed, torch.Generator()
         self.metadata = (
             OmegaConf.to_container(metadata, resolve=True) if isinstance(metadata, DictConfig) else dict(metadata or {})
@@ -129,7 +133,7 @@ class GenerationTraining(L.LightningModule):
                 param.requires_grad_(part != "dit" or train_dit)
         self.ema: EMA | None = None
         self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor
-        self.nonfinite_total = self.nonfinite_streak = 0
+        self.nonfinite = NonFiniteGuard(max_nonfinite_streak)
 
     @property
     def conditioner(self) -> DualConditioner:
@@ -215,12 +219,6 @@ class GenerationTraining(L.LightningModule):
         ]
         return torch.stack(losses).mean()
 
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        bad = (~torch.isfinite(value.detach())).float()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(bad)  # every rank must skip together
-        return not bool(bad.item())
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.flops_per_batch is None:
             # Model FLOPs of one step (this rank's batch), counted once; Lightning's ThroughputMonitor
@@ -239,50 +237,32 @@ class GenerationTraining(L.LightningModule):
         ).to(self.device)
         noise = torch.randn(x0.shape, generator=self.rng).to(x0)
         loss = self.flow_loss(x0, prompt, features, t, noise)
-        if not self._all_finite(loss):
-            self.nonfinite_total += 1
-            self.nonfinite_streak += 1
-            log.warning(
-                "non-finite loss at step %d: step skipped (%d in a row)", self.global_step, self.nonfinite_streak
-            )
-            if self.nonfinite_streak >= self.max_nonfinite_streak:
-                raise RuntimeError(
-                    f"the loss was not finite for {self.nonfinite_streak} steps in a row (up to step "
-                    f"{self.global_step}); lower the learning rate, check the data, or resume from an earlier one"
-                )
+        # sync-free on one device or DDP; under FSDP2 the flag would have to meet sharded parameters
+        sync_free = self.skip_nonfinite and takes_found_inf(optimizer) and getattr(self, "device_mesh", None) is None
+        bad = self.nonfinite.flag(loss) if self.skip_nonfinite else None
+        if self.nonfinite.skip_now(bad, sync_free, self.global_step):
             return
-        self.nonfinite_streak = 0
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         params = [p for ps in self.trainable_parameters().values() for p in ps if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip is not None else float("inf"))
+        if sync_free:
+            optimizer.optimizer.found_inf = bad  # fused AdamW leaves weights and moments alone if 1
         optimizer.step()
         scheduler.step()
         if self.ema is not None:
             self.ema.update()
+        if bad is not None:
+            logging_step = self.global_step % self.trainer.log_every_n_steps == 0
+            self.nonfinite.count(bad, self.global_step, check=sync_free and logging_step)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.log_dict(
             {"loss/flow": loss.detach(), "grad_norm": norm, "lr": optimizer.param_groups[0]["lr"]}, on_step=True
         )
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
-        self.log("nonfinite_steps", float(self.nonfinite_total), on_step=True)
+        self.log("nonfinite_steps", self.nonfinite.total, on_step=True)
 
     # ------------------------------------------------------------------ validation
-    @contextmanager
-    def ema_weights(self):
-        if self.ema is None:
-            yield
-        else:
-            with self.ema.swapped():
-                yield
-
-    def on_validation_epoch_start(self) -> None:
-        self._ema_context = self.ema_weights()
-        self._ema_context.__enter__()
-
-    def on_validation_epoch_end(self) -> None:
-        self._ema_context.__exit__(None, None, None)
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss = self.fixed_timestep_loss(batch, seed=batch_idx)
         self.log("val/flow_loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
@@ -331,10 +311,7 @@ class GenerationTraining(L.LightningModule):
     def save_result(self, run_dir: Path) -> None:
         """Write the (EMA) generator to `run_dir/generator` with its text tokenizer and lineage. Call on every rank."""
         with self.ema_weights():
-            state = {}
-            for key, value in self.generator.state_dict().items():
-                value = value.full_tensor() if hasattr(value, "full_tensor") else value  # FSDP2 shards
-                state[key] = value.detach().cpu().clone()  # a copy: on CPU .cpu() aliases what the swap restores
+            state = gathered_state_dict(self.generator)
         if self.global_rank != 0:
             return
         model = from_state(self.generator.config.to_dict(), state, "the trained generator")
@@ -351,8 +328,6 @@ class GenerationTraining(L.LightningModule):
             # counted once per run: counting runs a step under FlopCounterMode, whose kernels round
             # differently, so a resumed run must not count (and change) its first step again
             "flops_per_batch": self.flops_per_batch,
-            "nonfinite_total": self.nonfinite_total,
-            "nonfinite_streak": self.nonfinite_streak,
             "rng": gather_rng_states({"generation": self.rng.get_state()}),
             **self.metadata,
         }
@@ -363,8 +338,6 @@ class GenerationTraining(L.LightningModule):
             raise ValueError(
                 f"checkpoint is {state.get('task')} stage {state.get('stage')}, this run generate {self.stage}"
             )
-        self.nonfinite_total = state.get("nonfinite_total", 0)
-        self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.flops_per_batch = state.get("flops_per_batch")
         rng = restore_rng_states(state.get("rng"), self.global_rank)
         if "generation" in rng:

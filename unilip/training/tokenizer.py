@@ -17,14 +17,12 @@ optimizer, no gradient sync, not in checkpoints. They are rebuilt from their own
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,7 +34,10 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from unilip.losses import LeCamRegularizer, TokenizerLoss
 from unilip.models.tokenizer import FrozenEncoder, UniLIPTokenizer
-from unilip.training.ema import EMA
+from unilip.training.distributed import gathered_state_dict
+from unilip.training.ema import EMA, ValidatesWithEMA
+from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
+from unilip.training.rng import gather_rng_states, restore_rng_states
 from unilip.training.schedules import cosine_with_warmup
 from unilip.training.stages import apply_stage, check_stage
 
@@ -78,7 +79,7 @@ def _decay_groups(params: list[nn.Parameter], **group: Any) -> list[dict[str, An
     return [g for g in ({"params": decay, **group}, {"params": no_decay, **group, "weight_decay": 0.0}) if g["params"]]
 
 
-class TokenizerTraining(L.LightningModule):
+class TokenizerTraining(ValidatesWithEMA, L.LightningModule):
     """Trains a `UniLIPTokenizer` for one stage of the recipe.
 
     Args:
@@ -147,7 +148,6 @@ class TokenizerTraining(L.LightningModule):
         self.lr, self.encoder_lr_multiplier, self.discriminator_lr = lr, encoder_lr_multiplier, discriminator_lr
         self.warmup_steps, self.max_steps, self.final_lr = warmup_steps, max_steps, final_lr
         self.grad_clip, self.ema_decay, self.gan_start_step = grad_clip, ema_decay, gan_start_step
-        self.max_nonfinite_streak = max_nonfinite_streak
         self.gradient_checkpointing, self.compile_modules = gradient_checkpointing, compile
         self.channels_last, self.skip_nonfinite = channels_last, skip_nonfinite
         self.sample_dir = Path(sample_dir) if sample_dir else None
@@ -159,8 +159,7 @@ class TokenizerTraining(L.LightningModule):
         self.average_discriminator_gradients = False
         self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor
         # buffers: saved with the weights, updated on the device
-        self.register_buffer("nonfinite_total", torch.zeros(()))
-        self.register_buffer("nonfinite_streak", torch.zeros(()))
+        self.nonfinite = NonFiniteGuard(max_nonfinite_streak)
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 
@@ -236,26 +235,9 @@ class TokenizerTraining(L.LightningModule):
             logits = (logits_real.detach(), logits_fake.detach())
         return generator, discriminator, logits
 
-    def _nonfinite(self, value: torch.Tensor) -> torch.Tensor:
-        """1.0 on every rank if the loss is not finite on any rank, else 0.0; a device tensor (no host sync)."""
-        bad = (~torch.isfinite(value.detach())).float()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(bad)  # every rank must skip together
-        return bad.clamp(max=1.0)
-
-    def _count_nonfinite(self, bad: torch.Tensor, check: bool) -> None:
-        self.nonfinite_total += bad
-        self.nonfinite_streak.mul_(bad).add_(bad)  # +1 while bad, back to 0 on a good step
-        if check and self.nonfinite_streak.item() >= self.max_nonfinite_streak:
-            raise RuntimeError(
-                f"the loss was not finite for {int(self.nonfinite_streak)} steps in a row (up to step "
-                f"{self.global_step}); lower the learning rate, check the data, or resume from an earlier one"
-            )
-
     def _sync_free(self, optimizer) -> bool:
-        """Skip bad steps on the device: fused AdamW takes a `found_inf` flag (as under GradScaler)."""
-        inner = getattr(optimizer, "optimizer", optimizer)
-        return self.skip_nonfinite and bool(inner.defaults.get("fused")) and not self.average_discriminator_gradients
+        """Skip bad steps on the device (fused AdamW's `found_inf`); not with manually averaged D gradients."""
+        return self.skip_nonfinite and takes_found_inf(optimizer) and not self.average_discriminator_gradients
 
     @staticmethod
     def _average_gradients(module: nn.Module) -> None:
@@ -298,12 +280,8 @@ class TokenizerTraining(L.LightningModule):
         generator, discriminator, logits = self._losses(images)
         total = sum(generator.values()) + sum(discriminator.values(), torch.zeros((), device=images.device))
         sync_free = self._sync_free(optimizer)
-        bad = self._nonfinite(total) if self.skip_nonfinite else None
-        if bad is not None and not sync_free and bad.item():  # the one host sync of a step, unless sync-free
-            self._count_nonfinite(bad, check=True)
-            log.warning(
-                "non-finite loss at step %d: step skipped (%d in a row)", self.global_step, int(self.nonfinite_streak)
-            )
+        bad = self.nonfinite.flag(total) if self.skip_nonfinite else None
+        if self.nonfinite.skip_now(bad, sync_free, self.global_step):
             return
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
@@ -322,7 +300,7 @@ class TokenizerTraining(L.LightningModule):
             self.ema.update()
         if bad is not None:
             logging_step = self.global_step % self.trainer.log_every_n_steps == 0
-            self._count_nonfinite(bad, check=sync_free and logging_step)
+            self.nonfinite.count(bad, self.global_step, check=sync_free and logging_step)
 
         logged = {f"loss/{name}": value.detach() for name, value in (generator | discriminator).items()}
         logged["loss/total"] = total.detach()
@@ -331,24 +309,9 @@ class TokenizerTraining(L.LightningModule):
         for group in optimizer.param_groups:
             if group["params"] and group["weight_decay"] != 0.0:
                 self.log(f"lr/{group['name']}", group["lr"], on_step=True)
-        self.log("nonfinite_steps", self.nonfinite_total, on_step=True)
+        self.log("nonfinite_steps", self.nonfinite.total, on_step=True)
 
     # ------------------------------------------------------------------ validation
-    @contextmanager
-    def ema_weights(self):
-        if self.ema is None:
-            yield
-        else:
-            with self.ema.swapped():
-                yield
-
-    def on_validation_epoch_start(self) -> None:
-        self._ema_context = self.ema_weights()
-        self._ema_context.__enter__()
-
-    def on_validation_epoch_end(self) -> None:
-        self._ema_context.__exit__(None, None, None)
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["image"]
         out = self.tokenizer.reconstruct(images)
@@ -384,10 +347,7 @@ class TokenizerTraining(L.LightningModule):
         Every rank must call this (FSDP shards are gathered); rank 0 writes.
         """
         with self.ema_weights():
-            state = {}
-            for key, value in self.tokenizer.state_dict().items():
-                value = value.full_tensor() if hasattr(value, "full_tensor") else value  # FSDP2 shards
-                state[key] = value.detach().cpu()
+            state = gathered_state_dict(self.tokenizer)
         if self.global_rank != 0:
             return
         with torch.device("meta"):
@@ -397,22 +357,11 @@ class TokenizerTraining(L.LightningModule):
         log.info("saved the EMA tokenizer to %s", Path(run_dir) / "tokenizer")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
-        rng = {  # plain tensors and numbers only: checkpoints are read with weights_only=True
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
-            "python": random.getstate(),
-        }
-        states = [rng]
-        if dist.is_available() and dist.is_initialized():
-            states = [None] * dist.get_world_size()
-            dist.all_gather_object(states, rng)
         checkpoint["unilip"] = {
             "task": "tokenizer",
             "stage": self.stage,
             "tokenizer_config": self.tokenizer.config.to_dict(),
-            "rng": states,
+            "rng": gather_rng_states(),
             **self.metadata,
         }
 
@@ -420,12 +369,4 @@ class TokenizerTraining(L.LightningModule):
         state = checkpoint.get("unilip", {})
         if state.get("stage", self.stage) != self.stage:
             raise ValueError(f"checkpoint is from stage {state['stage']}, this run is stage {self.stage}")
-        states = state.get("rng")
-        if states:
-            rng = states[self.global_rank] if self.global_rank < len(states) else states[0]
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            kind, keys, position, has_gauss, cached_gauss = rng["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
-            random.setstate(rng["python"])
+        restore_rng_states(state.get("rng"), self.global_rank)

@@ -1,0 +1,63 @@
+"""Skipping optimizer steps whose loss is not finite, with or without a host sync per step."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteGuard(nn.Module):
+    """Counts non-finite steps in buffers (so checkpoints and resumes carry them) and stops a run that
+    has too many in a row.
+
+    Two ways to skip a bad step, chosen per step by the module that owns the guard:
+
+    - with a sync (`flag(loss).item()`): the step is skipped before backward and changes nothing;
+    - sync-free: a fused AdamW is given the flag as `found_inf` (as under GradScaler) and leaves
+      weights and moments alone on the device; schedules and EMAs still advance, and a streak is
+      noticed at the next logging step (`count(..., check=True)` only there).
+    """
+
+    def __init__(self, max_streak: int = 20):
+        super().__init__()
+        self.max_streak = max_streak
+        self.register_buffer("total", torch.zeros(()))
+        self.register_buffer("streak", torch.zeros(()))
+
+    @staticmethod
+    def flag(loss: torch.Tensor) -> torch.Tensor:
+        """1.0 on every rank if `loss` is not finite on any rank, else 0.0; a device tensor (no host sync)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad)  # every rank must skip together
+        return bad.clamp(max=1.0)
+
+    def count(self, bad: torch.Tensor, step: int, check: bool) -> None:
+        """Add one step's flag; with `check`, raise (a host sync) when the streak reached `max_streak`."""
+        self.total += bad
+        self.streak.mul_(bad).add_(bad)  # +1 while bad, back to 0 on a good step
+        if check and self.streak.item() >= self.max_streak:
+            raise RuntimeError(
+                f"the loss was not finite for {int(self.streak)} steps in a row (up to step {step}); lower the "
+                "learning rate, check the data, or resume from an earlier checkpoint"
+            )
+
+    def skip_now(self, bad: torch.Tensor | None, sync_free: bool, step: int) -> bool:
+        """The synced path: True (counted, warned) if this step must be skipped before its backward.
+        Nothing to do (False, no sync) when unchecked (`bad` None) or sync-free."""
+        if bad is None or sync_free or not bad.item():  # the one host sync of a step
+            return False
+        self.count(bad, step, check=True)
+        log.warning("non-finite loss at step %d: step skipped (%d in a row)", step, int(self.streak))
+        return True
+
+
+def takes_found_inf(optimizer) -> bool:
+    """Whether `optimizer` (or the one a Lightning wrapper holds) can skip a step on the device."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return bool(inner.defaults.get("fused"))
