@@ -134,3 +134,18 @@ def test_missing_weights_offline_is_a_clear_error(tiny_config):
         build_tokenizer(tiny_config, internvl_weights="OpenGVLab/InternVL3-1B-hf")
     with pytest.raises(WeightsNotFoundError, match=r"no such file or directory '/nonexistent/dcae'.*decoder_weights"):
         build_tokenizer(tiny_config, decoder_weights="/nonexistent/dcae")
+
+
+def test_frozen_teacher_equals_the_encoder_and_serves_as_a_loss_target(tiny_tokenizer):
+    from unilip.models.tokenizer import FrozenEncoder
+
+    teacher = FrozenEncoder(tiny_tokenizer)
+    images = torch.rand(2, 3, 56, 84)  # 84: not square; 56 x 84 are multiples of 28
+    target = teacher.features(images)
+    with torch.no_grad():
+        assert torch.equal(target, tiny_tokenizer.features(images))  # inference mode changes nothing
+    assert not target.is_inference() and not target.requires_grad
+    student = tiny_tokenizer.features(images)
+    torch.nn.functional.mse_loss(student, target).backward()  # usable in autograd as a target
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert sum(p.grad is not None for p in tiny_tokenizer.vision_tower.parameters()) > 0

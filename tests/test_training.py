@@ -140,5 +140,10 @@ def test_sync_free_skip_with_fused_adamw(photos_dir, tmp_path):
 def test_sync_free_skip_still_stops_a_run_of_bad_steps(photos_dir, tmp_path):
     images = torch.full((12, 3, 56, 56), float("nan"))
     with pytest.raises(RuntimeError, match="not finite for 3 steps in a row"):
-        _run(photos_dir, tmp_path / "run", *_fixed_batches(tmp_path, images), "module.max_nonfinite_streak=3",
-             "+optim.optimizer.fused=true")
+        _run(
+            photos_dir,
+            tmp_path / "run",
+            *_fixed_batches(tmp_path, images),
+            "module.max_nonfinite_streak=3",
+            "+optim.optimizer.fused=true",
+        )

@@ -23,3 +23,11 @@ def quiet_third_party_noise() -> None:
     # Lightning's advice for manual optimisation; our checkpoints are meant to hold the state after
     # the step they are named after (resume is tested to be exact).
     warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
+
+
+def is_logging_step(trainer) -> bool:
+    """Whether Lightning writes this training step's `self.log(..., on_step=True)` values to the loggers
+    (every `log_every_n_steps`). Each `self.log` call costs Lightning ~0.1-0.5 ms of bookkeeping, so the
+    modules call it only on these steps: a few ms per step saved on the others."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return True if connector is None else bool(connector.should_update_logs)

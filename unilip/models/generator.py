@@ -25,7 +25,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
-from unilip.models.hub import WeightsNotFoundError, load_strict, read_tensors, resolve_pretrained
+from unilip.models.hub import (
+    WeightsNotFoundError,
+    enable_activation_checkpointing,
+    load_strict,
+    read_tensors,
+    resolve_pretrained,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +191,7 @@ class UniLIPGenerator(nn.Module):
         }
 
     def enable_gradient_checkpointing(self) -> None:
-        self.connector.activation_checkpointing_enable({"use_reentrant": False})
+        enable_activation_checkpointing(self.connector)
         self.dit.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ condition and velocity

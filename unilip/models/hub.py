@@ -132,3 +132,13 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, what:
     if problems:
         raise StateDictMismatchError(f"{what} does not match the model: " + "; ".join(problems))
     module.load_state_dict(state_dict, strict=True, assign=any(t.is_meta for t in own.values()))
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of a transformers model, on every supported version
+    (`activation_checkpointing_enable` replaced `gradient_checkpointing_enable` after 5.0)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(kwargs)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, InternVLConfig, PreTrainedConfig, PreTrainedTokenizerFast
 
-from unilip.models.hub import load_strict, read_tensors, resolve_pretrained
+from unilip.models.hub import enable_activation_checkpointing, load_strict, read_tensors, resolve_pretrained
 from unilip.models.tokenizer import UniLIPTokenizer
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class DualConditioner(nn.Module):
         """Recompute LLM activations in backward (the queries' gradient passes through all its layers)."""
         if getattr(self.language_model.config, "attention_dropout", 0.0):
             raise ValueError("gradient checkpointing keeps the LLM in train mode; it must have no attention dropout")
-        self.language_model.activation_checkpointing_enable({"use_reentrant": False})
+        enable_activation_checkpointing(self.language_model)
         self.gradient_checkpointing = True
 
     # ------------------------------------------------------------------ prompts -> ids

@@ -28,6 +28,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.flop_counter import FlopCounterMode
 
+from unilip.logs import is_logging_step
 from unilip.models.generator import UniLIPGenerator, from_state
 from unilip.models.mllm import DualConditioner
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR, UniLIPPipeline
@@ -252,9 +253,11 @@ class GenerationTraining(ValidatesWithEMA, L.LightningModule):
         scheduler.step()
         if self.ema is not None:
             self.ema.update()
+        logging_step = is_logging_step(self.trainer)
         if bad is not None:
-            logging_step = self.global_step % self.trainer.log_every_n_steps == 0
             self.nonfinite.count(bad, self.global_step, check=sync_free and logging_step)
+        if not logging_step:
+            return
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.log_dict(
             {"loss/flow": loss.detach(), "grad_norm": norm, "lr": optimizer.param_groups[0]["lr"]}, on_step=True

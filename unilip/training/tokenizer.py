@@ -32,7 +32,9 @@ from torch.optim import Optimizer
 from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from unilip.logs import is_logging_step
 from unilip.losses import LeCamRegularizer, TokenizerLoss
+from unilip.models.hub import enable_activation_checkpointing
 from unilip.models.tokenizer import FrozenEncoder, UniLIPTokenizer
 from unilip.training.distributed import gathered_state_dict
 from unilip.training.ema import EMA, ValidatesWithEMA
@@ -176,7 +178,7 @@ class TokenizerTraining(ValidatesWithEMA, L.LightningModule):
         if self.ema is not None:  # called again (e.g. by a second fit): already set up
             return
         if self.gradient_checkpointing:
-            self.tokenizer.vision_tower.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.tokenizer.vision_tower)
         if getattr(self, "device_mesh", None) is not None:  # ModelParallelStrategy: FSDP2
             from unilip.training.distributed import shard_tokenizer_training
 
@@ -261,17 +263,20 @@ class TokenizerTraining(ValidatesWithEMA, L.LightningModule):
             self.flops_per_batch = self._count_flops(batch["image"])
         self._training_step(batch)
 
-    @torch.no_grad()
     def _count_flops(self, images: torch.Tensor) -> int:
-        """Model FLOPs of one step on this rank: 3 x the forward's (backward ~ 2 x forward, the usual MFU
-        convention), the forward counted with torch.utils.flop_counter on a dry run that changes no state.
+        """Model FLOPs of one step on this rank: the forward and backward as the step runs them (frozen
+        networks' forwards, gradients into trainable weights and through frozen networks to their
+        inputs), counted with torch.utils.flop_counter on a dry run whose gradients are discarded.
 
         Counting the real step instead would run it under a dispatch mode, which may pick other
         kernels: the first step after a resume would then differ from the uninterrupted run.
         """
+        params = [p for p in self.parameters() if p.requires_grad]
         with FlopCounterMode(display=False) as counter:
-            self._losses(images)
-        return 3 * counter.get_total_flops()
+            generator, discriminator, _ = self._losses(images)
+            total = sum(generator.values()) + sum(discriminator.values(), torch.zeros((), device=images.device))
+            torch.autograd.grad(total, params, allow_unused=True)
+        return counter.get_total_flops()
 
     def _training_step(self, batch: dict[str, Any]) -> None:
         optimizer = self.optimizers()
@@ -298,10 +303,11 @@ class TokenizerTraining(ValidatesWithEMA, L.LightningModule):
             self.lecam.update(*logits, keep=None if bad is None else 1.0 - bad)
         if self.ema is not None:
             self.ema.update()
+        logging_step = is_logging_step(self.trainer)
         if bad is not None:
-            logging_step = self.global_step % self.trainer.log_every_n_steps == 0
             self.nonfinite.count(bad, self.global_step, check=sync_free and logging_step)
-
+        if not logging_step:
+            return
         logged = {f"loss/{name}": value.detach() for name, value in (generator | discriminator).items()}
         logged["loss/total"] = total.detach()
         self.log_dict(logged | norms, on_step=True, prog_bar=False)
