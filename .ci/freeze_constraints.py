@@ -9,21 +9,26 @@ from importlib.metadata import PackageNotFoundError, distribution
 from packaging.requirements import Requirement
 
 
-def closure(name: str, extras: tuple[str, ...] = ("",), seen: dict[str, str] | None = None) -> dict[str, str]:
+def closure(name: str, extras: tuple[str, ...] = ("",), seen: dict[str, str] | None = None, visited=None) -> dict:
+    """name -> version for `name` and everything it requires, following requested extras
+    (e.g. torch's `cuda-toolkit[cublas,...]`) as well as plain requirements."""
     seen = {} if seen is None else seen
+    visited = set() if visited is None else visited
     key = re.sub(r"[-_.]+", "-", name).lower()
-    if key in seen:
+    todo = tuple(extra for extra in extras if (key, extra) not in visited)
+    if not todo:
         return seen
     try:
         dist = distribution(name)
     except PackageNotFoundError:
         return seen
+    visited.update((key, extra) for extra in todo)
     seen[key] = dist.version
     for line in dist.requires or []:
         requirement = Requirement(line)
-        if requirement.marker and not any(requirement.marker.evaluate({"extra": extra}) for extra in extras):
+        if requirement.marker and not any(requirement.marker.evaluate({"extra": extra}) for extra in todo):
             continue
-        closure(requirement.name, seen=seen)
+        closure(requirement.name, ("", *sorted(requirement.extras)), seen, visited)
     return seen
 
 
