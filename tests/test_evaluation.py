@@ -84,6 +84,16 @@ def test_eval_of_a_perfect_reconstruction_end_to_end(photos_dir, saved_tokenizer
     assert results["rfid"] is None and "lpips" not in agg
     assert any("rFID not measured" in note for note in results["notes"])
     assert "| rFID | not measured |" in (tmp_path / "out" / "summary.md").read_text()
+    # the protocol names what was measured, and only that
+    assert "PSNR" in written["protocol"] and "feature fidelity" in written["protocol"]
+    assert "rFID" not in written["protocol"] and "LPIPS" not in written["protocol"]
+
+
+def test_the_protocol_names_every_measured_metric():
+    from unilip.evaluation.report import describe_protocol
+
+    text = describe_protocol(448, 28, padded=True, lpips=True, rfid=True, external=True)
+    assert "natively" in text and all(m in text for m in ("PSNR", "SSIM", "LPIPS", "rFID", "external vision model"))
 
 
 def _identity_loader(path):

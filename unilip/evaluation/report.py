@@ -21,8 +21,16 @@ METRIC_NAMES = {
 }
 
 
-def describe_protocol(image_size: int, multiple: int, padded: bool) -> str:
-    """One paragraph stating exactly what was measured."""
+def describe_protocol(
+    image_size: int,
+    multiple: int,
+    padded: bool,
+    lpips: bool = True,
+    rfid: bool = True,
+    feature_fidelity: bool = True,
+    external: bool = False,
+) -> str:
+    """One paragraph stating exactly what was measured (metrics that were not are not named)."""
     padded_size = image_size + (-image_size % multiple)
     geometry = (
         f"reflect-pad to {padded_size}x{padded_size} (multiple of {multiple}), reconstruct, crop back to "
@@ -30,13 +38,25 @@ def describe_protocol(image_size: int, multiple: int, padded: bool) -> str:
         if padded_size != image_size
         else f"reconstruct at {image_size}x{image_size} natively"
     )
+    metrics = [
+        f"PSNR per image (data range 1, identical images capped at {PSNR_CAP_DB:.0f} dB)",
+        "SSIM per image (11x11 Gaussian window, sigma 1.5, averaged over the valid region as in Wang et al.)",
+    ]
+    if lpips:
+        metrics.append("LPIPS (VGG) per image")
+    if rfid:
+        metrics.append("rFID (Inception-V3 pool features at 299 px over the whole set)")
+    if external:
+        metrics.append("cosine between original and reconstruction under the external vision model, per image")
+    fidelity = (
+        "; feature fidelity: cosine and MSE between the evaluated encoder's post-projector features and the "
+        "original encoder's, per image (mean over tokens)"
+        if feature_fidelity
+        else ""
+    )
     return (
         f"{image_size} px: resize the shorter edge to {image_size} px, center-crop {image_size}x{image_size}, "
-        f"{geometry}. Metrics on RGB images in [0, 1]: PSNR per image (data range 1, identical images capped at "
-        f"{PSNR_CAP_DB:.0f} dB), SSIM per image (11x11 Gaussian window, sigma 1.5, averaged over the valid region "
-        "as in Wang et al.), LPIPS (VGG) per image, rFID "
-        "(Inception-V3 pool features at 299 px over the whole set); feature fidelity: cosine and MSE between the "
-        "evaluated encoder's post-projector features and the original encoder's, per image (mean over tokens). "
+        f"{geometry}. Metrics on RGB images in [0, 1]: {', '.join(metrics)}{fidelity}. "
         "Aggregates are means over images (min and max alongside)."
     )
 

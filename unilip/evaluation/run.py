@@ -73,7 +73,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if fid is None:
         notes.append("rFID not measured: no Inception weights (set inception_weights=<weights-inception-...pth>)")
     external = ExternalFeatures(cfg.external_features) if cfg.external_features else None
-    protocol = describe_protocol(cfg.protocol, tokenizer.config.input_multiple, padded=True)
+    protocol = describe_protocol(
+        cfg.protocol,
+        tokenizer.config.input_multiple,
+        padded=True,
+        lpips=lpips is not None,
+        rfid=fid is not None,
+        feature_fidelity=teacher is not None,
+        external=external is not None,
+    )
     log.info("protocol: %s", protocol)
 
     module = ReconstructionEvaluation(tokenizer, teacher, lpips, fid, external, grid_images=cfg.grid_images)
