@@ -222,6 +222,22 @@ def test_the_cli_generates_and_edits_with_the_trained_generator(stage3, tmp_path
     assert np.asarray(Image.open(edited[0])).shape == (84, 84, 3)
 
 
+def test_the_cli_says_what_is_wrong_in_one_line(stage3, tmp_path):
+    from unilip.pipelines.generate import main
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    edit = ["edit", "--generator", str(stage3 / "generator"), "--instruction", "x", "--out", str(tmp_path / "e.png")]
+    t2i = ["t2i", "--generator", str(tmp_path), "--prompt", "a", "--out", str(tmp_path / "x.png")]
+    cases = {
+        tuple(t2i): "not a saved generator",
+        (*edit, "--image", str(tmp_path / "missing.jpg")): "no such file",
+        (*edit, "--image", str(tmp_path / "notes.txt")): "not a readable image",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit, match=rf"^error: .*{message}"):
+            main([*argv, "--device", "cpu"])
+
+
 def test_resume_is_exact(photos_dir, runs_dir, tokenizer_dir):
     steps = ["stages.stage1.max_steps=4", "data.train_batches_per_epoch=2", f"tokenizer_from={tokenizer_dir}"]
     straight = train(_cfg(photos_dir, runs_dir, 1, *steps, name="straight"))

@@ -191,3 +191,8 @@ def test_export_into_internvl(tiny_tokenizer, internvl_dir, tmp_path):
 def _saved(model, tmp_path):
     model.save_pretrained(tmp_path / "tokenizer")
     return tmp_path / "tokenizer"
+
+
+def test_export_cli_reports_a_missing_tokenizer_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: .*no such file or directory"):
+        export_main(["--tokenizer", str(tmp_path / "missing"), "--base", str(tmp_path), "--out", str(tmp_path / "o")])

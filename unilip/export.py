@@ -16,6 +16,7 @@ import logging
 
 import torch
 
+from unilip.logs import one_line_errors
 from unilip.models.internvl import export_to_internvl, verify_export
 from unilip.models.loading import load_tokenizer
 
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    tokenizer = load_tokenizer(args.tokenizer, preset=args.preset)
-    out = export_to_internvl(tokenizer, args.base, args.out, dtype=DTYPES[args.dtype])
+    with one_line_errors(OSError, ValueError):
+        tokenizer = load_tokenizer(args.tokenizer, preset=args.preset)
+        out = export_to_internvl(tokenizer, args.base, args.out, dtype=DTYPES[args.dtype])
     if not args.no_verify:
         diff = verify_export(tokenizer, out)
         log.info(

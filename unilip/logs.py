@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class _DropTips(logging.Filter):
@@ -31,3 +35,15 @@ def is_logging_step(trainer) -> bool:
     modules call it only on these steps: a few ms per step saved on the others."""
     connector = getattr(trainer, "_logger_connector", None)
     return True if connector is None else bool(connector.should_update_logs)
+
+
+@contextmanager
+def one_line_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """For command-line tools: a user's mistake (a missing path, an unreadable image, weights that do not
+    fit) ends the program with its one-line message instead of a traceback. UNILIP_TRACEBACK=1 shows it."""
+    try:
+        yield
+    except kinds as error:
+        if os.environ.get("UNILIP_TRACEBACK"):
+            raise
+        sys.exit(f"error: {error}")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from unilip.logs import one_line_errors
 from unilip.pipelines.generation import SCHEDULERS, UniLIPPipeline
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _image(path: Path, side: int) -> torch.Tensor:
     """An image file -> (1, 3, side, side) in [0, 1], centre-cropped to a square."""
-    image = ImageOps.fit(Image.open(path).convert("RGB"), (side, side), Image.Resampling.BICUBIC)
+    try:
+        image = ImageOps.fit(Image.open(path).convert("RGB"), (side, side), Image.Resampling.BICUBIC)
+    except OSError as error:
+        raise ValueError(f"--image {path}: not a readable image ({error}); give a JPEG, PNG or WebP file") from None
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
 
 
@@ -66,19 +70,22 @@ def _save(images: torch.Tensor, out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> list[Path]:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    pipe = UniLIPPipeline.from_pretrained(
-        args.generator,
-        device=args.device,
-        dtype=getattr(torch, args.dtype),
-        tokenizer=args.tokenizer,
-        mllm_weights=args.mllm_weights,
-        scheduler=args.scheduler,
-    )
+    with one_line_errors(OSError, ValueError):
+        if args.mode == "edit" and not args.image.is_file():
+            raise FileNotFoundError(f"--image {args.image}: no such file")
+        pipe = UniLIPPipeline.from_pretrained(
+            args.generator,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            tokenizer=args.tokenizer,
+            mllm_weights=args.mllm_weights,
+            scheduler=args.scheduler,
+        )
+        source = _image(args.image, pipe.conditioner.source_size).to(args.device) if args.mode == "edit" else None
     options = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.steps, "seed": args.seed}
-    if args.mode == "t2i":
+    if source is None:
         images = pipe(args.prompt, size=args.size, **options)
     else:
-        source = _image(args.image, pipe.conditioner.source_size).to(args.device)
         prompts = args.instruction
         images = pipe(prompts, source.expand(len(prompts), -1, -1, -1), size=args.size, **options)
     paths = _save(images, args.out)
