@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +25,7 @@ from unilip.models.latents import DCAELatents, UniLIPLatents, build_dcae
 from unilip.models.mllm import MLLMPreset, build_conditioner
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
 from unilip.pipelines.generation import SCHEDULERS, load_tokenizer_source
+from unilip.training.checkpoints import ema_state, locate, read_checkpoint
 from unilip.training.config import ConfigError
 from unilip.training.generation import GenerationTraining
 
@@ -61,42 +61,16 @@ def check_generation_config(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------ starting weights
-def locate_generator(path: str | Path) -> Path:
-    """A run directory -> its saved generator (finished run) or last checkpoint; other paths unchanged."""
-    path = Path(path)
-    if (path / "generator" / CONFIG_NAME).exists():
-        return path / "generator"
-    if (path / "checkpoints" / "last.ckpt").exists():
-        return path / "checkpoints" / "last.ckpt"
-    return path
-
-
-def generator_state_from_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A `GenerationTraining` state dict -> generator weights, the EMA replacing what it averages."""
-    weights = {k[len("generator.") :]: v for k, v in state_dict.items() if k.startswith("generator.")}
-    for key, value in state_dict.items():
-        if key.startswith("ema.") and key != "ema.num_updates":
-            weights[key[len("ema.") :].replace("__", ".")] = value
-    return weights
-
-
 def load_trained_generator(path: str | Path) -> tuple[UniLIPGenerator, dict[str, Any]]:
     """The (EMA) generator of a run directory, Lightning checkpoint (file or FSDP directory) or saved generator."""
-    located = locate_generator(path)
+    located = locate(path, "generator")
     if (located / CONFIG_NAME).exists():
         return UniLIPGenerator.from_pretrained(located)
-    if located.suffix == ".ckpt" and located.is_file():
-        checkpoint = torch.load(located, map_location="cpu", weights_only=True, mmap=True)
-    elif located.is_dir() and (located / ".metadata").exists():
-        from unilip.training.distributed import load_sharded_checkpoint
-
-        checkpoint = load_sharded_checkpoint(located)
-    else:
+    checkpoint = read_checkpoint(located, "generate")
+    if checkpoint is None:
         raise ConfigError(f"init_from={path} is not a generation run directory, checkpoint or saved generator")
-    meta = checkpoint.get("unilip", {})
-    if meta.get("task") != "generate":
-        raise ConfigError(f"init_from={path} is a {meta.get('task')} checkpoint, not a generation one")
-    state = generator_state_from_checkpoint(checkpoint["state_dict"])
+    meta = checkpoint["unilip"]
+    state = ema_state(checkpoint["state_dict"], "generator")
     return from_state(meta["generator_config"], state, f"generator weights in {located}"), meta
 
 

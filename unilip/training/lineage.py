@@ -20,6 +20,7 @@ import torch
 
 from unilip.models.hub import load_strict
 from unilip.models.tokenizer import CONFIG_NAME, FrozenEncoder, TokenizerConfig, UniLIPTokenizer
+from unilip.training.checkpoints import ema_state, locate, read_checkpoint
 from unilip.training.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,6 @@ class TrainedTokenizer:
     lineage: dict[str, Any]  # {"stage", "encoder_trained", "teacher"}
 
 
-def locate(path: str | Path) -> Path:
-    """A run directory -> its saved tokenizer (finished run) or last checkpoint; other paths unchanged."""
-    path = Path(path)
-    if (path / "tokenizer" / CONFIG_NAME).exists():
-        return path / "tokenizer"
-    if (path / "checkpoints" / "last.ckpt").exists():
-        return path / "checkpoints" / "last.ckpt"
-    return path
-
-
 def _from_state(config: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> UniLIPTokenizer:
     with torch.device("meta"):
         model = UniLIPTokenizer(TokenizerConfig(**config))
@@ -59,41 +50,22 @@ def _from_state(config: dict[str, Any], state: dict[str, torch.Tensor], what: st
     return model
 
 
-def tokenizer_state_from_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A `TokenizerTraining` state dict -> tokenizer weights, the EMA replacing what it averages."""
-    weights = {k[len("tokenizer.") :]: v for k, v in state_dict.items() if k.startswith("tokenizer.")}
-    for key, value in state_dict.items():
-        if key.startswith("ema.") and key != "ema.num_updates":
-            weights[key[len("ema.") :].replace("__", ".")] = value
-    return weights
-
-
 def load_trained_tokenizer(path: str | Path) -> TrainedTokenizer:
     """Load the tokenizer (EMA weights) of a run directory, a Lightning checkpoint or a saved tokenizer."""
-    located = locate(path)
+    located = locate(path, "tokenizer")
     if (located / CONFIG_NAME).exists():
         meta = json.loads((located / CONFIG_NAME).read_text())
         return TrainedTokenizer(UniLIPTokenizer.from_pretrained(located), str(located), meta.get("training", {}))
-    if located.is_file() and located.suffix == ".ckpt":
-        checkpoint = torch.load(located, map_location="cpu", weights_only=True, mmap=True)
-        meta = checkpoint.get("unilip")
-        if not meta or meta.get("task") != "tokenizer":
-            raise ConfigError(f"{located} is not a unilip tokenizer checkpoint")
-        state = tokenizer_state_from_checkpoint(checkpoint["state_dict"])
-        model = _from_state(meta["tokenizer_config"], state, f"tokenizer weights in {located}")
-        return TrainedTokenizer(model, str(located), _lineage(meta))
-    if located.is_dir() and (located / ".metadata").exists():
-        from unilip.training.distributed import load_sharded_checkpoint
-
-        checkpoint = load_sharded_checkpoint(located)
-        meta = checkpoint["unilip"]
-        state = tokenizer_state_from_checkpoint(checkpoint["state_dict"])
-        model = _from_state(meta["tokenizer_config"], state, f"tokenizer weights in {located}")
-        return TrainedTokenizer(model, str(located), _lineage(meta))
-    raise ConfigError(
-        f"{path} is not a run directory, a unilip checkpoint or a saved tokenizer "
-        f"(no tokenizer/{CONFIG_NAME}, checkpoints/last.ckpt or {CONFIG_NAME} there)"
-    )
+    checkpoint = read_checkpoint(located, "tokenizer")
+    if checkpoint is None:
+        raise ConfigError(
+            f"{path} is not a run directory, a unilip checkpoint or a saved tokenizer "
+            f"(no tokenizer/{CONFIG_NAME}, checkpoints/last.ckpt or {CONFIG_NAME} there)"
+        )
+    meta = checkpoint["unilip"]
+    state = ema_state(checkpoint["state_dict"], "tokenizer")
+    model = _from_state(meta["tokenizer_config"], state, f"tokenizer weights in {located}")
+    return TrainedTokenizer(model, str(located), _lineage(meta))
 
 
 def _lineage(meta: dict[str, Any]) -> dict[str, Any]:
@@ -125,9 +97,9 @@ def build_teacher(
                 "pass teacher_from=<InternVL checkpoint or stage-1 run>"
             )
     source = Path(teacher_from)
+    located = locate(source, "tokenizer")
     if source.exists() and (
-        ((locate(source) / CONFIG_NAME).exists() and _is_tokenizer_dir(locate(source)))
-        or locate(source).suffix == ".ckpt"
+        ((located / CONFIG_NAME).exists() and _is_tokenizer_dir(located)) or located.suffix == ".ckpt"
     ):
         teacher_init = load_trained_tokenizer(source)
         if teacher_init.lineage.get("encoder_trained"):

@@ -1,0 +1,50 @@
+"""Reading what a run left behind: its saved result, or a Lightning checkpoint (one file, or a
+directory of shards under FSDP2), with the EMA weights in place of the raw ones they average."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unilip.training.config import ConfigError
+
+
+def locate(path: str | Path, result: str) -> Path:
+    """A run directory -> its saved result (`<run>/<result>/config.json`, a finished run) or its last
+    checkpoint; any other path unchanged."""
+    path = Path(path)
+    if (path / result / "config.json").exists():
+        return path / result
+    if (path / "checkpoints" / "last.ckpt").exists():
+        return path / "checkpoints" / "last.ckpt"
+    return path
+
+
+def read_checkpoint(path: Path, task: str) -> dict[str, Any] | None:
+    """`path` as a unilip Lightning checkpoint of `task` (read with weights_only=True); None if it is not a
+    checkpoint at all, a ConfigError if it is another task's."""
+    if path.is_file() and path.suffix == ".ckpt":
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    elif path.is_dir() and (path / ".metadata").exists():
+        from unilip.training.distributed import load_sharded_checkpoint
+
+        checkpoint = load_sharded_checkpoint(path)
+    else:
+        return None
+    found = checkpoint.get("unilip", {}).get("task")
+    if found != task:
+        raise ConfigError(f"{path} is a {found or 'foreign'} checkpoint, not a unilip {task} one")
+    return checkpoint
+
+
+def ema_state(state_dict: dict[str, torch.Tensor], module: str) -> dict[str, torch.Tensor]:
+    """A training module's state dict -> the weights of its `module` (e.g. "tokenizer"), the EMA
+    replacing what it averages."""
+    prefix = f"{module}."
+    weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    for key, value in state_dict.items():
+        if key.startswith("ema.") and key != "ema.num_updates":
+            weights[key[len("ema.") :].replace("__", ".")] = value
+    return weights
