@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import platform
 import random
@@ -31,6 +32,8 @@ from unilip.data.samples import PHOTOS, load_photo
 from unilip.data.shards import ShardSink, SkipCounter, expand_urls, read_shard
 from unilip.data.streams import TrainSource
 from unilip.data.transforms import SampleTransform, collate, crop_box, decode_image, render
+
+log = logging.getLogger(__name__)
 
 
 def write_bench_shards(out_dir: Path, count: int = 256, per_shard: int = 64, seed: int = 0) -> list[str]:
@@ -142,21 +145,23 @@ def main(argv: list[str] | None = None) -> int:
                         **profile,
                     }
                 )
-    print(f"Machine: {machine()}")
-    print(
+    lines = [
+        f"Machine: {machine()}",
         f"{'size':>5} {'workers':>7} {'images/s':>9} {'per worker':>10} | ms/image in one process: "
-        "decode (full / draft), crop+resize, collate"
-    )
+        "decode (full / draft), crop+resize, collate",
+    ]
     for r in rows:
-        print(
+        lines.append(
             f"{r['size']:>5} {r['workers']:>7} {r['images_per_s']:>9.0f} {r['per_worker']:>10.0f} | "
             f"{r['decode_full_ms']:.2f} / {r['decode_draft_ms']:.2f}, {r['crop_resize_ms']:.2f}, {r['collate_ms']:.3f}"
         )
+    log.info("\n".join(lines))
     record = {"machine": machine(), "batch_size": args.batch_size, "repeat": args.repeat, "rows": rows}
     args.json.write_text(json.dumps(record, indent=2))
-    print(f"written {args.json}")
+    log.info("written %s", args.json)
     return 0
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     raise SystemExit(main())
