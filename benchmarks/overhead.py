@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,15 +21,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.conftest import compose_train  # noqa: E402  (the same config path users take)
-from unilip.logs import quiet_third_party_noise  # noqa: E402
-from unilip.models import UniLIPTokenizer  # noqa: E402
-from unilip.models.loading import tokenizer_preset  # noqa: E402
-from unilip.training.run import build_tokenizer_training  # noqa: E402
-from unilip.training.tokenizer import frozen_parameters  # noqa: E402
+from unilip.logs import quiet_third_party_noise
+from unilip.models import UniLIPTokenizer
+from unilip.models.loading import compose_config, tokenizer_preset
+from unilip.training.run import build_tokenizer_training
+from unilip.training.tokenizer import frozen_parameters
 
 
 def build(root: Path, steps: int):
@@ -39,7 +34,8 @@ def build(root: Path, steps: int):
     UniLIPTokenizer(tokenizer_preset("tiny")).save_pretrained(
         root / "init", training={"stage": 1, "encoder_trained": False, "teacher": None}
     )
-    cfg = compose_train(
+    cfg = compose_config(
+        "train",
         [
             "experiment=quickstart",
             "stage=2",
@@ -49,7 +45,7 @@ def build(root: Path, steps: int):
             "stages.stage2.image_size=112",
             f"stages.stage2.max_steps={steps}",
             "loss.perceptual_weight=0",
-        ]
+        ],
     )
     batches = [torch.rand(8, 3, 112, 112) for _ in range(steps)]
     return cfg, batches

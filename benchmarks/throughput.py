@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -27,15 +26,12 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.conftest import compose_train  # noqa: E402  (the config path users take)
-from unilip.logs import quiet_third_party_noise  # noqa: E402
-from unilip.models.generator import UniLIPGenerator, build_dit  # noqa: E402
-from unilip.models.latents import UniLIPLatents  # noqa: E402
-from unilip.models.mllm import build_conditioner  # noqa: E402
-from unilip.models.tokenizer import FrozenEncoder  # noqa: E402
+from unilip.logs import quiet_third_party_noise
+from unilip.models.generator import UniLIPGenerator, build_dit
+from unilip.models.latents import UniLIPLatents
+from unilip.models.loading import compose_config
+from unilip.models.mllm import build_conditioner
+from unilip.models.tokenizer import FrozenEncoder
 
 # tokenizer preset -> (mllm preset, dit preset, generation image size) of the same UniLIP model
 GENERATION_PRESETS = {
@@ -78,7 +74,7 @@ def tokenizer_module(preset: str, stage: int, size: int, steps: int, args) -> L.
         f"module.gradient_checkpointing={args.gradient_checkpointing}",
         f"module.channels_last={args.channels_last}",
     ]
-    cfg = compose_train(overrides)
+    cfg = compose_config("train", overrides)
     tokenizer = instantiate(cfg.model, device=None)
     return instantiate(
         cfg.module,
@@ -94,7 +90,8 @@ def generation_module(preset: str, steps: int, args) -> L.LightningModule:
     """Generation stage 2 at real (or tiny) size with random weights; the byte-level text tokenizer
     stands in for InternVL's (prompt lengths are set in tokens, so the cost is the same)."""
     mllm, dit, size = GENERATION_PRESETS[preset]
-    cfg = compose_train(
+    cfg = compose_config(
+        "train",
         [
             "task=generate",
             "stage=2",
@@ -112,7 +109,7 @@ def generation_module(preset: str, steps: int, args) -> L.LightningModule:
             "run_dir=/tmp/bench",
             f"module.gradient_checkpointing={args.gradient_checkpointing}",
             f"module.frozen_dtype={'bfloat16' if args.precision.startswith('bf16') else 'null'}",
-        ]
+        ],
     )
     tokenizer = instantiate(cfg.model, device=None)
     mllm_preset = instantiate(cfg.mllm)

@@ -46,12 +46,9 @@ def photos_dir(tmp_path_factory):
 
 def compose_train(overrides: list[str]):
     """Compose conf/train.yaml as `python train.py <overrides>` would (without Hydra's run-time keys)."""
-    from hydra import compose, initialize_config_dir
+    from unilip.models.loading import compose_config
 
-    from unilip.models.loading import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 def quick_overrides(data_root, run_dir, *extra: str) -> list[str]:
@@ -72,19 +69,16 @@ def quick_overrides(data_root, run_dir, *extra: str) -> list[str]:
 
 def compose_eval(data_root, out_dir, *overrides: str):
     """Compose conf/eval.yaml for the bundled photos on CPU."""
-    from hydra import compose, initialize_config_dir
+    from unilip.models.loading import compose_config
 
-    from unilip.models.loading import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(
-            config_name="eval",
-            overrides=[
-                f"paths.data_dir={data_root}",
-                f"out_dir={out_dir}",
-                "trainer=cpu",
-                "data.val_num_workers=0",
-                "trainer.enable_progress_bar=false",
-                *overrides,
-            ],
-        )
+    return compose_config(
+        "eval",
+        [
+            f"paths.data_dir={data_root}",
+            f"out_dir={out_dir}",
+            "trainer=cpu",
+            "data.val_num_workers=0",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        ],
+    )

@@ -69,7 +69,7 @@ def saved_tokenizer(tiny_config, tmp_path):
 
 
 def test_eval_of_a_perfect_reconstruction_end_to_end(photos_dir, saved_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr("unilip.evaluation.run.load_trained_tokenizer", _identity_loader)
+    monkeypatch.setattr("unilip.evaluation.run.load_any_tokenizer", _identity_loader)
     results = evaluate(compose_eval(photos_dir, tmp_path / "out", f"ckpt={saved_tokenizer}"))
     agg = results["aggregate"]
     assert results["images"] == 12  # every held-out photo crop once
@@ -96,10 +96,10 @@ def test_the_protocol_names_every_measured_metric():
     assert "natively" in text and all(m in text for m in ("PSNR", "SSIM", "LPIPS", "rFID", "external vision model"))
 
 
-def _identity_loader(path):
-    from unilip.training.lineage import load_trained_tokenizer
+def _identity_loader(path, config=None):
+    from unilip.training.lineage import load_any_tokenizer
 
-    loaded = load_trained_tokenizer(path)
+    loaded = load_any_tokenizer(path, config)
     identity = IdentityTokenizer(loaded.tokenizer.config)
     identity.load_state_dict(loaded.tokenizer.state_dict())
     loaded.tokenizer = identity

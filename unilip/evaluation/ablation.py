@@ -17,24 +17,17 @@ import argparse
 import logging
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from unilip.evaluation.run import evaluate
-from unilip.models.loading import CONF_DIR
+from unilip.models.loading import compose_config
 from unilip.training.run import train
 
 log = logging.getLogger("unilip.ablation")
 
 
-def _compose(config_name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
-
-
 def run_arms(runs_dir: Path, data_dir: Path, extra: list[str]) -> list[dict]:
     base = ["experiment=ablation_small", f"paths.data_dir={data_dir}", f"paths.runs_dir={runs_dir}", *extra]
     stage1 = runs_dir / "stage1"
-    probe = _compose("train", base)
+    probe = compose_config("train", base)
     longer = probe.stages.stage1.max_steps + probe.stages.stage2.max_steps
     stage1_steps = probe.stages.stage1.max_steps
     steps2 = f"{stage1_steps} + {probe.stages.stage2.max_steps}"
@@ -58,10 +51,10 @@ def run_arms(runs_dir: Path, data_dir: Path, extra: list[str]) -> list[dict]:
     rows = []
     for label, run_dir, steps, overrides in arms:
         if not (run_dir / "tokenizer").exists():  # finished arms are reused; unfinished ones resume
-            train(_compose("train", [*base, *overrides, f"run_dir={run_dir}", "resume=auto"]))
+            train(compose_config("train", [*base, *overrides, f"run_dir={run_dir}", "resume=auto"]))
         image_size = probe.stages.stage1.image_size
         results = evaluate(
-            _compose(
+            compose_config(
                 "eval",
                 [
                     f"ckpt={run_dir}",

@@ -15,10 +15,10 @@ from unilip.evaluation.metrics import ExternalFeatures, build_fid
 from unilip.evaluation.module import ReconstructionEvaluation
 from unilip.evaluation.report import describe_protocol, write_report
 from unilip.logs import quiet_third_party_noise
-from unilip.models.loading import load_tokenizer, tokenizer_preset
+from unilip.models.loading import tokenizer_preset
 from unilip.models.tokenizer import FrozenEncoder
 from unilip.training.config import ConfigError
-from unilip.training.lineage import TrainedTokenizer, build_teacher, load_trained_tokenizer
+from unilip.training.lineage import TrainedTokenizer, build_teacher, load_any_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +26,11 @@ log = logging.getLogger(__name__)
 def load_evaluated(ckpt: str, preset: str | None) -> TrainedTokenizer:
     """A run directory, Lightning checkpoint, saved tokenizer or released UniLIP `.pth`."""
     path = Path(ckpt)
-    if path.suffix in (".pth", ".pt"):
-        if preset is None:
-            raise ConfigError(f"ckpt={ckpt} is a released UniLIP file; pass preset=unilip_1b or preset=unilip_2b")
-        # released weights are the authors' stage-2 output: the encoder is trained, the teacher unrecorded
-        return TrainedTokenizer(load_tokenizer(path, preset=preset), str(path), {"encoder_trained": True})
+    if path.suffix in (".pth", ".pt") and preset is None:
+        raise ConfigError(f"ckpt={ckpt} is a released UniLIP file; pass preset=unilip_1b or preset=unilip_2b")
     if not path.exists():
         raise ConfigError(f"ckpt={ckpt} does not exist; give a run directory, a checkpoint or a saved tokenizer")
-    return load_trained_tokenizer(path)
+    return load_any_tokenizer(path, tokenizer_preset(preset) if preset else None)
 
 
 def resolve_teacher(cfg: DictConfig, evaluated: TrainedTokenizer, notes: list[str]) -> FrozenEncoder | None:

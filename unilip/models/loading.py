@@ -11,6 +11,15 @@ from unilip.models.tokenizer import CONFIG_NAME, TokenizerConfig, UniLIPTokenize
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+def compose_config(name: str, overrides: list[str]):
+    """Compose `conf/<name>.yaml` with command-line style overrides, as `python train.py` / `eval.py` would
+    (without Hydra's run-time keys: give `run_dir` / `out_dir` explicitly)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
 def tokenizer_preset(name: str) -> TokenizerConfig:
     """The `TokenizerConfig` of a preset in `conf/model/` (`tiny`, `unilip_1b`, `unilip_2b`) or a YAML path."""
     path = Path(name)

@@ -150,7 +150,10 @@ class UniLIPPipeline:
         if mllm_weights is not None:
             preset.weights = mllm_weights
         if not isinstance(tokenizer, UniLIPTokenizer):
-            tokenizer = load_tokenizer_source(tokenizer or meta["tokenizer"]["source"], meta["tokenizer"]["config"])
+            from unilip.training.lineage import load_any_tokenizer
+
+            source = tokenizer or meta["tokenizer"]["source"]
+            tokenizer = load_any_tokenizer(source, TokenizerConfig(**meta["tokenizer"]["config"])).tokenizer
         text_dir = directory / TEXT_TOKENIZER_DIR
         text_tokenizer = load_text_tokenizer(str(text_dir) if text_dir.is_dir() else preset.text_tokenizer)
         conditioner = DualConditioner(
@@ -169,17 +172,3 @@ class UniLIPPipeline:
         else:
             latents = UniLIPLatents(tokenizer, meta["latents"]["scale"])
         return cls(generator.eval(), conditioner, latents, scheduler, flow_shift).to(device, dtype)
-
-
-def load_tokenizer_source(source: str, config: dict | None = None) -> UniLIPTokenizer:
-    """A tokenizer from a run directory, saved tokenizer, Lightning checkpoint, or released `.pth` (needs `config`)."""
-    path = Path(source)
-    if path.suffix in (".pth", ".pt"):
-        from unilip.models.internvl import load_unilip_checkpoint
-
-        if config is None:
-            raise ValueError(f"'{path}' is a released UniLIP checkpoint; its tokenizer config is needed")
-        return load_unilip_checkpoint(path, TokenizerConfig(**config))
-    from unilip.training.lineage import load_trained_tokenizer
-
-    return load_trained_tokenizer(path).tokenizer

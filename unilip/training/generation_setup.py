@@ -24,10 +24,11 @@ from unilip.models.generator import (
 from unilip.models.latents import DCAELatents, UniLIPLatents, build_dcae
 from unilip.models.mllm import MLLMPreset, build_conditioner
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
-from unilip.pipelines.generation import SCHEDULERS, load_tokenizer_source
+from unilip.pipelines.generation import SCHEDULERS
 from unilip.training.checkpoints import ema_state, locate, read_checkpoint
 from unilip.training.config import ConfigError
 from unilip.training.generation import GenerationTraining
+from unilip.training.lineage import load_any_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,8 @@ def _tokenizer_source(cfg: DictConfig, init_meta: dict[str, Any] | None) -> str:
 
 
 def _load_tokenizer(source: str, preset: TokenizerConfig) -> UniLIPTokenizer:
-    config = preset.to_dict() if Path(source).suffix in (".pth", ".pt") else None
     try:
-        return load_tokenizer_source(source, config)
+        return load_any_tokenizer(source, preset).tokenizer
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"tokenizer_from={source}: {error}") from None
 

@@ -68,6 +68,19 @@ def load_trained_tokenizer(path: str | Path) -> TrainedTokenizer:
     return TrainedTokenizer(model, str(located), _lineage(meta))
 
 
+def load_any_tokenizer(source: str | Path, config: TokenizerConfig | None = None) -> TrainedTokenizer:
+    """`load_trained_tokenizer`, or a released UniLIP `.pth`, which holds weights only and so needs `config`.
+    Released weights are the authors' stage-2 output: the encoder is trained, the teacher unrecorded."""
+    path = Path(source)
+    if path.suffix not in (".pth", ".pt"):
+        return load_trained_tokenizer(path)
+    if config is None:
+        raise ConfigError(f"'{path}' is a released UniLIP checkpoint; give its preset (unilip_1b or unilip_2b)")
+    from unilip.models.internvl import load_unilip_checkpoint
+
+    return TrainedTokenizer(load_unilip_checkpoint(path, config), str(path), {"encoder_trained": True})
+
+
 def _lineage(meta: dict[str, Any]) -> dict[str, Any]:
     return {key: meta.get(key) for key in ("stage", "encoder_trained", "teacher")}
 
