@@ -182,9 +182,10 @@ class PromptBatch(NamedTuple):
     attention_mask: torch.Tensor  # (B, L) bool, False on padding
     query_mask: torch.Tensor  # (B, L) bool, True on the Q query positions of each row
     image_mask: torch.Tensor  # (B, L) bool, True on the <IMG_CONTEXT> positions
+    num_image_tokens: int = 0  # image_mask.sum(), counted on the host (reading it off the device would sync)
 
     def to(self, device: torch.device | str) -> PromptBatch:
-        return PromptBatch(*(t.to(device) for t in self))
+        return self._replace(**{name: getattr(self, name).to(device) for name in self._fields[:4]})
 
 
 class DualConditioner(nn.Module):
@@ -294,7 +295,8 @@ class DualConditioner(nn.Module):
             input_ids[i, : len(row)] = torch.tensor(row)
             attention[i, : len(row) + num_queries] = True
             queries[i, len(row) : len(row) + num_queries] = True
-        return PromptBatch(input_ids, attention, queries, input_ids == self.image_ids[1])
+        image_mask = input_ids == self.image_ids[1]
+        return PromptBatch(input_ids, attention, queries, image_mask, int(image_mask.sum()))
 
     # ------------------------------------------------------------------ the condition
     @torch.no_grad()
@@ -314,7 +316,7 @@ class DualConditioner(nn.Module):
         """
         embeds = self.language_model.get_input_embeddings()(batch.input_ids)
         image_mask = batch.image_mask.unsqueeze(-1)
-        expected = int(batch.image_mask.sum())
+        expected = batch.num_image_tokens
         if expected:
             if features is None or features.shape[0] * features.shape[1] != expected:
                 got = 0 if features is None else features.shape[0] * features.shape[1]

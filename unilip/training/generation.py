@@ -191,15 +191,23 @@ class GenerationTraining(ValidatesWithEMA, L.LightningModule):
         """Batch -> (x0 (B, 32, h, w) scaled latents, `PromptBatch`, source features (E, N, D) or None)."""
         images = batch["image"]
         count = images.shape[0]
-        has_source = batch.get("has_source", torch.zeros(count, dtype=torch.bool)).cpu().bool()
+        has_source = batch.get("has_source", torch.zeros(count, dtype=torch.bool)).bool()  # on the host
         null = (
             torch.rand(count, generator=self.rng) < self.cfg_dropout if drop else torch.zeros(count, dtype=torch.bool)
         )
         prompt = self.conditioner.prepare(list(batch["caption"]), has_source, null, self.generator.config.num_queries)
         features = None
-        if has_source.any():
-            features = self.conditioner.image_features(batch["source_image"][has_source.to(images.device)])
+        edits = has_source.nonzero().squeeze(1)  # host indices: no device->host sync
+        if len(edits):
+            features = self.conditioner.image_features(batch["source_image"].index_select(0, edits.to(images.device)))
         return self.latents.encode(images).float(), prompt.to(self.device), features
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Prompts are tokenised on the host: the edit flags stay there, so no step reads them back.
+        if not isinstance(batch, dict) or "has_source" not in batch:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        rest = {key: value for key, value in batch.items() if key != "has_source"}
+        return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "has_source": batch["has_source"]}
 
     def flow_loss(self, x0: torch.Tensor, prompt, features, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Rectified flow at times t (B,) in (0, 1): MSE(v(x_t, t), n - x0) with x_t = (1 - t) x0 + t n."""
