@@ -262,8 +262,9 @@ class EvalLoader:
     """One deterministic pass over evaluation shards per `iter()`; each sample once across ranks.
 
     Yields the batch contract of `unilip.data.transforms.collate` (last batch of each worker may be
-    short). Ranks may get different numbers of batches: reduce metrics at epoch end (torchmetrics,
-    `self.log(..., sync_dist=True)` with on_epoch), not with a collective per step.
+    short). Ranks may get different numbers of batches, or none: reduce metrics once at epoch end on
+    every rank (`unilip.training.validation.EpochMeans`), never with a collective per batch (and
+    not with `self.log(..., sync_dist=True)`, which only the ranks that logged would join).
 
     Args:
         urls: expanded shard urls, in the order to read them.
@@ -320,7 +321,12 @@ class EvalLoader:
             yield item
         skipped = self.skipped["samples"] + self.skipped["shards"]
         if good == 0 and skipped:
-            raise DataError(f"validation: not one sample of {len(self.urls)} shards could be read (last: {last_error})")
+            message = f"validation: not one sample of {len(self.urls)} shards could be read (last: {last_error})"
+            if self.world_size == 1:
+                raise DataError(message)
+            # Other ranks may have read theirs: raising here alone would leave them waiting in the
+            # epoch-end reduction. The training modules raise on every rank if no rank read a sample.
+            log.warning("rank %d: %s", self.rank, message)
         if skipped and self.rank == 0:
             log.warning(
                 "data: validation pass skipped %(samples)d samples and %(shards)d shards on rank 0", self.skipped

@@ -61,7 +61,7 @@ def expand_urls(urls: str | Sequence[str], what: str = "urls") -> list[str]:
 
 @dataclass
 class SkipCounter:
-    """Counts what one worker skipped: undecodable samples and unreadable shards.
+    """Counts what one worker skipped: undecodable samples and unreadable shards (and the shards it opened).
 
     `active=False` while a resumed worker fast-forwards over samples it already delivered before
     the checkpoint (those skips were counted then), so counts stay exact across a resume.
@@ -69,6 +69,7 @@ class SkipCounter:
 
     samples: int = 0
     shards: int = 0
+    opened: int = 0  # shard reads started (good or bad): what a pass costs in I/O
     active: bool = True
     verbose: bool = True
     last_error: str = ""
@@ -102,6 +103,7 @@ def read_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
     when it broke off is dropped (it may be incomplete), the complete ones before it are kept.
     A tar cut exactly at a member boundary reads as a shorter shard: tarfile cannot tell.
     """
+    counter.opened += 1
     try:
         stream = gopen(url, "rb")
     except Exception as error:  # a missing file, a failing pipe: skip the shard, never the run

@@ -119,7 +119,10 @@ class TrainStream(IterableDataset):
         self.max_failures = max_consecutive_failures
 
     def __iter__(self) -> Iterator[dict]:
-        worker, num_workers = _worker()
+        return self.iterate(*_worker())
+
+    def iterate(self, worker: int, num_workers: int) -> Iterator[dict]:
+        """What DataLoader worker `worker` of `num_workers` yields (`__iter__` runs this in each worker)."""
         if num_workers != self.num_vworkers:
             raise RuntimeError(f"TrainStream built for {self.num_vworkers} workers runs in {num_workers}")
         vworker = (worker + self.rotation) % num_workers
@@ -175,13 +178,23 @@ class TrainStream(IterableDataset):
                 )
 
 
+def eval_shards(num_shards: int, rank: int, world_size: int, worker: int, num_workers: int) -> list[int]:
+    """The shards one evaluation worker reads: shard i goes to rank i % world_size and, within that
+    rank, to worker (i // world_size) % num_workers.
+
+    Every shard is read exactly once in total, whatever the number of ranks and workers, and the
+    ranks' shard counts differ by at most one. With fewer shards than ranks, some ranks get none
+    (validation and eval.py reduce over all ranks, so they need no data); splitting a shard's
+    samples between ranks instead would make every rank read it, i.e. the data read many times.
+    """
+    return [i for i in range(rank, num_shards, world_size) if (i // world_size) % num_workers == worker]
+
+
 class EvalStream(IterableDataset):
     """One deterministic pass over `urls` for one rank: each sample once across ranks and workers.
 
-    Slot s = rank * W + worker of S = world_size * W slots. With at least S shards, slot s reads
-    shards s, s + S, ...; with fewer, every slot reads every shard and keeps the samples whose
-    running index is s modulo S (a broken shard is then counted by slot `shard index % S` only).
-    Order is the shard order. The last batch of a slot may be short.
+    Worker w of rank r reads the shards `eval_shards` gives it, in order; the last batch of a
+    worker may be short. `slot` = r * W + w identifies the worker in the skip accounting.
     """
 
     def __init__(
@@ -203,8 +216,10 @@ class EvalStream(IterableDataset):
         self.max_failures = max_consecutive_failures
 
     def __iter__(self) -> Iterator[dict]:
-        worker, num_workers = _worker()
-        slots = self.world_size * num_workers
+        return self.iterate(*_worker())
+
+    def iterate(self, worker: int, num_workers: int) -> Iterator[dict]:
+        """What DataLoader worker `worker` of `num_workers` yields (`__iter__` runs this in each worker)."""
         slot = self.rank * num_workers + worker
         reads = SkipCounter(verbose=self.rank == 0)
         decodes = SkipCounter(verbose=self.rank == 0)
@@ -212,10 +227,12 @@ class EvalStream(IterableDataset):
 
         def meta(**extra) -> dict:
             last = decodes.last_error or reads.last_error
-            return {"slot": slot, "skipped": [decodes.samples, reads.shards], "last_error": last, **extra}
+            skipped = [decodes.samples, reads.shards]
+            return {"slot": slot, "skipped": skipped, "opened": reads.opened, "last_error": last, **extra}
 
         try:
-            samples = enumerate(self._samples(slot, slots, reads))
+            shards = eval_shards(len(self.urls), self.rank, self.world_size, worker, num_workers)
+            samples = enumerate(sample for i in shards for sample in read_shard(self.urls[i], reads))
             for batch, _ in _batches(samples, self.transform, self.batch_size, decodes, self.max_failures, None, False):
                 good += len(batch["key"])
                 batch["__meta__"] = meta()
@@ -225,16 +242,3 @@ class EvalStream(IterableDataset):
             return
         # A last, image-less item reports skips that came after the last batch (or with no batch).
         yield {"__meta__": meta(end=True, good=good)}
-
-    def _samples(self, slot: int, slots: int, reads: SkipCounter) -> Iterator[dict]:
-        if len(self.urls) >= slots:
-            for url in self.urls[slot::slots]:
-                yield from read_shard(url, reads)
-            return
-        index = 0
-        for shard_index, url in enumerate(self.urls):
-            reads.active = shard_index % slots == slot
-            for sample in read_shard(url, reads):
-                if index % slots == slot:
-                    yield sample
-                index += 1
