@@ -64,3 +64,65 @@ class StopAfter(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class NonFiniteGradientAt(L.Callback):
+    """Make the gradient of one trainable weight NaN in the `batch`-th training batch (0-based), leaving the
+    loss finite: what a sqrt at 0 or an overflow in backward does."""
+
+    def __init__(self, batch: int):
+        self.batch, self.seen = batch, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.seen == self.batch:
+            param = next(p for p in pl_module.parameters() if p.requires_grad)
+            handle = param.register_hook(lambda grad: (handle.remove(), grad * float("nan"))[1])
+        self.seen += 1
+
+
+class RecordTrainingModes(L.Callback):
+    """Write, for every training batch, whether each named submodule is in train mode (JSON list to `out`)."""
+
+    def __init__(self, modules: list[str], out: str):
+        self.modules, self.out, self.rows = list(modules), out, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rows.append({name: pl_module.get_submodule(name).training for name in self.modules})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+
+        with open(self.out, "w") as file:
+            json.dump(self.rows, file)
+
+
+class GradientLayoutReport(L.Callback):
+    """Under DDP, from the third step on: record the strides each gradient arrives with (before DDP copies it
+    into its bucket) and write the DDP-managed parameters whose bucket view has other strides (JSON, rank 0)."""
+
+    def __init__(self, out: str, skip_prefix: str = "discriminator."):
+        self.out, self.skip_prefix = out, skip_prefix
+        self.arrived: dict[str, tuple] = {}
+        self.handles: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 2:
+            for name, param in pl_module.named_parameters():
+                if param.requires_grad and not name.startswith(self.skip_prefix):
+                    hook = (lambda n: lambda grad: self.arrived.setdefault(n, tuple(grad.stride())))(name)
+                    self.handles.append(param.register_hook(hook))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.handles:
+            return
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        params = dict(pl_module.named_parameters())
+        mismatched = {n: [s, tuple(params[n].grad.stride())] for n, s in self.arrived.items()}
+        mismatched = {n: v for n, v in mismatched.items() if v[0] != v[1]}
+        if trainer.is_global_zero:
+            import json
+
+            with open(self.out, "w") as file:
+                json.dump({"checked": len(self.arrived), "mismatched": mismatched}, file)

@@ -87,7 +87,11 @@ def handful(photos_dir, runs_dir):
     first = {caption: i for i, caption in reversed(list(enumerate(batch["caption"])))}
     index = sorted(first.values()) + [i for i in range(64) if i not in first.values()]
     index = index[:8]
-    handful = {"image": batch["image"][index].contiguous(), "caption": [batch["caption"][i] for i in index]}
+    handful = {
+        "image": batch["image"][index].contiguous(),
+        "caption": [batch["caption"][i] for i in index],
+        "key": [batch["key"][i] for i in index],
+    }
     torch.save(handful, runs_dir / "handful.pt")
     return handful
 

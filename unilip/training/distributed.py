@@ -1,17 +1,108 @@
-"""FSDP2 wrapping for tokenizer training, and reading its sharded checkpoints without a process group."""
+"""Data parallelism: DDP and FSDP2 strategies, their set-up in the training modules, and reading
+sharded checkpoints without a process group."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
 
 if TYPE_CHECKING:
     from unilip.training.tokenizer import TokenizerTraining
+
+
+class DDPStrategy(LightningDDPStrategy):
+    """Lightning's DDP with what every unilip task needs: no unused-parameter search, gradients
+    reduced straight into their buckets, and buffers never broadcast in `forward`.
+
+    - Every parameter DDP manages gets a gradient in every step (the discriminator, which joins
+      at the GAN start, is kept out of DDP; see `exclude_from_ddp`), so DDP does not traverse the
+      autograd graph each step looking for unused ones (`find_unused_parameters=False`).
+    - Buffers (EMA weights, LeCam EMAs, non-finite counters) are updated identically on every
+      rank; broadcasting them from rank 0 each step would only cost time. torch >= 2.13 calls the
+      switch `forward_sync_buffers` (its old name `broadcast_buffers` is deprecated there).
+    """
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("find_unused_parameters", False)
+        kwargs.setdefault("gradient_as_bucket_view", True)
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+            kwargs.setdefault("forward_sync_buffers", False)
+        else:
+            kwargs.setdefault("broadcast_buffers", False)
+        super().__init__(**kwargs)
+
+
+def exclude_from_ddp(module: nn.Module, submodule: str) -> None:
+    """Keep `module.<submodule>`'s parameters out of DDP's gradient reduction (call before wrapping);
+    the owner then averages their gradients itself, in the steps where they have any."""
+    names = [f"{submodule}.{name}" for name, _ in module.get_submodule(submodule).named_parameters()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+
+
+def average_gradients(module: nn.Module) -> None:
+    """Average `module`'s gradients over all ranks in one flat all-reduce (for parameters outside
+    DDP/FSDP, e.g. the discriminator)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)  # SUM, then divide: gloo has no AVG
+    flat /= dist.get_world_size()
+    for grad, chunk in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        grad.copy_(chunk.view_as(grad))
+
+
+class GradientLayoutProbe:
+    """Gives parameters the strides their gradients arrive with, where the two differ only in size-1
+    dimensions (the same memory layout, described two ways): create it before a backward, call
+    `apply()` after it. Used once per process under DDP.
+
+    Autograd accepts such a gradient as is (e.g. a depthwise conv weight (C, 1, 3, 3) fed
+    channels-last activations gets strides (9, 1, 3, 1), the weight has (9, 9, 3, 1)), but DDP
+    compares strides exactly and copies every such gradient into its bucket with a strided copy,
+    every step ("Grad strides do not match bucket view strides", printed once per process). DDP
+    rebuilds its buckets once, at the second step, from the parameters' strides at that time: from
+    then on the gradients match their buckets. The strides are recorded by tensor hooks, because
+    after the backward DDP has replaced each gradient by its bucket view.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter]):
+        self.arrived: dict[int, tuple[nn.Parameter, tuple[int, ...]]] = {}
+        self.handles = [
+            param.register_hook(functools.partial(self._record, param))
+            for param in params
+            if param.requires_grad and 1 in param.shape
+        ]
+
+    def _record(self, param: nn.Parameter, grad: torch.Tensor) -> None:
+        self.arrived.setdefault(id(param), (param, grad.stride()))
+
+    def apply(self) -> int:
+        """Restride the parameters (same storage, same values); returns how many changed."""
+        for handle in self.handles:
+            handle.remove()
+        changed = 0
+        for param, stride in self.arrived.values():
+            if stride != param.stride() and all(
+                size == 1 or a == b for size, a, b in zip(param.shape, param.stride(), stride, strict=True)
+            ):
+                param.data = param.data.as_strided(param.shape, stride)
+                changed += 1
+        self.arrived.clear()
+        return changed
 
 
 class FSDP2Strategy(ModelParallelStrategy):

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +30,32 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.flop_counter import FlopCounterMode
 
+from unilip.data.shards import DataError
 from unilip.logs import is_logging_step
 from unilip.models.generator import UniLIPGenerator, from_state
 from unilip.models.mllm import DualConditioner
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR, UniLIPPipeline
-from unilip.training.distributed import gathered_state_dict
+from unilip.training.distributed import GradientLayoutProbe, gathered_state_dict
 from unilip.training.ema import EMA, ValidatesWithEMA
+from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
 from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
 from unilip.training.rng import gather_rng_states, restore_rng_states
 from unilip.training.schedules import cosine_with_warmup
-from unilip.training.tokenizer import Frozen, _decay_groups
+from unilip.training.tokenizer import _decay_groups
+from unilip.training.validation import EpochMeans
 
 log = logging.getLogger(__name__)
 
 
-class GenerationTraining(ValidatesWithEMA, L.LightningModule):
+@dataclass(eq=False)
+class GenerationHelpers(FrozenNetworks):
+    """The frozen networks of every generation stage (see the module docstring)."""
+
+    conditioner: DualConditioner
+    latents: nn.Module
+
+
+class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
     """Trains a `UniLIPGenerator` against a frozen `DualConditioner` for one stage of the recipe.
 
     Args:
@@ -111,7 +124,7 @@ class GenerationTraining(ValidatesWithEMA, L.LightningModule):
         self.automatic_optimization = False
         self.stage = stage
         self.generator = generator
-        self.frozen = Frozen(conditioner=conditioner, latents=latents)
+        self.frozen = GenerationHelpers(conditioner=conditioner, latents=latents)
         self.optimizer_factory = optimizer
         self.lr, self.final_lr, self.warmup_ratio, self.max_steps = lr, final_lr, warmup_ratio, max_steps
         self.weight_decay = weight_decay
@@ -135,6 +148,9 @@ class GenerationTraining(ValidatesWithEMA, L.LightningModule):
         self.ema: EMA | None = None
         self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor
         self.nonfinite = NonFiniteGuard(max_nonfinite_streak)
+        self.val_means = EpochMeans(["val/flow_loss"])
+        self._grid_rows: dict[str, Any] | None = None
+        self._probe_layouts = False  # DDP: match parameter strides to gradient strides in the first step
 
     @property
     def conditioner(self) -> DualConditioner:
@@ -151,8 +167,10 @@ class GenerationTraining(ValidatesWithEMA, L.LightningModule):
         if self.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
             self.conditioner.enable_gradient_checkpointing()
-        if getattr(self, "device_mesh", None) is not None:  # ModelParallelStrategy: FSDP2
+        fsdp = getattr(self, "device_mesh", None) is not None  # ModelParallelStrategy: FSDP2
+        if fsdp:
             shard_generator(self.generator, self.device_mesh)
+        self._probe_layouts = self._trainer is not None and self.trainer.world_size > 1 and not fsdp
         if self.ema_decay is not None:
             trainable = {n: p for n, p in self.generator.named_parameters() if p.requires_grad}
             self.ema = EMA(trainable, decay=self.ema_decay)
@@ -177,8 +195,7 @@ class GenerationTraining(ValidatesWithEMA, L.LightningModule):
         self.rng.manual_seed(self.seed + 1_000_003 * self.global_rank)
 
     def _place_frozen(self) -> None:
-        for module in self.frozen.modules.values():
-            module.to(device=self.device, dtype=self.frozen_dtype)
+        self.frozen.to(self.device, self.frozen_dtype)
 
     def on_fit_start(self) -> None:
         self._place_frozen()
@@ -218,10 +235,16 @@ class GenerationTraining(ValidatesWithEMA, L.LightningModule):
         return F.mse_loss(velocity.float(), (noise - x0).float())
 
     @torch.no_grad()
-    def fixed_timestep_loss(self, batch: dict[str, Any], seed: int = 0) -> torch.Tensor:
-        """The flow loss averaged over `val_timesteps`, with noise drawn from `seed`: comparable across steps."""
+    def fixed_timestep_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The flow loss averaged over `val_timesteps`, with each sample's noise seeded by its key: comparable
+        across steps, and the same whichever rank or batch the sample falls in."""
         x0, prompt, features = self.inputs(batch, drop=False)
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
+        noise = torch.stack(
+            [
+                torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(zlib.crc32(key.encode())))
+                for key in batch["key"]
+            ]
+        ).to(x0)
         losses = [
             self.flow_loss(x0, prompt, features, torch.full((x0.shape[0],), t, device=self.device), noise)
             for t in self.val_timesteps
@@ -246,15 +269,21 @@ class GenerationTraining(ValidatesWithEMA, L.LightningModule):
         ).to(self.device)
         noise = torch.randn(x0.shape, generator=self.rng).to(x0)
         loss = self.flow_loss(x0, prompt, features, t, noise)
-        # sync-free on one device or DDP; under FSDP2 the flag would have to meet sharded parameters
-        sync_free = self.skip_nonfinite and takes_found_inf(optimizer) and getattr(self, "device_mesh", None) is None
-        bad = self.nonfinite.flag(loss) if self.skip_nonfinite else None
-        if self.nonfinite.skip_now(bad, sync_free, self.global_step):
-            return
         optimizer.zero_grad(set_to_none=True)
+        probe = GradientLayoutProbe(self.parameters()) if self._probe_layouts else None
         self.manual_backward(loss)
+        if probe is not None:
+            self._probe_layouts = False
+            probe.apply()
         params = [p for ps in self.trainable_parameters().values() for p in ps if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip is not None else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # sync-free on one device or DDP; under FSDP2 the flag would have to meet sharded parameters.
+        # A finite loss can have non-finite gradients: the norm is checked with it.
+        sync_free = self.skip_nonfinite and takes_found_inf(optimizer) and getattr(self, "device_mesh", None) is None
+        bad = self.nonfinite.flag(loss, norm) if self.skip_nonfinite else None
+        if self.nonfinite.skip_now(bad, sync_free, self.global_step):
+            return
         if sync_free:
             optimizer.optimizer.found_inf = bad  # fused AdamW leaves weights and moments alone if 1
         optimizer.step()
@@ -266,7 +295,6 @@ class GenerationTraining(ValidatesWithEMA, L.LightningModule):
             self.nonfinite.count(bad, self.global_step, check=sync_free and logging_step)
         if not logging_step:
             return
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.log_dict(
             {"loss/flow": loss.detach(), "grad_norm": norm, "lr": optimizer.param_groups[0]["lr"]}, on_step=True
         )
@@ -274,33 +302,64 @@ class GenerationTraining(ValidatesWithEMA, L.LightningModule):
         self.log("nonfinite_steps", self.nonfinite.total, on_step=True)
 
     # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self.val_means.reset()
+        self._grid_rows = None
+        super().on_validation_epoch_start()
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss = self.fixed_timestep_loss(batch, seed=batch_idx)
-        self.log("val/flow_loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        loss = self.fixed_timestep_loss(batch)
+        self.val_means.add("val/flow_loss", loss.expand(batch["image"].shape[0]))
         if batch_idx == 0:
-            self._sample_grid(batch)  # on every rank: under FSDP the forward passes are collective
+            self._grid_rows = self._sample_rows(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        # every rank reduces, including ranks that got no validation sample (see EpochMeans)
+        means = self.val_means.compute(self.device)
+        if not means:  # the same on every rank: all raise together
+            raise DataError("validation: no rank could read a single sample; check data.val_urls (see the warnings)")
+        self.log_dict(means, on_epoch=True)
+        rows, self._grid_rows = self._grid_rows, None
+        if getattr(self, "device_mesh", None) is not None:
+            # FSDP: sampling runs collective forward passes, so every rank samples rank 0's rows
+            shared = [rows]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            self._sample_grid(shared[0])
+        elif self.global_rank == 0:
+            self._sample_grid(rows)
+        super().on_validation_epoch_end()
 
     def pipeline(self) -> UniLIPPipeline:
         """A sampling pipeline over this module's (current) weights."""
         return UniLIPPipeline(self.generator, self.conditioner, self.latents, self.sample_scheduler, self.flow_shift)
 
-    @torch.no_grad()
-    def _sample_grid(self, batch: dict[str, Any]) -> None:
-        """Sample the fixed prompts and the first rows of `batch`; rows of the grid: source, sample, target."""
-        count, size, fixed = min(self.num_samples, batch["image"].shape[0]), self.sample_size, len(self.sample_prompts)
+    def _sample_rows(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The first `num_samples` rows of a validation batch, at the sample size, on the host."""
+        count, size = min(self.num_samples, batch["image"].shape[0]), self.sample_size
 
         def resized(images: torch.Tensor) -> torch.Tensor:
-            return F.interpolate(images[:count].float(), size=(size, size), mode="bilinear", antialias=True)
+            return F.interpolate(images[:count].float(), size=(size, size), mode="bilinear", antialias=True).cpu()
 
-        blank = torch.full((fixed, 3, size, size), 0.5, device=self.device)
-        has_source = batch.get("has_source", torch.zeros(count, dtype=torch.bool))[:count].to(self.device).bool()
-        sources = (
-            resized(batch["source_image"]) if "source_image" in batch else torch.full_like(resized(batch["image"]), 0.5)
-        )
-        sources = torch.cat([blank, torch.where(has_source.view(-1, 1, 1, 1), sources, 0.5)])
-        targets = torch.cat([blank, resized(batch["image"])])
-        mask = torch.cat([torch.zeros(fixed, dtype=torch.bool, device=self.device), has_source])
-        prompts = self.sample_prompts + list(batch["caption"][:count])
+        targets = resized(batch["image"])
+        has_source = batch.get("has_source", torch.zeros(count, dtype=torch.bool))[:count].cpu().bool()
+        sources = resized(batch["source_image"]) if "source_image" in batch else torch.full_like(targets, 0.5)
+        sources = torch.where(has_source.view(-1, 1, 1, 1), sources, 0.5)
+        return {"caption": list(batch["caption"][:count]), "target": targets, "source": sources, "edit": has_source}
+
+    @torch.no_grad()
+    def _sample_grid(self, rows: dict[str, Any] | None) -> None:
+        """Sample the fixed prompts and `rows` (a validation batch's first rows; None: none), and write the grid
+        (rows of the grid: source, sample, target) on rank 0."""
+        size, fixed = self.sample_size, len(self.sample_prompts)
+        blank = torch.full((fixed, 3, size, size), 0.5)
+        no_edit = torch.zeros(fixed, dtype=torch.bool)
+        if rows is None:
+            rows = {"caption": [], "target": blank[:0], "source": blank[:0], "edit": no_edit[:0]}
+        prompts = self.sample_prompts + rows["caption"]
+        if not prompts:
+            return
+        sources = torch.cat([blank, rows["source"]]).to(self.device)
+        mask = torch.cat([no_edit, rows["edit"]]).to(self.device)
         samples = self.pipeline()(
             prompts, sources, mask, guidance_scale=self.guidance_scale, num_inference_steps=self.sample_steps, size=size
         )
@@ -308,7 +367,8 @@ class GenerationTraining(ValidatesWithEMA, L.LightningModule):
             return
         from torchvision.utils import make_grid, save_image
 
-        grid = make_grid(torch.cat([sources, samples, targets]).float().cpu(), nrow=len(prompts))
+        targets = torch.cat([blank, rows["target"]])
+        grid = make_grid(torch.cat([sources.cpu(), samples.float().cpu(), targets]), nrow=len(prompts))
         caption = "rows: source (edits), sample, target; prompts: " + " | ".join(prompts)
         if self.sample_dir is not None:
             self.sample_dir.mkdir(parents=True, exist_ok=True)

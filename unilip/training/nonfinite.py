@@ -1,4 +1,4 @@
-"""Skipping optimizer steps whose loss is not finite, with or without a host sync per step."""
+"""Skipping optimizer steps whose loss or gradients are not finite, with or without a host sync per step."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ class NonFiniteGuard(nn.Module):
     """Counts non-finite steps in buffers (so checkpoints and resumes carry them) and stops a run that
     has too many in a row.
 
-    Two ways to skip a bad step, chosen per step by the module that owns the guard:
+    A step is bad when its loss or any gradient norm is not finite on any rank (a finite loss can
+    have inf or NaN gradients, e.g. through a sqrt at 0). Two ways to skip it, chosen per step by
+    the module that owns the guard, after backward and gradient clipping:
 
-    - with a sync (`flag(loss).item()`): the step is skipped before backward and changes nothing;
+    - with a sync (`flag(...).item()`): the optimizer step is not taken and nothing changes;
     - sync-free: a fused AdamW is given the flag as `found_inf` (as under GradScaler) and leaves
       weights and moments alone on the device; schedules and EMAs still advance, and a streak is
       noticed at the next logging step (`count(..., check=True)` only there).
@@ -30,9 +32,11 @@ class NonFiniteGuard(nn.Module):
         self.register_buffer("streak", torch.zeros(()))
 
     @staticmethod
-    def flag(loss: torch.Tensor) -> torch.Tensor:
-        """1.0 on every rank if `loss` is not finite on any rank, else 0.0; a device tensor (no host sync)."""
-        bad = (~torch.isfinite(loss.detach())).float()
+    def flag(*values: torch.Tensor) -> torch.Tensor:
+        """1.0 on every rank if any of `values` (scalars: the loss, gradient norms) is not finite on any
+        rank, else 0.0; a device tensor (no host sync)."""
+        stacked = torch.stack([value.detach().float().reshape(()) for value in values])
+        bad = (~torch.isfinite(stacked)).any().float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad)  # every rank must skip together
         return bad.clamp(max=1.0)
@@ -43,17 +47,17 @@ class NonFiniteGuard(nn.Module):
         self.streak.mul_(bad).add_(bad)  # +1 while bad, back to 0 on a good step
         if check and self.streak.item() >= self.max_streak:
             raise RuntimeError(
-                f"the loss was not finite for {int(self.streak)} steps in a row (up to step {step}); lower the "
-                "learning rate, check the data, or resume from an earlier checkpoint"
+                f"the loss or its gradients were not finite for {int(self.streak)} steps in a row (up to step "
+                f"{step}); lower the learning rate, check the data, or resume from an earlier checkpoint"
             )
 
     def skip_now(self, bad: torch.Tensor | None, sync_free: bool, step: int) -> bool:
-        """The synced path: True (counted, warned) if this step must be skipped before its backward.
+        """The synced path: True (counted, warned) if this step's optimizer step must not be taken.
         Nothing to do (False, no sync) when unchecked (`bad` None) or sync-free."""
         if bad is None or sync_free or not bad.item():  # the one host sync of a step
             return False
         self.count(bad, step, check=True)
-        log.warning("non-finite loss at step %d: step skipped (%d in a row)", step, int(self.streak))
+        log.warning("non-finite loss or gradients at step %d: step skipped (%d in a row)", step, int(self.streak))
         return True
 
 

@@ -19,47 +19,47 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.flop_counter import FlopCounterMode
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from unilip.data.shards import DataError
+from unilip.evaluation.metrics import feature_similarity, psnr, ssim
 from unilip.logs import is_logging_step
 from unilip.losses import LeCamRegularizer, TokenizerLoss
 from unilip.models.hub import enable_activation_checkpointing
 from unilip.models.tokenizer import FrozenEncoder, UniLIPTokenizer
-from unilip.training.distributed import gathered_state_dict
+from unilip.training.distributed import (
+    GradientLayoutProbe,
+    average_gradients,
+    exclude_from_ddp,
+    gathered_state_dict,
+    shard_tokenizer_training,
+)
 from unilip.training.ema import EMA, ValidatesWithEMA
+from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
 from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
 from unilip.training.rng import gather_rng_states, restore_rng_states
 from unilip.training.schedules import cosine_with_warmup
 from unilip.training.stages import apply_stage, check_stage
+from unilip.training.validation import EpochMeans
 
 log = logging.getLogger(__name__)
 
 
-class Frozen:
-    """Holder for frozen helper networks kept out of the module tree (see module docstring)."""
+@dataclass(eq=False)
+class TokenizerHelpers(FrozenNetworks):
+    """The networks stage 1 and 2 use but do not train (see the module docstring)."""
 
-    def __init__(self, **modules: nn.Module | None):
-        self.modules = {name: module for name, module in modules.items() if module is not None}
-
-    def __getattr__(self, name: str) -> Any:
-        modules = self.__dict__.get("modules", {})
-        return modules.get(name)
-
-    def to(self, device: torch.device) -> Frozen:
-        for module in self.modules.values():
-            module.to(device)
-        return self
+    loss: TokenizerLoss
+    teacher: FrozenEncoder | None = None
 
 
 @contextmanager
@@ -81,7 +81,7 @@ def _decay_groups(params: list[nn.Parameter], **group: Any) -> list[dict[str, An
     return [g for g in ({"params": decay, **group}, {"params": no_decay, **group, "weight_decay": 0.0}) if g["params"]]
 
 
-class TokenizerTraining(ValidatesWithEMA, L.LightningModule):
+class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
     """Trains a `UniLIPTokenizer` for one stage of the recipe.
 
     Args:
@@ -145,7 +145,7 @@ class TokenizerTraining(ValidatesWithEMA, L.LightningModule):
         self.tokenizer = tokenizer
         self.discriminator = discriminator
         self.lecam = LeCamRegularizer(lecam_decay) if discriminator is not None else None
-        self.frozen = Frozen(teacher=teacher, loss=loss)
+        self.frozen = TokenizerHelpers(loss=loss, teacher=teacher)
         self.optimizer_factory = optimizer
         self.lr, self.encoder_lr_multiplier, self.discriminator_lr = lr, encoder_lr_multiplier, discriminator_lr
         self.warmup_steps, self.max_steps, self.final_lr = warmup_steps, max_steps, final_lr
@@ -159,11 +159,12 @@ class TokenizerTraining(ValidatesWithEMA, L.LightningModule):
         self.groups = apply_stage(tokenizer, stage)
         self.ema: EMA | None = None
         self.average_discriminator_gradients = False
+        self._probe_layouts = False  # DDP: match parameter strides to gradient strides in the first step
         self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor
         # buffers: saved with the weights, updated on the device
         self.nonfinite = NonFiniteGuard(max_nonfinite_streak)
-        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
-        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        names = ["val/psnr", "val/ssim"] + (["val/teacher_cosine"] if teacher is not None else [])
+        self.val_means = EpochMeans(names)
 
     @property
     def loss(self) -> TokenizerLoss:
@@ -179,12 +180,18 @@ class TokenizerTraining(ValidatesWithEMA, L.LightningModule):
             return
         if self.gradient_checkpointing:
             enable_activation_checkpointing(self.tokenizer.vision_tower)
-        if getattr(self, "device_mesh", None) is not None:  # ModelParallelStrategy: FSDP2
-            from unilip.training.distributed import shard_tokenizer_training
-
+        fsdp = getattr(self, "device_mesh", None) is not None  # ModelParallelStrategy: FSDP2
+        if fsdp:
             shard_tokenizer_training(self, self.device_mesh)
             self.groups = {part: self.tokenizer.part_parameters(part) for part in self.groups}
-            self.average_discriminator_gradients = True  # D stays replicated, outside FSDP
+        if self._trainer is not None and self.trainer.world_size > 1:
+            if self.discriminator is not None:
+                # D is replicated outside DDP/FSDP and averaged by hand: it has gradients only from
+                # the GAN start, and DDP would otherwise search every step for unused parameters.
+                self.average_discriminator_gradients = True
+                if not fsdp:
+                    exclude_from_ddp(self, "discriminator")
+            self._probe_layouts = not fsdp
         if self.channels_last:
             self.tokenizer.decoder.to(memory_format=torch.channels_last)
             if self.discriminator is not None:
@@ -238,17 +245,8 @@ class TokenizerTraining(ValidatesWithEMA, L.LightningModule):
         return generator, discriminator, logits
 
     def _sync_free(self, optimizer) -> bool:
-        """Skip bad steps on the device (fused AdamW's `found_inf`); not with manually averaged D gradients."""
-        return self.skip_nonfinite and takes_found_inf(optimizer) and not self.average_discriminator_gradients
-
-    @staticmethod
-    def _average_gradients(module: nn.Module) -> None:
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat)  # SUM, then divide: gloo has no AVG
-        flat /= dist.get_world_size()
-        for grad, chunk in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            grad.copy_(chunk.view_as(grad))
+        """Skip bad steps on the device (fused AdamW's `found_inf`); not under FSDP2 (sharded parameters)."""
+        return self.skip_nonfinite and takes_found_inf(optimizer) and getattr(self, "device_mesh", None) is None
 
     def _clip(self, params: list[nn.Parameter]) -> torch.Tensor:
         params = [p for p in params if p.grad is not None]
@@ -284,17 +282,23 @@ class TokenizerTraining(ValidatesWithEMA, L.LightningModule):
         images = batch["image"]
         generator, discriminator, logits = self._losses(images)
         total = sum(generator.values()) + sum(discriminator.values(), torch.zeros((), device=images.device))
-        sync_free = self._sync_free(optimizer)
-        bad = self.nonfinite.flag(total) if self.skip_nonfinite else None
-        if self.nonfinite.skip_now(bad, sync_free, self.global_step):
-            return
         optimizer.zero_grad(set_to_none=True)
+        probe = GradientLayoutProbe(self.parameters()) if self._probe_layouts else None
         self.manual_backward(total)
+        if probe is not None:
+            self._probe_layouts = False
+            probe.apply()
         norms = {"grad_norm/generator": self._clip([p for ps in self.groups.values() for p in ps])}
         if discriminator and self.average_discriminator_gradients:
-            self._average_gradients(self.discriminator)
+            average_gradients(self.discriminator)
         if discriminator:
             norms["grad_norm/discriminator"] = self._clip(list(self.discriminator.parameters()))
+        # A finite loss can still have non-finite gradients: the norms (inf or NaN if any gradient
+        # is) are checked with the loss, on every rank together.
+        sync_free = self._sync_free(optimizer)
+        bad = self.nonfinite.flag(total, *norms.values()) if self.skip_nonfinite else None
+        if self.nonfinite.skip_now(bad, sync_free, self.global_step):
+            return
         if sync_free:
             optimizer.optimizer.found_inf = bad  # fused AdamW leaves weights and moments alone if 1
         optimizer.step()
@@ -318,19 +322,30 @@ class TokenizerTraining(ValidatesWithEMA, L.LightningModule):
         self.log("nonfinite_steps", self.nonfinite.total, on_step=True)
 
     # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self.val_means.reset()
+        super().on_validation_epoch_start()
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["image"]
         out = self.tokenizer.reconstruct(images)
         recon = out.images.float().clamp(0, 1)
-        self.val_psnr(recon, images.float())
-        self.val_ssim(recon, images.float())
-        metrics = {"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}
+        # eval.py's definitions: per-image PSNR and SSIM (valid region), averaged over images
+        self.val_means.add("val/psnr", psnr(images, recon))
+        self.val_means.add("val/ssim", ssim(images, recon))
         if self.teacher is not None:
-            cosine = F.cosine_similarity(out.features.float(), self.teacher.features(images).float(), dim=-1)
-            metrics["val/teacher_cosine"] = cosine.mean()
-        self.log_dict(metrics, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
+            cosine, _ = feature_similarity(out.features, self.teacher.features(images))
+            self.val_means.add("val/teacher_cosine", cosine)
         if batch_idx == 0:
             self._save_grid(images, recon)
+
+    def on_validation_epoch_end(self) -> None:
+        # every rank reduces, including ranks that got no validation image (see EpochMeans)
+        means = self.val_means.compute(self.device)
+        if not means:  # the same on every rank: all raise together
+            raise DataError("validation: no rank could read a single sample; check data.val_urls (see the warnings)")
+        self.log_dict(means, on_epoch=True)
+        super().on_validation_epoch_end()
 
     def _save_grid(self, images: torch.Tensor, recon: torch.Tensor) -> None:
         if self.global_rank != 0:
