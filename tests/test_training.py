@@ -147,3 +147,159 @@ def test_sync_free_skip_still_stops_a_run_of_bad_steps(photos_dir, tmp_path):
             "module.max_nonfinite_streak=3",
             "+optim.optimizer.fused=true",
         )
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["synced", "sync-free"])
+def test_a_finite_loss_with_non_finite_gradients_is_skipped(photos_dir, tmp_path, fused):
+    """A NaN gradient under a finite loss must not reach the weights (through clipping, it would make every
+    gradient NaN, and AdamW every weight)."""
+    run_dir = tmp_path / "run"
+    images = torch.rand(12, 3, 56, 56)
+    _run(
+        photos_dir,
+        run_dir,
+        *_fixed_batches(tmp_path, images),
+        "trainer.max_steps=5" if not fused else "+optim.optimizer.fused=true",
+        "+callbacks.nan._target_=tests.helpers.NonFiniteGradientAt",
+        "+callbacks.nan.batch=2",
+    )
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["state_dict"]["nonfinite.total"] == 1 and state["state_dict"]["nonfinite.streak"] == 0
+    assert state["global_step"] == (6 if fused else 5)  # sync-free: skipped inside the optimizer, still counted
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    moments = state["optimizer_states"][0]["state"]
+    assert all(torch.isfinite(m["exp_avg"]).all() and torch.isfinite(m["exp_avg_sq"]).all() for m in moments.values())
+
+
+def test_frozen_parts_stay_in_eval_mode_through_validation(photos_dir, tmp_path):
+    """Lightning switches the whole module to train mode at fit start and after each validation; the frozen
+    stage-1 ViT and projector must stay in eval mode (what InternVL computes at inference)."""
+    out = tmp_path / "modes.json"
+    modules = ["tokenizer.vision_tower", "tokenizer.multi_modal_projector", "tokenizer.decoder"]
+    _run(
+        photos_dir,
+        tmp_path / "run",
+        "stage=1",
+        "stages.stage1.max_steps=4",
+        "stages.stage1.image_size=56",
+        "data.train_batches_per_epoch=2",  # a validation after step 2
+        "data.batch_size=2",
+        "loss.perceptual_weight=0",
+        "+callbacks.modes._target_=tests.helpers.RecordTrainingModes",
+        f"+callbacks.modes.modules=[{','.join(modules)}]",
+        f"+callbacks.modes.out={out}",
+    )
+    import json
+
+    rows = json.loads(out.read_text())
+    assert len(rows) == 4
+    for row in rows:  # before and after the validation
+        assert row == {modules[0]: False, modules[1]: False, modules[2]: True}
+
+
+def test_validation_metrics_are_eval_py_metrics(photos_dir, tmp_path):
+    """The PSNR / SSIM logged during training are eval.py's: per-image, averaged over images, on the same
+    held-out photos and weights (the EMA), whatever the batching."""
+    run_dir = tmp_path / "run"
+    _run(
+        photos_dir,
+        run_dir,
+        "stage=1",
+        "stages.stage1.max_steps=3",
+        "stages.stage1.image_size=56",
+        "data.train_batches_per_epoch=3",
+        "data.batch_size=4",
+        "data.val_batch_size=5",  # 12 photos: batches of 5, 5, 2
+        "loss.perceptual_weight=0",
+    )
+    logged = _metrics(run_dir)
+    from tests.conftest import compose_eval
+    from unilip.evaluation.run import evaluate
+
+    results = evaluate(compose_eval(photos_dir, tmp_path / "eval", f"ckpt={run_dir}", "protocol=56"))
+    for name in ("psnr", "ssim"):
+        assert logged(f"val/{name}")[-1] == pytest.approx(results["aggregate"][name]["mean"], abs=1e-4), name
+
+
+def test_stage2_can_carry_the_discriminator_over(photos_dir, tmp_path):
+    """discriminator_from=init starts D and the LeCam EMAs from init_from's run (e.g. 448 px from 224 px);
+    the default starts a fresh D whose LR warms up from 0 like every group's (the reference's choice)."""
+    first = tmp_path / "gan"
+    gan = [
+        "stages.stage2.image_size=56",
+        "data.batch_size=2",
+        "loss.perceptual_weight=0",
+        "stages.stage2.distill_weight=0",
+    ]
+    _run(photos_dir, tmp_path / "s1", "stage=1", "stages.stage1.max_steps=2", "stages.stage1.image_size=56")
+    _run(
+        photos_dir,
+        first,
+        "stage=2",
+        f"init_from={tmp_path / 's1'}",
+        "stages.stage2.max_steps=4",
+        "stages.stage2.gan_start_step=1",
+        *gan,
+    )
+    trained = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    from unilip.training.run import build_tokenizer_training
+
+    def module(*extra):
+        overrides = ["stage=2", f"init_from={first}", "stages.stage2.max_steps=4", "stages.stage2.gan_start_step=0"]
+        return build_tokenizer_training(
+            compose_train(quick_overrides(photos_dir, tmp_path / "next", *overrides, *gan, *extra))
+        )
+
+    carried = module("discriminator_from=init")
+    for key, value in carried.discriminator.state_dict().items():
+        assert torch.equal(value, trained[f"discriminator.{key}"]), key
+    assert carried.lecam.ema_real == trained["lecam.ema_real"] and bool(carried.lecam.initialised)
+    fresh = module()
+    assert not torch.equal(fresh.discriminator.state_dict()["main.0.weight"], trained["discriminator.main.0.weight"])
+    assert not bool(fresh.lecam.initialised)
+    optimizer = fresh.configure_optimizers()["optimizer"]
+    first_lr = [g["lr"] for g in optimizer.param_groups if g["name"] == "discriminator"]
+    assert first_lr == [pytest.approx(fresh.discriminator_lr / fresh.warmup_steps)] * 2  # warming up from 0
+    with pytest.raises(Exception, match="holds no discriminator"):
+        build_tokenizer_training(
+            compose_train(
+                quick_overrides(
+                    photos_dir,
+                    tmp_path / "n2",
+                    "stage=2",
+                    f"init_from={tmp_path / 's1'}",
+                    "stages.stage2.max_steps=4",
+                    "stages.stage2.gan_start_step=0",
+                    "discriminator_from=init",
+                    *gan,
+                )
+            )
+        )
+
+
+def test_a_resumed_wandb_run_continues_under_its_id_with_the_resolved_config(photos_dir, tmp_path, monkeypatch):
+    """logger=wandb (offline here): the resumed run logs into the same W&B run, and the run's config holds the
+    whole resolved config (not only the command-line overrides)."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    common = [
+        "stage=1",
+        "stages.stage1.max_steps=4",
+        "stages.stage1.image_size=56",
+        "data.train_batches_per_epoch=2",
+        "data.batch_size=2",
+        "loss.perceptual_weight=0",
+        "logger=wandb",
+        "checkpoint_every=2",
+    ]
+    _run(photos_dir, run_dir, *common, "+callbacks.stop._target_=tests.helpers.StopAfter", "+callbacks.stop.step=2")
+    wandb.finish()
+    _run(photos_dir, run_dir, *common, "resume=auto")
+    wandb.finish()
+    records = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 2 and records[0].name == records[1].name  # run-<id>.wandb: one id, two sessions
+    for record in records:  # the records hold config keys no override named
+        raw = record.read_bytes()
+        assert b"discriminator_from" in raw and b"checkpoint_every" in raw and b"warmup_steps" in raw

@@ -37,6 +37,14 @@ def run_train(data_root, run_dir, *overrides, check=True, timeout=600):
     return result
 
 
+def _logged(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every row of the run's metrics.csv that has `key`."""
+    import csv
+
+    with open(run_dir / "logs" / "metrics.csv") as file:
+        return [(int(row["step"]), float(row[key])) for row in csv.DictReader(file) if row.get(key)]
+
+
 def module_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
 
@@ -95,6 +103,11 @@ def test_kill_and_resume_is_bit_identical(photos_dir, stage1_dir, tmp_path):
     assert not any("teacher" in k for k in a)  # the frozen teacher is rebuilt, not saved
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"resumed run differs in {different[:5]}"
+    # the metrics history survives the crash: every step once, the values of the uninterrupted run
+    assert (
+        _logged(crashed, "loss/total") == _logged(straight, "loss/total") and len(_logged(straight, "loss/total")) == 12
+    )
+    assert _logged(crashed, "val/psnr") == _logged(straight, "val/psnr") and _logged(straight, "val/psnr")
     opt_a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0]["state"]
     opt_b = torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0]["state"]
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)

@@ -13,10 +13,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from unilip.logs import quiet_third_party_noise
+from unilip.models.hub import load_strict
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
+from unilip.training.checkpoints import read_checkpoint
 from unilip.training.config import ConfigError, check_train_config
 from unilip.training.generation_setup import build_generation_training
 from unilip.training.lineage import build_teacher, check_same_architecture, load_trained_tokenizer
+from unilip.training.loggers import logger_resume_arguments
 from unilip.training.tokenizer import TokenizerTraining
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,7 @@ def build_tokenizer_training(cfg: DictConfig) -> TokenizerTraining:
         if cfg.stage == 2:
             teacher, lineage["teacher"] = build_teacher(cfg.teacher_from, init, preset)
     gan = cfg.recipe.gan_start_step < cfg.trainer.max_steps
-    return instantiate(
+    module = instantiate(
         cfg.module,
         tokenizer=tokenizer,
         loss=instantiate(cfg.loss),
@@ -85,6 +88,32 @@ def build_tokenizer_training(cfg: DictConfig) -> TokenizerTraining:
         teacher=teacher,
         metadata={"lineage": lineage, "init_from": init_path},
     )
+    if cfg.discriminator_from == "init" and module.discriminator is not None:
+        carry_over_discriminator(module, init_path)
+    elif cfg.discriminator_from not in (None, "init"):
+        raise ConfigError(f"discriminator_from={cfg.discriminator_from!r}: use null (a fresh one) or init")
+    return module
+
+
+def carry_over_discriminator(module: TokenizerTraining, init_path: str | None) -> None:
+    """Start the discriminator and its LeCam EMAs from the checkpoint of the run `init_path` names (e.g.
+    stage 2 at 448 px from the 224 px stage-2 run, whose GAN trained for its last 200k steps)."""
+    checkpoint = None
+    if init_path is not None:
+        path = Path(init_path)
+        last = path / "checkpoints" / "last.ckpt"
+        checkpoint = read_checkpoint(last if last.exists() else path, "tokenizer")
+    state = checkpoint["state_dict"] if checkpoint else {}
+    weights = {k[len("discriminator.") :]: v for k, v in state.items() if k.startswith("discriminator.")}
+    if not weights:
+        raise ConfigError(
+            f"discriminator_from=init: init_from={init_path} holds no discriminator (a run or checkpoint whose GAN "
+            "had started is needed); use discriminator_from=null for a fresh one"
+        )
+    load_strict(module.discriminator, weights, what=f"the discriminator of {init_path}")
+    lecam = {k[len("lecam.") :]: v for k, v in state.items() if k.startswith("lecam.")}
+    load_strict(module.lecam, lecam, what=f"the LeCam EMAs of {init_path}")
+    log.info("discriminator and LeCam EMAs carried over from %s", init_path)
 
 
 # task name -> builder of its LightningModule; every module has `save_result(run_dir)`.
@@ -107,8 +136,15 @@ def train(cfg: DictConfig) -> Path:
     datamodule = instantiate(cfg.data)
     module = TASKS[cfg.task](cfg)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values() if callback]
-    logger = instantiate(cfg.logger) if cfg.logger else False
+    logger = (
+        instantiate(cfg.logger, **logger_resume_arguments(cfg.logger.get("_target_"), ckpt_path))
+        if cfg.logger
+        else False
+    )
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for each in trainer.loggers:
+        each.log_hyperparams(resolved)  # the whole resolved config (W&B: the run's config), not only overrides
     if trainer.global_rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
