@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
@@ -97,8 +98,8 @@ class RecordTrainingModes(L.Callback):
 
 
 class GradientLayoutReport(L.Callback):
-    """Under DDP, from the third step on: record the strides each gradient arrives with (before DDP copies it
-    into its bucket) and write the DDP-managed parameters whose bucket view has other strides (JSON, rank 0)."""
+    """Under DDP, in the third step: record the strides each gradient has when autograd hands it to DDP, and
+    write the DDP-managed parameters whose bucket view has other strides (JSON, rank 0)."""
 
     def __init__(self, out: str, skip_prefix: str = "discriminator."):
         self.out, self.skip_prefix = out, skip_prefix
@@ -109,8 +110,11 @@ class GradientLayoutReport(L.Callback):
         if trainer.global_step == 2:
             for name, param in pl_module.named_parameters():
                 if param.requires_grad and not name.startswith(self.skip_prefix):
-                    hook = (lambda n: lambda grad: self.arrived.setdefault(n, tuple(grad.stride())))(name)
-                    self.handles.append(param.register_hook(hook))
+                    self.handles.append(param.register_post_accumulate_grad_hook(functools.partial(self._record, name)))
+
+    def _record(self, name: str, param: torch.Tensor) -> None:
+        # the gradient as autograd leaves it, before DDP's hook reduces it into its bucket
+        self.arrived.setdefault(name, tuple(param.grad.stride()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.handles:
@@ -126,3 +130,27 @@ class GradientLayoutReport(L.Callback):
 
             with open(self.out, "w") as file:
                 json.dump({"checked": len(self.arrived), "mismatched": mismatched}, file)
+
+
+class TouchAtStep(L.Callback):
+    """Create the file `path` once `step` optimizer steps are done (a test waits for it before signalling)."""
+
+    def __init__(self, step: int, path: str):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step and trainer.is_global_zero:
+            open(self.path, "a").close()
+
+
+class KillRankInFirstAttempt(L.Callback):
+    """Under torchrun: SIGKILL rank `rank` once `step` steps are done (after that step's checkpoint), in the
+    first attempt only (TORCHELASTIC_RESTART_COUNT=0), as a crashed GPU or node would."""
+
+    def __init__(self, step: int, rank: int = 1):
+        self.step, self.rank = step, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if first_attempt and trainer.global_rank == self.rank and trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -96,7 +96,7 @@ def test_gradients_arrive_in_their_ddp_bucket_layout_after_the_first_step(tmp_pa
         model = _DepthwiseAfterLinear()
         ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)
         arrived = []
-        model.depthwise.weight.register_hook(lambda grad: arrived.append(grad.stride()))
+        model.depthwise.weight.register_post_accumulate_grad_hook(lambda p: arrived.append(p.grad.stride()))
         before = model.depthwise.weight.detach().clone()
         buckets = []
         for step in range(3):
@@ -114,3 +114,27 @@ def test_gradients_arrive_in_their_ddp_bucket_layout_after_the_first_step(tmp_pa
         assert buckets[1:] == arrived[1:]
     else:
         assert buckets[1:] != arrived[1:]  # what DDP copies every step without the probe
+
+
+def test_every_rank_yields_as_many_validation_batches(photos_dir):
+    """One shard of 12 photos on 3 ranks: rank 0 reads it all (5 + 5 + 2), ranks 1 and 2 yield as many
+    padding batches, so FSDP's collective forward passes meet on every rank."""
+    import torch.multiprocessing as mp
+
+    url = str(photos_dir / "photos" / "val-000000.tar")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = mp.Manager().dict()
+        mp.spawn(_validation_batches_rank, args=(3, f"file://{tmp}/store", url, results), nprocs=3, join=True)
+        sizes = {rank: [(len(keys), padding) for keys, padding in results[rank]] for rank in range(3)}
+        assert sizes[0] == [(5, False), (5, False), (2, False)]
+        assert sizes[1] == sizes[2] == [(1, True)] * 3
+        assert len({k for keys, _ in results[0] for k in keys}) == 12  # every photo once, on rank 0
+
+
+def _validation_batches_rank(rank, world_size, init, url, results):
+    from unilip.data import EvalLoader, SampleTransform
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
+    loader = EvalLoader([url], SampleTransform(32, train=False), batch_size=5, rank=rank, world_size=world_size)
+    results[rank] = [(list(batch["key"]), bool(batch.get("padding"))) for batch in loader]
+    dist.destroy_process_group()

@@ -18,12 +18,13 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from unilip.data.shards import DataError
 from unilip.data.streams import EvalStream, TrainSource, TrainStream
-from unilip.data.transforms import SampleTransform
+from unilip.data.transforms import SampleTransform, collate
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +259,36 @@ class _TrainIterator:
             self.iterator = None
 
 
+class _OtherRanks:
+    """Per batch, whether any rank still has a batch (a scalar all-reduce; every rank calls it equally often)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @classmethod
+    def of_this_process(cls, world_size: int) -> _OtherRanks | None:
+        if world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        nccl = torch.distributed.get_backend() == "nccl"
+        return cls(torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
+
+    def any_left(self, mine: bool) -> bool:
+        count = torch.tensor([float(mine)], device=self.device)
+        torch.distributed.all_reduce(count)
+        return bool(count.item())
+
+
 class EvalLoader:
     """One deterministic pass over evaluation shards per `iter()`; each sample once across ranks.
 
     Yields the batch contract of `unilip.data.transforms.collate` (last batch of each worker may be
-    short). Ranks may get different numbers of batches, or none: reduce metrics once at epoch end on
-    every rank (`unilip.training.validation.EpochMeans`), never with a collective per batch (and
-    not with `self.log(..., sync_dist=True)`, which only the ranks that logged would join).
+    short). Ranks hold different numbers of samples, or none. Under torch.distributed every rank
+    still yields the same number of batches: a rank whose data is done yields padding batches
+    (`batch["padding"]` True: one blank image, no key) while any other rank has data, so that
+    collective forward passes (FSDP gathers parameters in every forward) meet on every rank. The
+    ranks agree on this with one scalar all-reduce per batch. Skip padding batches in metrics, and
+    reduce metrics once at epoch end on every rank (`unilip.training.validation.EpochMeans`), not
+    with `self.log(..., sync_dist=True)`, which only the ranks that logged would join.
 
     Args:
         urls: expanded shard urls, in the order to read them.
@@ -294,6 +318,21 @@ class EvalLoader:
         self.skipped = {"samples": 0, "shards": 0}  # of the latest (or current) pass, this rank
 
     def __iter__(self) -> Iterator[dict]:
+        others = _OtherRanks.of_this_process(self.world_size)
+        for batch in self._batches():
+            if others is not None:
+                others.any_left(True)
+            yield batch
+        while others is not None and others.any_left(False):
+            yield self.padding_batch()
+
+    def padding_batch(self) -> dict:
+        """One blank image without a key (`padding` True), for a rank whose data is done."""
+        size = self.transform.image_size
+        blank = {"image": np.zeros((size, size, 3), dtype=np.uint8), "caption": "", "key": "", "source": None}
+        return collate([blank], self.transform.with_source) | {"padding": True}
+
+    def _batches(self) -> Iterator[dict]:
         stream = EvalStream(
             self.urls,
             self.transform,

@@ -1,5 +1,6 @@
-"""Reading what a run left behind: its saved result, or a Lightning checkpoint (one file, or a
-directory of shards under FSDP2), with the EMA weights in place of the raw ones they average."""
+"""Writing a run's checkpoints, and reading what a run left behind: its saved result, or a Lightning
+checkpoint (one file, or a directory of shards under FSDP2), with the EMA weights in place of the raw
+ones they average."""
 
 from __future__ import annotations
 
@@ -7,8 +8,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from unilip.training.config import ConfigError
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that also writes `last.ckpt` after the run's final step: when
+    `max_steps` is reached or a callback stopped the run (a SLURM requeue, say).
+
+    Saved from `on_train_batch_end`, where Lightning's periodic checkpoints are saved and where its
+    resume logic expects them: a checkpoint written after `fit` returns, at an epoch boundary,
+    resumes with the logged step numbers shifted by one. Lightning runs checkpoint callbacks after
+    all others, so a stop requested in the same step is seen here.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        ending = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+        if ending and self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def locate(path: str | Path, result: str) -> Path:

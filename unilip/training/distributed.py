@@ -3,7 +3,6 @@ sharded checkpoints without a process group."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 import tempfile
 from collections.abc import Iterable
@@ -76,19 +75,22 @@ class GradientLayoutProbe:
     every step ("Grad strides do not match bucket view strides", printed once per process). DDP
     rebuilds its buckets once, at the second step, from the parameters' strides at that time: from
     then on the gradients match their buckets. The strides are recorded by tensor hooks, because
-    after the backward DDP has replaced each gradient by its bucket view.
+    after the backward DDP has replaced each gradient by its bucket view. (A gradient in a genuinely
+    different layout, e.g. a channels-last conv weight gradient, is copied into the parameter's
+    layout by autograd itself, before DDP sees it.)
     """
 
     def __init__(self, params: Iterable[nn.Parameter]):
         self.arrived: dict[int, tuple[nn.Parameter, tuple[int, ...]]] = {}
         self.handles = [
-            param.register_hook(functools.partial(self._record, param))
+            param.register_post_accumulate_grad_hook(self._record)
             for param in params
             if param.requires_grad and 1 in param.shape
         ]
 
-    def _record(self, param: nn.Parameter, grad: torch.Tensor) -> None:
-        self.arrived.setdefault(id(param), (param, grad.stride()))
+    def _record(self, param: nn.Parameter) -> None:
+        # after autograd accumulated the gradient, before DDP's hook reduces it into its bucket
+        self.arrived.setdefault(id(param), (param, param.grad.stride()))
 
     def apply(self) -> int:
         """Restride the parameters (same storage, same values); returns how many changed."""

@@ -308,7 +308,9 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         super().on_validation_epoch_start()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss = self.fixed_timestep_loss(batch)
+        loss = self.fixed_timestep_loss(batch)  # on padding batches too: FSDP's forward is collective
+        if batch.get("padding"):
+            return
         self.val_means.add("val/flow_loss", loss.expand(batch["image"].shape[0]))
         if batch_idx == 0:
             self._grid_rows = self._sample_rows(batch)

@@ -15,11 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from unilip.logs import quiet_third_party_noise
 from unilip.models.hub import load_strict
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
-from unilip.training.checkpoints import read_checkpoint
+from unilip.training.checkpoints import RunCheckpoint, read_checkpoint
 from unilip.training.config import ConfigError, check_train_config
 from unilip.training.generation_setup import build_generation_training
 from unilip.training.lineage import build_teacher, check_same_architecture, load_trained_tokenizer
 from unilip.training.loggers import logger_resume_arguments
+from unilip.training.requeue import SlurmRequeue
 from unilip.training.tokenizer import TokenizerTraining
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,11 @@ def train(cfg: DictConfig) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if not isinstance(trainer.checkpoint_callback, RunCheckpoint):  # RunCheckpoint wrote it at the last step
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if any(isinstance(c, SlurmRequeue) and c.stopped for c in trainer.callbacks):  # not finished: continues later
+        if trainer.is_global_zero:
+            SlurmRequeue.requeue()
+        return run_dir
     module.save_result(run_dir)
     return run_dir

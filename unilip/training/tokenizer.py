@@ -328,7 +328,9 @@ class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["image"]
-        out = self.tokenizer.reconstruct(images)
+        out = self.tokenizer.reconstruct(images)  # on padding batches too: FSDP's forward is collective
+        if batch.get("padding"):
+            return
         recon = out.images.float().clamp(0, 1)
         # eval.py's definitions: per-image PSNR and SSIM (valid region), averaged over images
         self.val_means.add("val/psnr", psnr(images, recon))

@@ -1,0 +1,280 @@
+"""More ranks than validation samples, SLURM requeue and torchrun restarts, with real processes (gloo, CPU).
+
+Every run here is a subprocess with a timeout: a hang fails the test, not the CI run.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 600
+# Weights that cannot move (updates of ~1e-30 vanish in fp32): validation then depends only on the
+# initial weights and the samples, so any number of processes must report the same numbers.
+FROZEN_LR = ["optim.lr=1e-30", "optim.final_lr=1e-30", "optim.discriminator_lr=1e-30"]
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    # one thread per process: several processes x two threads on two cores wait on each other
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def _command(script: str, data_root: Path, run_dir: Path, *overrides: str, launcher: tuple[str, ...] = ()) -> list:
+    return [
+        sys.executable,
+        *launcher,
+        str(REPO / script),
+        f"paths.data_dir={data_root}",
+        f"hydra.run.dir={run_dir}",
+        "trainer.enable_progress_bar=false",
+        *overrides,
+    ]
+
+
+def _run(command: list, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=TIMEOUT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command[1:3]} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+TOKENIZER = [
+    "experiment=quickstart",
+    "data.num_workers=0",
+    "data.val_num_workers=0",
+    "data.pin_memory=false",
+    "loss.perceptual_weight=0",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=2",
+    "stages.stage2.image_size=56",
+    "stages.stage1.image_size=56",
+]
+
+
+def _last(run_dir: Path, key: str) -> float:
+    with open(run_dir / "logs" / "metrics.csv") as file:
+        return [float(row[key]) for row in csv.DictReader(file) if row.get(key)][-1]
+
+
+def _logged(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    with open(run_dir / "logs" / "metrics.csv") as file:
+        return [(int(row["step"]), float(row[key])) for row in csv.DictReader(file) if row.get(key)]
+
+
+@pytest.fixture(scope="module")
+def few_val(photos_dir, tmp_path_factory):
+    """Two-sample validation shards: two photos, and one captioned photo + one edit triplet."""
+    from unilip.data.shards import ShardSink, SkipCounter, read_shard
+
+    root = tmp_path_factory.mktemp("few_val")
+
+    def first(url: Path, count: int) -> list[dict]:
+        return [{k: v for k, v in s.items() if k != "__url__"} for s in read_shard(str(url), SkipCounter())][:count]
+
+    photos = photos_dir / "photos"
+    for name, samples in {
+        "photos": first(photos / "val-000000.tar", 2),
+        "mixed": first(photos / "val-000000.tar", 1) + first(photos / "edit-val-000000.tar", 1),
+    }.items():
+        with ShardSink(root / name, "val") as sink:
+            for sample in samples:
+                sink.write(sample)
+    return {name: str(root / name / "val-000000.tar") for name in ("photos", "mixed")}
+
+
+@pytest.fixture(scope="module")
+def tiny_saved(tiny_config, tmp_path_factory):
+    from unilip.models import UniLIPTokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    UniLIPTokenizer(tiny_config).save_pretrained(path)
+    return path
+
+
+def test_tokenizer_with_more_ranks_than_validation_images(photos_dir, few_val, tiny_saved, tmp_path):
+    """3 ranks, 2 validation images: the run finishes (it hung at the first validation), validation equals
+    one process's, DDP searches no unused parameters, and gradients match their bucket layout."""
+    common = [
+        *TOKENIZER,
+        "stage=2",
+        f"init_from={tiny_saved}",
+        "stages.stage2.max_steps=3",
+        "stages.stage2.gan_start_step=0",  # the discriminator, outside DDP, is in play
+        "data.train_batches_per_epoch=3",
+        f"data.val_urls={few_val['photos']}",
+        *FROZEN_LR,
+    ]
+    one = tmp_path / "one"
+    _run(_command("train.py", photos_dir, one, *common, f"paths.runs_dir={tmp_path}", "trainer=cpu"))
+    three = tmp_path / "three"
+    report = tmp_path / "layout.json"
+    started = time.perf_counter()
+    result = _run(
+        _command(
+            "train.py",
+            photos_dir,
+            three,
+            *common,
+            f"paths.runs_dir={tmp_path}",
+            *DDP,
+            "trainer.devices=3",
+            "+callbacks.layout._target_=tests.helpers.GradientLayoutReport",
+            f"+callbacks.layout.out={report}",
+        )
+    )
+    print(f"3-process tokenizer run: {time.perf_counter() - started:.1f} s")
+    for key in ("val/psnr", "val/ssim", "val/teacher_cosine"):
+        assert _last(three, key) == pytest.approx(_last(one, key), rel=1e-5, abs=1e-5), key
+    assert "find_unused_parameters=True" not in result.stderr
+    layout = json.loads(report.read_text())
+    assert layout["checked"] > 0 and layout["mismatched"] == {}
+
+
+def test_generation_with_more_ranks_than_validation_samples(photos_dir, few_val, tiny_saved, tmp_path):
+    """3 ranks, 2 validation samples (a caption and an edit): the generation module finishes and its
+    fixed-timestep validation loss equals one process's (noise is seeded per sample, not per batch)."""
+    common = [
+        "experiment=generate/quickstart",
+        "stage=1",
+        f"tokenizer_from={tiny_saved}",
+        f"paths.runs_dir={tmp_path}",
+        "data.num_workers=0",
+        "data.val_num_workers=0",
+        "data.pin_memory=false",
+        "data.batch_size=2",
+        "trainer.log_every_n_steps=1",
+        "module.sample_steps=2",
+        "stages.stage1.max_steps=2",
+        "data.train_batches_per_epoch=2",
+        f"data.val_urls={few_val['mixed']}",
+        "optim.lr=1e-30",
+        "optim.final_lr=1e-30",
+    ]
+    one, three = tmp_path / "one", tmp_path / "three"
+    _run(_command("train.py", photos_dir, one, *common, "name=one", "trainer=cpu"))
+    started = time.perf_counter()
+    _run(_command("train.py", photos_dir, three, *common, "name=three", *DDP, "trainer.devices=3"))
+    print(f"3-process generation run: {time.perf_counter() - started:.1f} s")
+    assert _last(three, "val/flow_loss") == pytest.approx(_last(one, "val/flow_loss"), rel=1e-5)
+    assert list((three / "samples").glob("generation_step*.png"))  # rank 0 sampled its grid
+
+
+def test_eval_with_more_ranks_than_images(photos_dir, few_val, tiny_saved, tmp_path):
+    common = [f"ckpt={tiny_saved}", f"data.val_urls={few_val['photos']}", "data.val_num_workers=0", "batch_size=4"]
+    _run(_command("eval.py", photos_dir, tmp_path / "one", *common, "trainer=cpu"))
+    _run(_command("eval.py", photos_dir, tmp_path / "three", *common, *DDP, "trainer.devices=3"))
+    one, three = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "three"))
+    assert [r["key"] for r in three["per_image"]] == [r["key"] for r in one["per_image"]] and len(one["per_image"]) == 2
+    for a, b in zip(one["per_image"], three["per_image"], strict=True):
+        assert b["psnr"] == pytest.approx(a["psnr"], abs=1e-4) and b["ssim"] == pytest.approx(a["ssim"], abs=1e-5)
+
+
+# Stage 1, 8 steps, checkpoint every 2: the uninterrupted run both interrupted runs must equal.
+RESUMABLE = [
+    *TOKENIZER,
+    "stage=1",
+    "stages.stage1.max_steps=8",
+    "checkpoint_every=2",
+    "data.train_batches_per_epoch=4",
+]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def straight(photos_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    _run(_command("train.py", photos_dir, run_dir, *RESUMABLE, f"paths.runs_dir={run_dir.parent}"))
+    return run_dir
+
+
+def test_slurm_requeue_checkpoints_requeues_and_resumes_exactly(photos_dir, straight, tmp_path):
+    """SIGUSR1 (SLURM's `--signal=USR1@...`) to a running job: it stops after a step, writes last.ckpt, calls
+    `scontrol requeue <job id>` and exits without a result; `resume=auto` then finishes the run exactly as
+    the uninterrupted one."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol_calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "unilip",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
+    run_dir = tmp_path / "requeued"
+    started = tmp_path / "started"
+    command = _command(
+        "train.py",
+        photos_dir,
+        run_dir,
+        *RESUMABLE,
+        f"paths.runs_dir={tmp_path}",
+        "resume=auto",
+        "callbacks.requeue.check_every=1",
+        "+callbacks.touch._target_=tests.helpers.TouchAtStep",
+        "+callbacks.touch.step=3",
+        f"+callbacks.touch.path={started}",
+    )
+    process = subprocess.Popen(command, cwd=REPO, env=_env(**slurm), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not started.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGUSR1)  # from outside, as SLURM sends it
+        _, stderr = process.communicate(timeout=TIMEOUT)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr.decode()[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 3 <= stopped_at < 8 and not (run_dir / "tokenizer").exists()  # stopped early, no result written
+
+    _run(command, env=_env(**slurm))  # the requeued job: same command, resume=auto
+    a, b = _weights(straight), _weights(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (run_dir / "tokenizer" / "model.safetensors").exists()
+    assert _logged(run_dir, "loss/total") == _logged(straight, "loss/total")
+
+
+def test_torchrun_restarts_a_killed_rank_and_continues_from_the_last_checkpoint(photos_dir, tmp_path):
+    """`torchrun --max-restarts 1`, rank 1 SIGKILLed after the step-4 checkpoint in the first attempt: torchrun
+    restarts both ranks, which resume from that checkpoint (resume=auto) and finish as an uninterrupted run."""
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    common = [*RESUMABLE, *DDP, "trainer.devices=2", "resume=auto", f"paths.runs_dir={tmp_path}"]
+    straight = tmp_path / "straight"
+    _run(_command("train.py", photos_dir, straight, *common, launcher=(*launcher, "--max-restarts", "0")))
+    restarted = tmp_path / "restarted"
+    kill = ["+callbacks.kill._target_=tests.helpers.KillRankInFirstAttempt", "+callbacks.kill.step=4"]
+    result = _run(
+        _command("train.py", photos_dir, restarted, *common, *kill, launcher=(*launcher, "--max-restarts", "1"))
+    )
+    assert "restart" in result.stderr.lower()  # torchrun's agent reports the restart
+    a, b = _weights(straight), _weights(restarted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _logged(restarted, "loss/total") == _logged(straight, "loss/total")
