@@ -23,6 +23,8 @@ import braceexpand
 import webdataset as wds
 from webdataset.gopen import gopen
 
+from unilip.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # webdataset's own key/extension split: key up to the first dot of the file name, extension after it.
@@ -32,7 +34,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _LOG_FIRST = 10
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The data cannot produce a single good sample; the message says which data and why."""
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from unilip.models.hub import StateDictMismatchError, load_strict, resolve_pretrained
+from unilip.models.hub import StateDictMismatchError, load_strict, load_torch_file, resolve_pretrained
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,9 @@ def load_unilip_checkpoint(path: str | Path, config: TokenizerConfig) -> UniLIPT
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"UniLIP checkpoint '{path}' does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = load_torch_file(path, what="UniLIP checkpoint", mmap=True)
+    if not isinstance(state, dict):
+        raise StateDictMismatchError(f"UniLIP checkpoint '{path}' holds a {type(state).__name__}, not a state dict")
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
