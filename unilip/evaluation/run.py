@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from unilip.entry import start_run
 from unilip.evaluation.metrics import ExternalFeatures, build_fid
 from unilip.evaluation.module import ReconstructionEvaluation
 from unilip.evaluation.report import describe_protocol, write_report
@@ -84,6 +85,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = ReconstructionEvaluation(tokenizer, teacher, lpips, fid, external, grid_images=cfg.grid_images)
     datamodule = instantiate(cfg.data)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    start_run(cfg.out_dir, rank=trainer.global_rank)
     # frozen helpers live outside the module tree (not moved by Lightning): move them here
     for helper in (teacher, lpips, external):
         if helper is not None:
