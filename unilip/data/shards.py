@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # webdataset's own key/extension split: key up to the first dot of the file name, extension after it.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]+):")  # pipe:, s3:, https: ... (two letters at least: not C:)
 # At most this many skips are logged one by one per worker; the rest only count.
 _LOG_FIRST = 10
 
@@ -42,23 +43,48 @@ def expand_urls(urls: str | Sequence[str], what: str = "urls") -> list[str]:
     """Expand brace patterns (`shard-{000..099}.tar`) and globs (`dir/*.tar`) into a list of urls.
 
     Brace patterns and plain paths are kept even when the file does not exist (it is skipped,
-    and counted, when read); a glob that matches nothing is an error, because it almost always
-    means a wrong data directory. `pipe:` urls are passed through untouched.
+    and counted, when read); a glob that matches nothing, local paths none of which exists, or a
+    directory given as a shard is an error, because it almost always means a wrong data directory.
+    `pipe:` and remote urls are passed through untouched.
     """
     specs = [urls] if isinstance(urls, str) else list(urls)
     out: list[str] = []
     for spec in specs:
         for url in braceexpand.braceexpand(str(spec)):
             if url.startswith("pipe:") or not _GLOB_CHARS.search(url):
+                if str(spec) == url:
+                    _not_a_directory(url, what)  # a plain path: a folder here is a common slip
                 out.append(url)
                 continue
             matches = sorted(glob.glob(url))
             if not matches:
                 raise DataError(f"{what}: no shard matches {url!r}; check the path (and the data directory)")
+            for match in matches:
+                _not_a_directory(match, what)
             out.extend(matches)
     if not out:
         raise DataError(f"{what}: no urls given; set {what} to shard paths, a glob or a brace pattern")
+    local = [_local_path(url) for url in out]
+    if all(path is not None for path in local) and not any(path.exists() for path in local):
+        raise DataError(
+            f"{what}: none of the {len(out)} shard files exists (first: {out[0]}); check the path (and the data "
+            "directory)"
+        )
     return out
+
+
+def _local_path(url: str) -> Path | None:
+    """The file a url names, or None for a pipe or a remote url (which only reading can check)."""
+    scheme = _SCHEME.match(url)
+    if scheme is not None and scheme.group(1) != "file":
+        return None
+    return Path(url.removeprefix("file://").removeprefix("file:"))
+
+
+def _not_a_directory(url: str, what: str) -> None:
+    path = _local_path(url)
+    if path is not None and path.is_dir():
+        raise DataError(f"{what}: {url} is a directory, not a shard; give the shards in it ({path / '*.tar'})")
 
 
 @dataclass
