@@ -6,6 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from unilip.errors import ConfigError
 from unilip.models.tokenizer import CONFIG_NAME, TokenizerConfig, UniLIPTokenizer
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -42,7 +43,7 @@ def load_tokenizer(source: str | Path, *, preset: str | None = None) -> UniLIPTo
     path = Path(source)
     if path.suffix in (".pth", ".pt"):
         if preset is None:
-            raise ValueError(f"'{path}' is a released UniLIP checkpoint; pass its preset (unilip_1b or unilip_2b)")
+            raise ConfigError(f"'{path}' is a released UniLIP checkpoint; pass its preset (unilip_1b or unilip_2b)")
         from unilip.models.internvl import load_unilip_checkpoint
 
         return load_unilip_checkpoint(path, tokenizer_preset(preset))

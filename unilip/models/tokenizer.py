@@ -31,6 +31,7 @@ from torch import nn
 from transformers import InternVLConfig, InternVLVisionConfig, InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
 
+from unilip.errors import ConfigError
 from unilip.models.hub import (
     WeightsNotFoundError,
     load_safetensors,
@@ -283,7 +284,7 @@ class UniLIPTokenizer(nn.Module):
         checkpoint silently keeps random weights, which is why this exists).
         """
         path = resolve_pretrained(name_or_path, what="InternVL weights", option="model.internvl_weights")
-        _check_vision_config(path, self.config)
+        check_vision_config(path, self.config)
         for module, names in (
             (self.vision_tower, ("vision_tower.", "model.vision_tower.")),
             (self.multi_modal_projector, ("multi_modal_projector.", "model.multi_modal_projector.")),
@@ -339,7 +340,7 @@ class UniLIPTokenizer(nn.Module):
         return model.to(dtype=dtype) if dtype is not None else model
 
 
-def _check_vision_config(path: Path, config: TokenizerConfig) -> None:
+def check_vision_config(path: Path, config: TokenizerConfig) -> None:
     """Refuse an InternVL checkpoint whose ViT or projector differs from the preset."""
     config_file = path / CONFIG_NAME if path.is_dir() else None
     if config_file is None or not config_file.exists():
@@ -374,7 +375,7 @@ def _check_vision_config(path: Path, config: TokenizerConfig) -> None:
     if text_hidden is not None and text_hidden != config.llm_hidden_size:
         diffs.append(f"llm_hidden_size: {text_hidden} != {config.llm_hidden_size}")
     if diffs:
-        raise ValueError(
+        raise ConfigError(
             f"InternVL checkpoint '{path}' does not fit the tokenizer preset ({'; '.join(diffs)}); "
             "pick the preset that matches the checkpoint"
         )
