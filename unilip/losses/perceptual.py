@@ -116,7 +116,7 @@ class ConvNeXtLogitLoss(nn.Module):
             self.net = timm.create_model(model_name, pretrained=False)
         if weights not in (None, "download"):
             self.net.load_state_dict(_load_weights_file(weights), strict=True)
-        else:
+        elif weights is None:
             log.warning(
                 "ConvNeXt logit loss: no weights (set loss.convnext_weights=<%s weights>); using a RANDOM "
                 "network: this is not the loss of the recipe",
