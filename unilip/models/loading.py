@@ -9,7 +9,17 @@ from omegaconf import OmegaConf
 from unilip.errors import ConfigError
 from unilip.models.tokenizer import CONFIG_NAME, TokenizerConfig, UniLIPTokenizer
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _conf_dir() -> Path:
+    """The Hydra configs: `unilip/conf` in an installed package (pyproject maps the repository's conf/
+    there), else the repository's top-level conf/ beside the package (a checkout, or an editable install)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "conf"
+    return installed if installed.is_dir() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 def compose_config(name: str, overrides: list[str]):
