@@ -15,9 +15,12 @@ from unilip.entry import hydra_job, main_with_one_line_errors
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from unilip.training.run import train
-
     with hydra_job(cfg, precious=("checkpoints",)):  # a refused run changes nothing on disk
+        from unilip.training.config import check_train_config
+
+        check_train_config(cfg)  # before the heavy imports: a config mistake is reported at once
+        from unilip.training.run import train
+
         train(cfg)
 
 

@@ -71,7 +71,7 @@ class _Job:
     config: DictConfig  # the task's config as Hydra handed it over (what Hydra saves as .hydra/config.yaml)
     run_dir: Path
     buffer: logging.handlers.MemoryHandler
-    started: bool = False
+    log_file: logging.FileHandler | None = None  # opened by start_run
 
 
 _job: _Job | None = None
@@ -104,8 +104,10 @@ def hydra_job(cfg: DictConfig, precious: tuple[str, ...] = ()) -> Iterator[None]
                     raise ConfigError(f"{key} is required; pass {key}=<value> on the command line") from None
                 raise
     finally:
-        logging.getLogger().removeHandler(buffer)
-        buffer.close()
+        for handler in (buffer, _job.log_file):
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
         _job = None
 
 
@@ -114,11 +116,10 @@ def start_run(run_dir: str | Path, rank: int = 0) -> None:
 
     Does nothing outside `hydra_job` (a config composed in a test or a notebook).
     """
-    if _job is None or _job.started:
+    if _job is None or _job.log_file is not None:
         return
     from hydra.core.hydra_config import HydraConfig
 
-    _job.started = True
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     hydra = HydraConfig.instance().cfg
@@ -129,13 +130,13 @@ def start_run(run_dir: str | Path, rank: int = 0) -> None:
         (out / "hydra.yaml").write_text(OmegaConf.to_yaml(hydra), encoding="utf-8")
         (out / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra.hydra.overrides.task), encoding="utf-8")
     root = logging.getLogger()
-    handler = logging.FileHandler(run_dir / f"{hydra.hydra.job.name}.log", encoding="utf-8")
-    console = next((h for h in root.handlers if isinstance(h, logging.StreamHandler) and h is not _job.buffer), None)
-    handler.setFormatter(console.formatter if console is not None else logging.Formatter())
-    _job.buffer.setTarget(handler)
-    _job.buffer.flush()
+    console = next((h for h in root.handlers if isinstance(h, logging.StreamHandler)), None)
+    _job.log_file = logging.FileHandler(run_dir / f"{hydra.hydra.job.name}.log", encoding="utf-8")
+    _job.log_file.setFormatter(console.formatter if console is not None else logging.Formatter())
+    _job.buffer.setTarget(_job.log_file)
+    _job.buffer.flush()  # the lines logged while the run was being checked
     root.removeHandler(_job.buffer)
-    root.addHandler(handler)
+    root.addHandler(_job.log_file)
 
 
 def _remove_stub(run_dir: Path, precious: tuple[str, ...]) -> None:
@@ -145,15 +146,17 @@ def _remove_stub(run_dir: Path, precious: tuple[str, ...]) -> None:
         return  # it existed before this run: never touched
     if any(path.is_file() for name in precious for path in (run_dir / name).rglob("*")):
         return  # a run that computed something keeps it
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(run_dir):
-            handler.close()
-            logging.getLogger().removeHandler(handler)
+    if _job is not None and _job.log_file is not None:
+        logging.getLogger().removeHandler(_job.log_file)
+        _job.log_file.close()
+        _job.log_file = None
     shutil.rmtree(run_dir)
     for parent in run_dir.parents:  # the parents this run created, while nothing else is in them
-        if not (parent == created or created in parent.parents) or any(parent.iterdir()):
+        if not (parent == created or created in parent.parents):
             break
-        parent.rmdir()
+        if any(path.name != "multirun.yaml" for path in parent.iterdir()):  # Hydra's sweep record aside
+            break
+        shutil.rmtree(parent)
 
 
 def main_with_one_line_errors(main: Callable[[], Any]) -> None:

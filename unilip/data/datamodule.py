@@ -128,6 +128,11 @@ class ShardDataModule(L.LightningDataModule):
         if self.build_photos:
             from unilip.data.samples import build_photo_shards, photo_shards_exist
 
+            # The other sources first: a run whose own data is missing stops before anything is written.
+            for source in self.train_sources:
+                urls = [source["urls"]] if isinstance(source["urls"], str) else source["urls"]
+                if not all(str(url).startswith(str(self.photos_dir)) for url in urls):
+                    expand_urls(source["urls"], f"data.train_sources[{source['name']}].urls")
             if not photo_shards_exist(self.photos_dir):
                 log.info("building the bundled photo shards in %s", self.photos_dir)
                 build_photo_shards(self.photos_dir)

@@ -161,8 +161,8 @@ class ShardSink:
     """Write sample dicts to `<out_dir>/<prefix>-%06d.tar`, starting a new shard at a count or size limit."""
 
     def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int = 1000, max_bytes: float = 1e9):
-        self.pattern = str(Path(out_dir) / f"{prefix}-%06d.tar")
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self.out_dir = Path(out_dir)  # created with the first shard: writing nothing leaves nothing behind
+        self.pattern = str(self.out_dir / f"{prefix}-%06d.tar")
         self.samples_per_shard, self.max_bytes = samples_per_shard, max_bytes
         self.shards: list[str] = []
         self._writer: wds.TarWriter | None = None
@@ -171,6 +171,7 @@ class ShardSink:
     def write(self, sample: dict) -> None:
         if self._writer is None or self._count >= self.samples_per_shard or self._bytes >= self.max_bytes:
             self.close()
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             self.shards.append(self.pattern % len(self.shards))
             # mtime=0: the same input gives byte-identical shards
             self._writer = wds.TarWriter(self.shards[-1], encoder=False, mtime=0)
