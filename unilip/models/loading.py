@@ -10,7 +10,6 @@ from unilip.errors import ConfigError
 from unilip.models.tokenizer import CONFIG_NAME, TokenizerConfig, UniLIPTokenizer
 
 
-
 def _conf_dir() -> Path:
     """The Hydra configs: `unilip/conf` in an installed package (pyproject maps the repository's conf/
     there), else the repository's top-level conf/ beside the package (a checkout, or an editable install)."""
