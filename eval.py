@@ -8,22 +8,19 @@ Writes results.json (per image and aggregate, with the resolved config), summary
 reconstructions.png into the run directory. Configuration: conf/eval.yaml; see README.md.
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
+
+from unilip.entry import hydra_job, main_with_one_line_errors
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from unilip.evaluation.run import evaluate
-    from unilip.training.config import ConfigError
 
-    try:
+    with hydra_job(cfg):  # a failed evaluation leaves no directory behind
         evaluate(cfg)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
-    main()
+    main_with_one_line_errors(main)

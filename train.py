@@ -7,22 +7,22 @@
 Configuration: conf/train.yaml and its groups; see README.md.
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
+
+from unilip.entry import hydra_job, main_with_one_line_errors
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from unilip.training.config import ConfigError
-    from unilip.training.run import train
+    with hydra_job(cfg, precious=("checkpoints",)):  # a refused run changes nothing on disk
+        from unilip.training.config import check_train_config
 
-    try:
+        check_train_config(cfg)  # before the heavy imports: a config mistake is reported at once
+        from unilip.training.run import train
+
         train(cfg)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
-    main()
+    main_with_one_line_errors(main)

@@ -83,7 +83,8 @@ def test_batch_contract_and_input_modes(tmp_path):
     assert batch["image"].min() >= 0 and batch["image"].max() <= 1 and batch["image"].is_contiguous()
     assert batch["key"] == ["rgb", "gray", "cmyk", "rgba", "nocap"]
     assert batch["caption"] == ["a rgb image", "a gray image", "a cmyk image", "a red square", ""]
-    assert torch.allclose(batch["image"][3, :, 16, 16], torch.tensor([1.0, 0.0, 0.0]))  # RGBA -> RGB
+    # RGBA (255, 0, 0, alpha 128) over white: 255 * (1 - 128 / 255) = 127 in green and blue
+    assert torch.allclose(batch["image"][3, :, 16, 16], torch.tensor([255, 127, 127]) / 255)
 
 
 def _webp() -> bytes:

@@ -66,7 +66,7 @@ def test_original_bytes_are_kept_unless_a_resize_is_asked(tmp_path):
     assert names == ["a.jpg", "b.png"]  # BMP is not read by the loader: stored as lossless PNG
     write_shards(folder_records(tmp_path / "in"), tmp_path / "small", prefix="s", max_size=40)
     with tarfile.open(tmp_path / "small" / "s-000000.tar") as tar:
-        assert Image.open(io.BytesIO(tar.extractfile("a.jpg").read())).size == (40, 30)
+        assert Image.open(io.BytesIO(tar.extractfile("a.jpg").read())).size == (53, 40)  # shorter side 60 -> 40
 
 
 def test_class_folders_write_label_and_class_name(tmp_path):

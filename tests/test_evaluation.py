@@ -79,6 +79,8 @@ def test_eval_of_a_perfect_reconstruction_end_to_end(photos_dir, saved_tokenizer
     written = json.loads((tmp_path / "out" / "results.json").read_text())  # strict JSON: no inf or NaN
     assert written["aggregate"] == agg and len(written["per_image"]) == 12
     assert written["config"]["protocol"] == 256 and "reflect-pad to 280x280" in written["protocol"]
+    assert written["complete"] is True and written["skipped"] == {"samples": 0, "shards": 0}
+    assert "INCOMPLETE" not in (tmp_path / "out" / "summary.md").read_text()
     assert (tmp_path / "out" / "reconstructions.png").exists()
     # without Inception / VGG weights: no rFID, no LPIPS, and a note saying so; everything else reported
     assert results["rfid"] is None and "lpips" not in agg
@@ -87,6 +89,36 @@ def test_eval_of_a_perfect_reconstruction_end_to_end(photos_dir, saved_tokenizer
     # the protocol names what was measured, and only that
     assert "PSNR" in written["protocol"] and "feature fidelity" in written["protocol"]
     assert "rFID" not in written["protocol"] and "LPIPS" not in written["protocol"]
+
+
+def test_skipped_data_is_recorded_and_the_summary_says_the_set_was_incomplete(photos_dir, saved_tokenizer, tmp_path):
+    import webdataset as wds
+
+    bad = tmp_path / "bad.tar"  # two undecodable samples between two good ones
+    good = (photos_dir / "photos" / "val-000000.tar").read_bytes()
+    with wds.TarWriter(str(bad), encoder=False) as writer:
+        for key in ("a", "b", "c", "d"):
+            image = b"not an image" if key in "bc" else _first_image(good)
+            writer.write({"__key__": key, "jpg": image})
+    broken = tmp_path / "broken.tar"
+    broken.write_text("not a tar file")  # an unreadable shard, read last
+    urls = f"data.val_urls=['{photos_dir / 'photos' / 'val-*.tar'}','{bad}','{broken}']"
+    results = evaluate(compose_eval(photos_dir, tmp_path / "out", f"ckpt={saved_tokenizer}", urls))
+    assert results["images"] == 12 + 2
+    assert results["complete"] is False and results["skipped"] == {"samples": 2, "shards": 1}
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["skipped"] == {"samples": 2, "shards": 1} and written["complete"] is False
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert summary.startswith("**INCOMPLETE: 2 samples and 1 shards of the evaluation set could not be read")
+
+
+def _first_image(shard: bytes) -> bytes:
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(shard)) as tar:
+        member = next(m for m in tar if m.name.endswith((".jpg", ".png")))
+        return tar.extractfile(member).read()
 
 
 def test_the_protocol_names_every_measured_metric():

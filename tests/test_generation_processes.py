@@ -46,6 +46,7 @@ def run_generate(data_root, runs_dir, stage, *overrides, name="mp"):
     ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"train.py failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    assert "transfer_batch_to_device" not in result.stderr  # the module moves its batches on purpose
     return runs_dir / name / "generate" / f"stage{stage}"
 
 

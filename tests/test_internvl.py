@@ -90,7 +90,8 @@ def test_import_lists_unknown_and_missing_keys(tiny_tokenizer, tmp_path):
         load_tokenizer(tmp_path / "bad.pth")
 
 
-def tiny_internvl(tokenizer: UniLIPTokenizer) -> InternVLForConditionalGeneration:
+def tiny_internvl(tokenizer: UniLIPTokenizer, **options) -> InternVLForConditionalGeneration:
+    """A tiny InternVL whose ViT and projector have the tokenizer's sizes; `options` change its config."""
     config = InternVLConfig(
         vision_config=tokenizer.config.vision,
         text_config=dict(
@@ -104,6 +105,7 @@ def tiny_internvl(tokenizer: UniLIPTokenizer) -> InternVLForConditionalGeneratio
         ),
         image_token_id=300,
         tie_word_embeddings=False,
+        **options,
     )
     torch.manual_seed(1)
     return InternVLForConditionalGeneration(config).eval()
@@ -196,3 +198,76 @@ def _saved(model, tmp_path):
 def test_export_cli_reports_a_missing_tokenizer_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: .*no such file or directory"):
         export_main(["--tokenizer", str(tmp_path / "missing"), "--base", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def _tree(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"projector_hidden_act": "relu"}, "projector_hidden_act='relu', the tokenizer's is 'gelu'"),
+        ({"vision_feature_layer": -2}, "vision_feature_layer=-2, the tokenizer's is -1"),
+        ({"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy='full'"),
+    ],
+)
+def test_export_refuses_a_base_that_computes_other_features(tiny_tokenizer, tmp_path, options, named):
+    """These bases loaded and exported as 'verified' (relu: max diff 5.7e-2); they are refused before loading."""
+    tiny_internvl(tiny_tokenizer, **options).save_pretrained(tmp_path / "base")
+    before = _tree(tmp_path)
+    args = ["--tokenizer", str(_saved(tiny_tokenizer, tmp_path)), "--base", str(tmp_path / "base")]
+    with pytest.raises(SystemExit, match=r"^error: --base .* computes image features differently") as error:
+        export_main([*args, "--out", str(tmp_path / "out")])
+    assert named in str(error.value)
+    assert not (tmp_path / "out").exists() and _tree(tmp_path).keys() - before.keys() == {
+        p.relative_to(tmp_path) for p in (tmp_path / "tokenizer").iterdir()
+    }
+
+
+def test_export_refuses_a_base_that_is_not_an_internvl_checkpoint(tiny_tokenizer, tmp_path):
+    """The tokenizer's own folder as --base: once loaded with a default 4096-wide LLM until killed for memory."""
+    saved = _saved(tiny_tokenizer, tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: --base .* is not a transformers InternVL checkpoint"):
+        export_main(["--tokenizer", str(saved), "--base", str(saved), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_verification_exits_without_a_checkpoint(tiny_tokenizer, tmp_path, monkeypatch):
+    """Past the config check (switched off here), the feature comparison itself refuses the relu base."""
+    tiny_internvl(tiny_tokenizer, projector_hidden_act="relu").save_pretrained(tmp_path / "base")
+    monkeypatch.setattr("unilip.models.internvl.check_internvl_base", lambda *args: None)
+    out = tmp_path / "new" / "out"
+    args = ["--tokenizer", str(_saved(tiny_tokenizer, tmp_path)), "--base", str(tmp_path / "base")]
+    with pytest.raises(SystemExit, match=r"^error: the exported model's image features differ .* by \S+ \(tolerance"):
+        export_main([*args, "--out", str(out)])
+    assert not (tmp_path / "new").exists()  # neither the output, nor the staging directory, nor its parent
+
+
+def test_a_bfloat16_export_is_checked_as_tightly_as_float32(tiny_tokenizer, internvl_dir, tmp_path, caplog):
+    from unilip.models.internvl import export_to_internvl, verify_export
+
+    base, _ = internvl_dir
+    for dtype in (torch.float32, torch.bfloat16):
+        out = export_to_internvl(tiny_tokenizer, base, tmp_path / str(dtype), dtype=dtype)
+        check = verify_export(tiny_tokenizer, out)
+        assert check.dtype == dtype and check.ok and check.difference <= 1e-5
+        if dtype == torch.float32:
+            assert check.rounding == 0
+        else:  # rounding the weights to bfloat16 moves the features far more than the tolerance allows
+            assert check.rounding > 10 * check.tolerance
+    with caplog.at_level("INFO"):
+        export_main(
+            [
+                "--tokenizer",
+                str(_saved(tiny_tokenizer, tmp_path)),
+                "--base",
+                str(base),
+                "--out",
+                str(tmp_path / "cli"),
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+    assert "verified" in caplog.text and "saving in bfloat16 moves them by" in caplog.text
+    assert not [p for p in tmp_path.iterdir() if ".incomplete-" in p.name]

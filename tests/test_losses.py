@@ -66,6 +66,22 @@ def test_perceptual_losses_warn_loudly_without_weights(caplog, monkeypatch):
     assert "RANDOM backbone" in caplog.text and "RANDOM network" in caplog.text
 
 
+def test_downloaded_convnext_weights_are_not_called_random(caplog, monkeypatch):
+    import timm
+
+    create = timm.create_model
+    downloads = []
+
+    def offline_download(name, pretrained=False, **kwargs):  # what a successful hub download returns
+        downloads.append(pretrained)
+        return create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline_download)
+    with caplog.at_level(logging.WARNING):
+        assert ConvNeXtLogitLoss("download", input_size=32).pretrained
+    assert downloads == [True] and "RANDOM" not in caplog.text
+
+
 def test_convnext_logit_loss_reads_weights_and_is_zero_on_identity(tmp_path):
     import timm
     from safetensors.torch import save_file

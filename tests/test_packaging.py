@@ -32,3 +32,12 @@ def test_every_dependency_has_a_lower_bound_pinned_in_the_lower_bounds_file():
 def test_constraints_pin_every_direct_dependency():
     pins = {name.lower(): version for name, version in _pins(REPO / "constraints.txt").items()}
     assert {"torch", "lightning", "transformers", "diffusers", "webdataset", "hydra-core"} <= pins.keys()
+
+
+def test_every_package_and_config_ships_in_the_wheel():
+    """pyproject lists the packages explicitly (conf/ is mapped into unilip/conf): none may be forgotten."""
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "unilip").rglob("__init__.py")}
+    assert set(tool["packages"]) == on_disk | {"unilip.conf"}
+    assert tool["package-dir"] == {"unilip.conf": "conf"} and tool["package-data"] == {"unilip.conf": ["**/*.yaml"]}
+    assert not [p for p in (REPO / "conf").rglob("*") if p.is_file() and p.suffix != ".yaml"]  # all are *.yaml

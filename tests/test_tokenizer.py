@@ -136,6 +136,20 @@ def test_missing_weights_offline_is_a_clear_error(tiny_config):
         build_tokenizer(tiny_config, decoder_weights="/nonexistent/dcae")
 
 
+def test_the_hubs_own_error_text_is_kept(tiny_config, monkeypatch):
+    """An auth or disk error must not read as 'no network': the hub's first line is in the message."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("[Errno 13] Permission denied: '/cache/models--OpenGVLab--InternVL3-1B-hf'\nmore")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", refuse)
+    with pytest.raises(WeightsNotFoundError) as error:
+        build_tokenizer(tiny_config, internvl_weights="OpenGVLab/InternVL3-1B-hf")
+    message = str(error.value)
+    assert "PermissionError: [Errno 13] Permission denied: '/cache/models--OpenGVLab" in message
+    assert "\n" not in message and "more" not in message  # one line
+
+
 def test_frozen_teacher_equals_the_encoder_and_serves_as_a_loss_target(tiny_tokenizer):
     from unilip.models.tokenizer import FrozenEncoder
 

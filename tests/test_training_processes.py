@@ -129,6 +129,18 @@ def test_bad_configs_fail_with_one_clear_line(photos_dir, tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_a_run_prints_each_line_once_and_writes_hydras_files_once_accepted(photos_dir, tmp_path):
+    run = tmp_path / "run"
+    small = ["stages.stage1.max_steps=2", "stages.stage1.image_size=56", "data.train_batches_per_epoch=2"]
+    result = run_train(photos_dir, run, "stage=1", *small, "data.batch_size=2", "trainer.enable_progress_bar=true")
+    output = result.stdout + result.stderr
+    assert output.count("Seed set to 0") == 1 and output.count("`Trainer.fit` stopped") == 1  # not twice
+    assert "Epoch 0" in output and "/-2" not in output  # the epoch without Lightning's "max_epochs - 1"
+    assert "- stage=1" in (run / ".hydra" / "overrides.yaml").read_text()
+    assert "stage: 1" in (run / ".hydra" / "config.yaml").read_text()
+    assert "Seed set to 0" in (run / "train.log").read_text()  # logged before the run was accepted: kept
+
+
 def _photo_tensor(photos_dir, path, count=16, size=56):
     """A fixed stack of real photo crops in [0, 1], as the DDP test's global batches."""
     from unilip.data import ShardDataModule

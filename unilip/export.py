@@ -5,19 +5,29 @@
 `--tokenizer` is a `save_pretrained` directory or a released `.pth` (then give `--preset`).
 The output is a complete transformers InternVL checkpoint (language model, tokenizer and
 processor files from `--base`) that `InternVLForConditionalGeneration.from_pretrained`
-loads directly. Unless `--no-verify`, it is reloaded and its image features are compared
-with the tokenizer's.
+loads directly. A base whose image-feature path differs from the tokenizer's (another
+projector activation, feature layer, CLS handling, pixel-shuffle ratio or size) is refused
+before it is loaded. Unless `--no-verify`, the result is reloaded and its image features are
+compared with the tokenizer's; it is written next to `--out` and moved there only once it
+passed, so a failed export leaves nothing that looks like a checkpoint. `--out` must not exist
+(or be empty).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
+from unilip.errors import ConfigError
 from unilip.logs import one_line_errors
-from unilip.models.internvl import export_to_internvl, verify_export
+from unilip.models.internvl import ExportMismatchError, export_to_internvl, verify_export
 from unilip.models.loading import load_tokenizer
 
 log = logging.getLogger("unilip.export")
@@ -30,20 +40,57 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", required=True, help="save_pretrained directory, or a released UniLIP .pth")
     parser.add_argument("--preset", default=None, help="tokenizer preset for a .pth file: unilip_1b or unilip_2b")
     parser.add_argument("--base", required=True, help="base InternVL checkpoint (hub id or directory, -hf format)")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (new, or empty)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="dtype to save in (auto: the base's)")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading and comparing features")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    with one_line_errors(OSError, ValueError):
+    with one_line_errors():
+        out = args.out
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"--out {out} already exists and is not empty; choose a new directory")
         tokenizer = load_tokenizer(args.tokenizer, preset=args.preset)
-        out = export_to_internvl(tokenizer, args.base, args.out, dtype=DTYPES[args.dtype])
+        with _staging(out) as staging:
+            export_to_internvl(tokenizer, args.base, staging, dtype=DTYPES[args.dtype])
+            if not args.no_verify:
+                check = verify_export(tokenizer, staging)
+                if not check.ok:
+                    raise ExportMismatchError(
+                        f"the exported model's image features differ from the tokenizer's by {check.difference:.2e} "
+                        f"(tolerance {check.tolerance:.2e}); nothing was written to {out}"
+                    )
+            if out.exists():
+                out.rmdir()
+            staging.rename(out)
     if not args.no_verify:
-        diff = verify_export(tokenizer, out)
         log.info(
-            "verified: transformers loads %s with no missing or unexpected keys; feature max |diff| = %.2e", out, diff
+            "verified: transformers loads %s with no missing or unexpected keys; its image features equal the "
+            "tokenizer's with %s weights (max |diff| %.2e, tolerance %.2e); saving in %s moves them by %.2e",
+            *(out, _name(check.dtype), check.difference, check.tolerance, _name(check.dtype), check.rounding),
         )
+    log.info("wrote %s", out)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A fresh directory beside `out` (same filesystem: the final rename is atomic); removed, with any parent
+    directories this created, unless it has been moved to `out`."""
+    created = [parent for parent in [out.parent, *out.parent.parents] if not parent.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.parent))
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+            for parent in created:  # innermost first
+                if not any(parent.iterdir()):
+                    parent.rmdir()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,14 @@ def quiet_third_party_noise() -> None:
     # Lightning's advice for manual optimisation; our checkpoints are meant to hold the state after
     # the step they are named after (resume is tested to be exact).
     warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
+    # The generation module moves its own batches on purpose (edit flags stay on the host).
+    warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device` in `LightningModule`.*")
+    # `import lightning` gives its logger a console handler of its own; where the application has
+    # configured logging (Hydra's handlers on the root logger), every Lightning line would print twice.
+    if logging.getLogger().handlers:
+        lightning = logging.getLogger("lightning")
+        for handler in list(lightning.handlers):
+            lightning.removeHandler(handler)
 
 
 def is_logging_step(trainer) -> bool:
@@ -40,10 +48,13 @@ def is_logging_step(trainer) -> bool:
 @contextmanager
 def one_line_errors(*kinds: type[BaseException]) -> Iterator[None]:
     """For command-line tools: a user's mistake (a missing path, an unreadable image, weights that do not
-    fit) ends the program with its one-line message instead of a traceback. UNILIP_TRACEBACK=1 shows it."""
+    fit: `unilip.errors.USER_ERRORS` and any `kinds` given) ends the program with its message on one line
+    instead of a traceback. UNILIP_TRACEBACK=1 shows the traceback."""
+    from unilip.errors import USER_ERRORS, one_line
+
     try:
         yield
-    except kinds as error:
+    except (*USER_ERRORS, *kinds) as error:
         if os.environ.get("UNILIP_TRACEBACK"):
             raise
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {one_line(error)}")

@@ -28,13 +28,14 @@ from unilip.data.loaders import EvalLoader, TrainLoader
 from unilip.data.shards import expand_urls
 from unilip.data.streams import TrainSource
 from unilip.data.transforms import SampleTransform
+from unilip.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
-        raise ValueError(f"data.{name}={value!r}: must be a positive integer")
+        raise ConfigError(f"data.{name}={value!r}: must be a positive integer")
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -98,13 +99,13 @@ class ShardDataModule(L.LightningDataModule):
         _positive("shuffle_buffer", shuffle_buffer)
         _positive("max_consecutive_failures", max_consecutive_failures)
         if num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers}: must be >= 0")
+            raise ConfigError(f"data.num_workers={num_workers}: must be >= 0")
         if build_photos and not photos_dir:
-            raise ValueError("data.build_photos=true needs data.photos_dir (where to write the photo shards)")
+            raise ConfigError("data.build_photos=true needs data.photos_dir (where to write the photo shards)")
         self.train_sources = [_parse_source(i, s) for i, s in enumerate(train_sources or [])]
         names = [s["name"] for s in self.train_sources]
         if len(set(names)) != len(names):
-            raise ValueError(f"data.train_sources: names {names} must be unique")
+            raise ConfigError(f"data.train_sources: names {names} must be unique")
         self.val_urls = val_urls
         self.image_size = image_size
         self.batch_size = batch_size
@@ -127,6 +128,11 @@ class ShardDataModule(L.LightningDataModule):
         if self.build_photos:
             from unilip.data.samples import build_photo_shards, photo_shards_exist
 
+            # The other sources first: a run whose own data is missing stops before anything is written.
+            for source in self.train_sources:
+                urls = [source["urls"]] if isinstance(source["urls"], str) else source["urls"]
+                if not all(str(url).startswith(str(self.photos_dir)) for url in urls):
+                    expand_urls(source["urls"], f"data.train_sources[{source['name']}].urls")
             if not photo_shards_exist(self.photos_dir):
                 log.info("building the bundled photo shards in %s", self.photos_dir)
                 build_photo_shards(self.photos_dir)
@@ -141,7 +147,7 @@ class ShardDataModule(L.LightningDataModule):
         if self.world_size is None:
             self.world_size = trainer.world_size if trainer is not None else 1
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"data: rank {self.rank} is not in [0, world_size={self.world_size})")
+            raise ConfigError(f"data: rank {self.rank} is not in [0, world_size={self.world_size})")
         self._sources = [
             TrainSource(s["name"], tuple(expand_urls(s["urls"], f"data.train_sources[{s['name']}].urls")), s["weight"])
             for s in self.train_sources
@@ -155,7 +161,7 @@ class ShardDataModule(L.LightningDataModule):
         """The training loader; the same one on every call, so that its position (epoch, batch)
         carries over if Lightning asks again (e.g. `reload_dataloaders_every_n_epochs`)."""
         if not self.train_sources:
-            raise ValueError("data.train_sources is empty: this data config is for evaluation only")
+            raise ConfigError("data.train_sources is empty: this data config is for evaluation only")
         self._ensure_setup()
         loader = self._train_loader
         if loader is not None and (loader.rank, loader.world_size) == (self.rank, self.world_size):
@@ -211,12 +217,12 @@ class ShardDataModule(L.LightningDataModule):
 def _parse_source(index: int, source: Mapping[str, Any]) -> dict[str, Any]:
     where = f"data.train_sources[{index}]"
     if not isinstance(source, Mapping) or "urls" not in source:
-        raise ValueError(
+        raise ConfigError(
             f"{where}={source!r}: expected {{name: str, urls: list | glob | brace pattern, weight: float}}"
         )
     weight = float(source.get("weight", 1.0))
     if not weight > 0:
-        raise ValueError(f"{where}.weight={weight}: must be > 0")
+        raise ConfigError(f"{where}.weight={weight}: must be > 0")
     urls = source["urls"]
     urls = str(urls) if isinstance(urls, (str, Path)) else [str(u) for u in urls]
     return {"name": str(source.get("name", f"source{index}")), "urls": urls, "weight": weight}

@@ -23,16 +23,19 @@ import braceexpand
 import webdataset as wds
 from webdataset.gopen import gopen
 
+from unilip.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # webdataset's own key/extension split: key up to the first dot of the file name, extension after it.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]+):")  # pipe:, s3:, https: ... (two letters at least: not C:)
 # At most this many skips are logged one by one per worker; the rest only count.
 _LOG_FIRST = 10
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The data cannot produce a single good sample; the message says which data and why."""
 
 
@@ -40,23 +43,48 @@ def expand_urls(urls: str | Sequence[str], what: str = "urls") -> list[str]:
     """Expand brace patterns (`shard-{000..099}.tar`) and globs (`dir/*.tar`) into a list of urls.
 
     Brace patterns and plain paths are kept even when the file does not exist (it is skipped,
-    and counted, when read); a glob that matches nothing is an error, because it almost always
-    means a wrong data directory. `pipe:` urls are passed through untouched.
+    and counted, when read); a glob that matches nothing, local paths none of which exists, or a
+    directory given as a shard is an error, because it almost always means a wrong data directory.
+    `pipe:` and remote urls are passed through untouched.
     """
     specs = [urls] if isinstance(urls, str) else list(urls)
     out: list[str] = []
     for spec in specs:
         for url in braceexpand.braceexpand(str(spec)):
             if url.startswith("pipe:") or not _GLOB_CHARS.search(url):
+                if str(spec) == url:
+                    _not_a_directory(url, what)  # a plain path: a folder here is a common slip
                 out.append(url)
                 continue
             matches = sorted(glob.glob(url))
             if not matches:
                 raise DataError(f"{what}: no shard matches {url!r}; check the path (and the data directory)")
+            for match in matches:
+                _not_a_directory(match, what)
             out.extend(matches)
     if not out:
         raise DataError(f"{what}: no urls given; set {what} to shard paths, a glob or a brace pattern")
+    local = [_local_path(url) for url in out]
+    if all(path is not None for path in local) and not any(path.exists() for path in local):
+        raise DataError(
+            f"{what}: none of the {len(out)} shard files exists (first: {out[0]}); check the path (and the data "
+            "directory)"
+        )
     return out
+
+
+def _local_path(url: str) -> Path | None:
+    """The file a url names, or None for a pipe or a remote url (which only reading can check)."""
+    scheme = _SCHEME.match(url)
+    if scheme is not None and scheme.group(1) != "file":
+        return None
+    return Path(url.removeprefix("file://").removeprefix("file:"))
+
+
+def _not_a_directory(url: str, what: str) -> None:
+    path = _local_path(url)
+    if path is not None and path.is_dir():
+        raise DataError(f"{what}: {url} is a directory, not a shard; give the shards in it ({path / '*.tar'})")
 
 
 @dataclass
@@ -135,8 +163,8 @@ class ShardSink:
     """Write sample dicts to `<out_dir>/<prefix>-%06d.tar`, starting a new shard at a count or size limit."""
 
     def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int = 1000, max_bytes: float = 1e9):
-        self.pattern = str(Path(out_dir) / f"{prefix}-%06d.tar")
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self.out_dir = Path(out_dir)  # created with the first shard: writing nothing leaves nothing behind
+        self.pattern = str(self.out_dir / f"{prefix}-%06d.tar")
         self.samples_per_shard, self.max_bytes = samples_per_shard, max_bytes
         self.shards: list[str] = []
         self._writer: wds.TarWriter | None = None
@@ -145,6 +173,7 @@ class ShardSink:
     def write(self, sample: dict) -> None:
         if self._writer is None or self._count >= self.samples_per_shard or self._bytes >= self.max_bytes:
             self.close()
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             self.shards.append(self.pattern % len(self.shards))
             # mtime=0: the same input gives byte-identical shards
             self._writer = wds.TarWriter(self.shards[-1], encoder=False, mtime=0)

@@ -23,25 +23,56 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import default_collate
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_FIELDS = ("caption", "text", "prompt")
 
 
+# Transparent pixels are composited over white, as a viewer shows them on a page; a plain RGB conversion
+# would keep whatever colour the transparent pixels happen to store.
+BACKGROUND = (255, 255, 255)
+_HIGH_DEPTH_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit PNG / TIFF grayscale (and 32-bit int)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
 def decode_image(data: bytes, min_side: int) -> Image.Image:
-    """Decode image bytes to RGB, at no less than `min_side` pixels on the shorter edge if it had them.
+    """Decode image bytes to 8-bit RGB as a viewer shows the image (see `as_rgb`), at no less than
+    `min_side` pixels on the shorter edge if it had them.
 
     JPEGs are decoded with PIL's `draft`, which lets libjpeg downscale by 2, 4 or 8 in the DCT:
     much faster than a full decode followed by a resize, and the result still has at least the
-    size the crop needs. Grayscale, palette, RGBA and CMYK inputs come out as RGB.
+    size the crop needs.
     """
-    image = Image.open(io.BytesIO(data))
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ValueError("not an image PIL can read (unknown format or corrupt header)") from None
     if image.format == "JPEG":
         width, height = image.size
         scale = min_side / min(width, height)
         image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+    return as_rgb(image)
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """An opened image -> 8-bit RGB, upright, as a viewer shows it.
+
+    - the EXIF orientation is applied (a phone photo stored sideways comes out upright);
+    - 16-bit grayscale (PIL modes I;16*, and I as 16-bit PNGs may open) is scaled to 8 bits
+      (value / 257); PIL's own conversion clips it, which turns most of the image white;
+    - transparency (RGBA, LA, PA, a palette or RGB with a transparent colour) is composited over white;
+    - grayscale, palette, CMYK and YCCK JPEGs (libjpeg undoes YCCK, PIL Adobe's inverted CMYK) convert as PIL does.
+    """
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in _HIGH_DEPTH_GRAY:
+        pixels = np.asarray(image).astype(np.float32)
+        return Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
     return image.convert("RGB")
 
 

@@ -52,14 +52,13 @@ def feature_similarity(features: torch.Tensor, reference: torch.Tensor) -> tuple
 
 
 def build_fid(inception_weights: str | None) -> nn.Module | None:
-    """torchmetrics' FID on Inception-V3 pool features, or None (with one log line) without weights.
+    """torchmetrics' FID on Inception-V3 pool features, or None without weights (the caller notes it).
 
     The weights file (torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`) is read here with
     `weights_only=True`; torch-fidelity then reads a copy we wrote, never the user's file itself
     (it unpickles without restriction).
     """
     if inception_weights is None:
-        log.warning("rFID skipped: no Inception weights (set inception_weights=<weights-inception-...pth>)")
         return None
     from torchmetrics.image.fid import FrechetInceptionDistance
 

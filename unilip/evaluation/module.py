@@ -41,6 +41,7 @@ class ReconstructionEvaluation(L.LightningModule):
         self.records: list[dict[str, Any]] = []
         self.grid: list[torch.Tensor] = []
         self.fid_value: float | None = None
+        self.skipped = {"samples": 0, "shards": 0}  # unreadable data of the pass, all ranks
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -69,10 +70,15 @@ class ReconstructionEvaluation(L.LightningModule):
             self.grid += [torch.stack([x, y]).cpu() for x, y in zip(images[:count], recon[:count], strict=True)]
 
     def on_validation_epoch_end(self) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        counts = getattr(datamodule, "skipped", {})  # this rank's, from the evaluation loader
+        skipped = [counts.get("val/samples", 0), counts.get("val/shards", 0)]
         if dist.is_available() and dist.is_initialized():
             gathered: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(gathered, self.records)
-            self.records = [record for part in gathered for record in part]
+            dist.all_gather_object(gathered, (self.records, skipped))
+            self.records = [record for part, _ in gathered for record in part]
+            skipped = [sum(part[i] for _, part in gathered) for i in range(2)]
+        self.skipped = {"samples": skipped[0], "shards": skipped[1]}
         self.records.sort(key=lambda record: record["key"])  # the same order whatever the number of ranks
         if self.fid is not None:
             self.fid_value = float(self.fid.compute())  # torchmetrics reduces its statistics over ranks

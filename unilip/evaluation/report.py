@@ -78,12 +78,19 @@ def write_report(
     notes: list[str],
     config: dict[str, Any],
     grid: list[torch.Tensor],
+    skipped: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Write results.json, summary.md and reconstructions.png into `out_dir`; return the results."""
+    """Write results.json, summary.md and reconstructions.png into `out_dir`; return the results.
+
+    `skipped`: {"samples", "shards"} that could not be read; any makes the results `complete: false`.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    skipped = skipped or {"samples": 0, "shards": 0}
     results = {
         "protocol": protocol,
         "images": len(records),
+        "complete": not any(skipped.values()),
+        "skipped": skipped,
         "aggregate": aggregate(records),
         "rfid": fid,
         "notes": notes,
@@ -100,8 +107,18 @@ def write_report(
     return results
 
 
+def incomplete_warning(skipped: dict[str, int], images: int) -> str:
+    return (
+        f"INCOMPLETE: {skipped['samples']} samples and {skipped['shards']} shards of the evaluation set could not "
+        f"be read; the numbers below cover the {images} images that were (the log names the skipped data)"
+    )
+
+
 def summary_markdown(results: dict[str, Any]) -> str:
-    lines = [
+    lines = []
+    if not results.get("complete", True):
+        lines += [f"**{incomplete_warning(results['skipped'], results['images'])}**", ""]
+    lines += [
         f"Protocol: {results['protocol']}",
         "",
         f"Images: {results['images']}",

@@ -11,9 +11,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from unilip.entry import start_run
 from unilip.evaluation.metrics import ExternalFeatures, build_fid
 from unilip.evaluation.module import ReconstructionEvaluation
-from unilip.evaluation.report import describe_protocol, write_report
+from unilip.evaluation.report import describe_protocol, incomplete_warning, write_report
 from unilip.logs import quiet_third_party_noise
 from unilip.models.loading import tokenizer_preset
 from unilip.models.tokenizer import FrozenEncoder
@@ -69,6 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     fid = build_fid(cfg.inception_weights)
     if fid is None:
         notes.append("rFID not measured: no Inception weights (set inception_weights=<weights-inception-...pth>)")
+        log.warning(notes[-1])
     external = ExternalFeatures(cfg.external_features) if cfg.external_features else None
     protocol = describe_protocol(
         cfg.protocol,
@@ -84,6 +86,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = ReconstructionEvaluation(tokenizer, teacher, lpips, fid, external, grid_images=cfg.grid_images)
     datamodule = instantiate(cfg.data)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    start_run(cfg.out_dir, rank=trainer.global_rank)
     # frozen helpers live outside the module tree (not moved by Lightning): move them here
     for helper in (teacher, lpips, external):
         if helper is not None:
@@ -94,6 +97,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not module.records:
         raise ConfigError(f"no images were read from data.val_urls={cfg.data.val_urls}")
     config = OmegaConf.to_container(cfg, resolve=True)
-    results = write_report(Path(cfg.out_dir), module.records, module.fid_value, protocol, notes, config, module.grid)
+    if any(module.skipped.values()):
+        log.warning(incomplete_warning(module.skipped, len(module.records)))
+    results = write_report(
+        Path(cfg.out_dir), module.records, module.fid_value, protocol, notes, config, module.grid, module.skipped
+    )
     log.info("results in %s:\n%s", cfg.out_dir, (Path(cfg.out_dir) / "summary.md").read_text())
     return results

@@ -26,11 +26,11 @@ def _load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"perceptual-loss weights '{path}' do not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from unilip.models.hub import load_safetensors, load_torch_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, what="perceptual-loss weights")
+    state = load_torch_file(path, what="perceptual-loss weights")
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
@@ -116,7 +116,7 @@ class ConvNeXtLogitLoss(nn.Module):
             self.net = timm.create_model(model_name, pretrained=False)
         if weights not in (None, "download"):
             self.net.load_state_dict(_load_weights_file(weights), strict=True)
-        else:
+        elif weights is None:
             log.warning(
                 "ConvNeXt logit loss: no weights (set loss.convnext_weights=<%s weights>); using a RANDOM "
                 "network: this is not the loss of the recipe",

@@ -21,14 +21,16 @@ from typing import Any
 
 import torch
 from diffusers import SanaTransformer2DModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
 from unilip.models.hub import (
     WeightsNotFoundError,
     enable_activation_checkpointing,
+    load_safetensors,
     load_strict,
+    read_json,
     read_tensors,
     resolve_pretrained,
 )
@@ -239,7 +241,8 @@ class UniLIPGenerator(nn.Module):
         """A generator written by `save_pretrained`, and its meta."""
         directory = Path(directory)
         meta = read_meta(directory)
-        model = from_state(meta["config"], load_file(str(directory / WEIGHTS_NAME), device=str(device)), str(directory))
+        state = load_safetensors(directory / WEIGHTS_NAME, what="generator weights", device=str(device))
+        model = from_state(meta["config"], state, str(directory))
         return model, meta
 
 
@@ -247,9 +250,9 @@ def read_meta(directory: Path) -> dict[str, Any]:
     config_file = Path(directory) / CONFIG_NAME
     if not config_file.exists():
         raise WeightsNotFoundError(f"'{directory}' has no {CONFIG_NAME}; it is not a saved generator")
-    meta = json.loads(config_file.read_text())
+    meta = read_json(config_file, what="generator config")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"'{config_file}' is not a UniLIP generator config (format={meta.get('format')!r})")
+        raise WeightsNotFoundError(f"'{config_file}' is not a UniLIP generator config (format={meta.get('format')!r})")
     return meta
 
 

@@ -8,24 +8,78 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
+
+from unilip.errors import UnreadableFileError, UserError
 
 log = logging.getLogger(__name__)
 
 WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.safetensors.index.json")
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """Raised when pretrained weights cannot be found locally or fetched from the hub."""
 
 
-class StateDictMismatchError(RuntimeError):
+class StateDictMismatchError(UserError, RuntimeError):
     """Raised when a checkpoint's keys or shapes do not match the module exactly."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def read_json(path: Path, *, what: str) -> dict[str, Any]:
+    """A JSON config file as a dict; a file that is not valid JSON is an `UnreadableFileError` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UnreadableFileError(f"{what} '{path}' is not valid JSON ({_first_line(error)})") from None
+
+
+def load_safetensors(path: Path, *, what: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a truncated or foreign file is an `UnreadableFileError` naming it."""
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as error:
+        raise UnreadableFileError(
+            f"{what} '{path}' is not a readable safetensors file ({_first_line(error)}); it is truncated or "
+            "not a weights file: copy or save it again"
+        ) from None
+
+
+def load_torch_file(path: Path, *, what: str, mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU: tensors and plain containers, never pickled code.
+
+    A file that is not a PyTorch checkpoint (truncated, another format, or one that holds code) is an
+    `UnreadableFileError` naming it, instead of torch's message about zip archives or mmap.
+    """
+    path = Path(path)
+    if mmap and not zipfile.is_zipfile(path):
+        raise UnreadableFileError(
+            f"{what} '{path}' is not a PyTorch checkpoint (not a torch.save zip archive: truncated, or another "
+            "kind of file)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        raise UnreadableFileError(
+            f"{what} '{path}' is not a plain PyTorch weights file ({_first_line(error)}); only tensors are loaded"
+        ) from None
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise UnreadableFileError(
+            f"{what} '{path}' cannot be read as a PyTorch checkpoint ({_first_line(error)}); it may be truncated"
+        ) from None
 
 
 def _looks_like_local_path(name: str) -> bool:
@@ -54,10 +108,10 @@ def resolve_pretrained(
     try:
         patterns = list(allow_patterns) if allow_patterns is not None else None
         return Path(snapshot_download(name, allow_patterns=patterns))
-    except Exception as error:  # offline, missing repo, no network: all end the same way
+    except Exception as error:  # offline, missing repo, auth, disk: the hub's own words say which
         raise WeightsNotFoundError(
-            f"{what}: cannot fetch '{name}' from the hub ({type(error).__name__}); download it where there is "
-            f"network (`hf download {name} --local-dir DIR`) and set {option}=DIR"
+            f"{what}: cannot fetch '{name}' from the hub ({_first_line(error)}); fix that, or download it where "
+            f"there is network (`hf download {name} --local-dir DIR`) and set {option}=DIR"
         ) from None
 
 
@@ -86,8 +140,14 @@ def read_tensors(path: Path, prefixes: Iterable[str]) -> tuple[str, dict[str, to
     files = safetensors_files(path)
     keys_by_file = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            keys_by_file[file] = list(handle.keys())
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                keys_by_file[file] = list(handle.keys())
+        except SafetensorError as error:
+            raise UnreadableFileError(
+                f"'{file}' is not a readable safetensors file ({_first_line(error)}); it is truncated or not a "
+                "weights file: download or copy it again"
+            ) from None
     all_keys = [key for keys in keys_by_file.values() for key in keys]
     for prefix in prefixes:
         if any(key.startswith(prefix) for key in all_keys):

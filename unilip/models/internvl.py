@@ -8,15 +8,19 @@ mapping transformers documents in `models/internvl/convert_internvl_weights_to_h
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import InternVLConfig
 
-from unilip.models.hub import StateDictMismatchError, load_strict, resolve_pretrained
-from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
+from unilip.errors import ConfigError, UserError
+from unilip.models.hub import StateDictMismatchError, load_strict, load_torch_file, read_json, resolve_pretrained
+from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer, check_vision_config, internvl_features
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +98,9 @@ def load_unilip_checkpoint(path: str | Path, config: TokenizerConfig) -> UniLIPT
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"UniLIP checkpoint '{path}' does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = load_torch_file(path, what="UniLIP checkpoint", mmap=True)
+    if not isinstance(state, dict):
+        raise StateDictMismatchError(f"UniLIP checkpoint '{path}' holds a {type(state).__name__}, not a state dict")
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -109,6 +115,47 @@ def load_unilip_checkpoint(path: str | Path, config: TokenizerConfig) -> UniLIPT
 _REWRITTEN = re.compile(r"(config\.json|generation_config\.json|model.*\.safetensors(\.index\.json)?|.*\.bin)")
 
 
+class ExportMismatchError(UserError, RuntimeError):
+    """The exported checkpoint does not compute the tokenizer's features."""
+
+
+def check_internvl_base(base_dir: Path, config: TokenizerConfig) -> None:
+    """Refuse, before loading it, a base checkpoint whose image-feature path is not the tokenizer's.
+
+    `tokenizer.features` is: last ViT layer, CLS dropped, pixel shuffle at `downsample_ratio`, the
+    projector with `projector_hidden_act`. A base that is not a transformers InternVL checkpoint at
+    all, or that configures any of these differently, would give other features (or load with a
+    default LLM of several GB); the ViT and projector sizes are checked as `load_internvl` checks them.
+    """
+    config_file = base_dir / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"--base {base_dir}: no config.json; give a transformers InternVL checkpoint (-hf format)")
+    raw = read_json(config_file, what="base config")
+    if raw.get("model_type") != "internvl":
+        raise ConfigError(
+            f"--base {base_dir} is not a transformers InternVL checkpoint (model_type={raw.get('model_type')!r}); "
+            "give one in the -hf format, e.g. OpenGVLab/InternVL3-1B-hf"
+        )
+    base = InternVLConfig.from_dict(raw)
+    expected = {
+        "projector_hidden_act": config.projector_hidden_act,
+        "vision_feature_layer": -1,  # the last layer
+        "vision_feature_select_strategy": "default",  # CLS dropped
+        "downsample_ratio": config.downsample_ratio,
+    }
+    diffs = [
+        f"{key}={getattr(base, key)!r}, the tokenizer's is {value!r}"
+        for key, value in expected.items()
+        if getattr(base, key) != value
+    ]
+    if diffs:
+        raise ConfigError(
+            f"--base {base_dir} computes image features differently from the tokenizer ({'; '.join(diffs)}); "
+            "export into the InternVL checkpoint the tokenizer was trained from"
+        )
+    check_vision_config(base_dir, config)
+
+
 def export_to_internvl(
     tokenizer: UniLIPTokenizer, base: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None
 ) -> Path:
@@ -118,16 +165,14 @@ def export_to_internvl(
     format, e.g. `OpenGVLab/InternVL3-1B-hf`); its language model, tokenizer and processor
     files are kept. The result loads with `InternVLForConditionalGeneration.from_pretrained`
     with no missing or unexpected keys, and its `get_image_features` equals
-    `tokenizer.features` for the same image.
+    `tokenizer.features` for the same image (`verify_export` checks it). A base that does not
+    fit is refused before it is loaded (`check_internvl_base`).
     """
     from transformers import InternVLForConditionalGeneration
 
     base_dir = resolve_pretrained(base, what="base InternVL checkpoint", option="--base", allow_patterns=None)
+    check_internvl_base(base_dir, tokenizer.config)
     model = InternVLForConditionalGeneration.from_pretrained(base_dir, dtype=dtype or "auto")
-    if model.config.downsample_ratio != tokenizer.config.downsample_ratio:
-        raise ValueError(
-            f"base downsample_ratio {model.config.downsample_ratio} != tokenizer's {tokenizer.config.downsample_ratio}"
-        )
     for target, source in (
         (model.model.vision_tower, tokenizer.vision_tower),
         (model.model.multi_modal_projector, tokenizer.multi_modal_projector),
@@ -144,26 +189,61 @@ def export_to_internvl(
     return out_dir
 
 
-def verify_export(tokenizer: UniLIPTokenizer, out_dir: str | Path, *, image_size: int | None = None) -> float:
-    """Reload an exported checkpoint with transformers and compare image features.
+# Relative tolerance of the export check, times the largest feature magnitude: float32 noise between two
+# computations of the same features (measured: 0 to ~1e-6). It does not depend on the dtype the checkpoint
+# is saved in because the reference does: the tokenizer's weights are rounded to that dtype first, and both
+# sides compute in float32, so a bfloat16 export is held to the same tight bound as a float32 one instead of
+# a loose one that would also let a wrong feature layer through. What the rounding costs is reported.
+EXPORT_RTOL = 1e-4
 
-    Raises if any key is missing or unexpected; returns the max abs difference between
-    `get_image_features(...).pooler_output` and `tokenizer.features` on a random image.
+
+@dataclass
+class ExportCheck:
+    """What `verify_export` measured; differences are max |a - b| over the features of one random image."""
+
+    dtype: torch.dtype  # the dtype the checkpoint was saved in
+    difference: float  # exported model vs the tokenizer rounded to `dtype`, both computed in float32
+    tolerance: float  # EXPORT_RTOL x the largest feature magnitude
+    rounding: float  # the tokenizer rounded to `dtype` vs the tokenizer itself: what saving in `dtype` costs
+
+    @property
+    def ok(self) -> bool:
+        return self.difference <= self.tolerance
+
+
+def _features_in(tokenizer: UniLIPTokenizer, dtype: torch.dtype, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The tokenizer's features with its ViT and projector weights rounded to `dtype`, computed in float32."""
+    parts = [
+        copy.deepcopy(part).to(dtype).float().eval()
+        for part in (tokenizer.vision_tower, tokenizer.multi_modal_projector)
+    ]
+    with torch.no_grad():
+        return internvl_features(*parts, pixel_values, tokenizer.config)[0]
+
+
+def verify_export(tokenizer: UniLIPTokenizer, out_dir: str | Path, *, image_size: int | None = None) -> ExportCheck:
+    """Reload an exported checkpoint with transformers and compare its image features with the tokenizer's.
+
+    Raises `StateDictMismatchError` if any key is missing or unexpected; returns the measured
+    differences (see `ExportCheck`; `check.ok` says whether the export computes the tokenizer's features).
     """
     from transformers import InternVLForConditionalGeneration
 
-    model, info = InternVLForConditionalGeneration.from_pretrained(
-        out_dir, dtype=torch.float32, output_loading_info=True
-    )
+    model, info = InternVLForConditionalGeneration.from_pretrained(out_dir, dtype="auto", output_loading_info=True)
     problems = {name: keys for name, keys in info.items() if name in ("missing_keys", "unexpected_keys") and keys}
     if problems:
         raise StateDictMismatchError(f"exported checkpoint '{out_dir}' does not load cleanly: {problems}")
+    saved = next(model.model.vision_tower.parameters()).dtype
+    model = model.float().eval()
     size = image_size or model.config.vision_config.image_size[0]
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(1, 3, size, size, generator=generator)
-    reference = tokenizer.to(torch.float32).eval()
+    images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    pixel_values = (images - tokenizer.image_mean.float().cpu()) / tokenizer.image_std.float().cpu()
+    reference = _features_in(tokenizer, saved, pixel_values)
     with torch.no_grad():
-        ours = reference.features(images)
-        pixel_values = (images - reference.image_mean) / reference.image_std
-        theirs = model.eval().get_image_features(pixel_values=pixel_values).pooler_output
-    return (ours - theirs).abs().max().item()
+        theirs = model.get_image_features(pixel_values=pixel_values).pooler_output
+    return ExportCheck(
+        dtype=saved,
+        difference=(reference - theirs).abs().max().item(),
+        tolerance=EXPORT_RTOL * max(1.0, reference.abs().max().item()),
+        rounding=(reference - _features_in(tokenizer, torch.float32, pixel_values)).abs().max().item(),
+    )

@@ -6,9 +6,19 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from unilip.errors import ConfigError
 from unilip.models.tokenizer import CONFIG_NAME, TokenizerConfig, UniLIPTokenizer
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+def _conf_dir() -> Path:
+    """The Hydra configs: `unilip/conf` in an installed package (pyproject maps the repository's conf/
+    there), else the repository's top-level conf/ beside the package (a checkout, or an editable install)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "conf"
+    return installed if installed.is_dir() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 def compose_config(name: str, overrides: list[str]):
@@ -42,7 +52,7 @@ def load_tokenizer(source: str | Path, *, preset: str | None = None) -> UniLIPTo
     path = Path(source)
     if path.suffix in (".pth", ".pt"):
         if preset is None:
-            raise ValueError(f"'{path}' is a released UniLIP checkpoint; pass its preset (unilip_1b or unilip_2b)")
+            raise ConfigError(f"'{path}' is a released UniLIP checkpoint; pass its preset (unilip_1b or unilip_2b)")
         from unilip.models.internvl import load_unilip_checkpoint
 
         return load_unilip_checkpoint(path, tokenizer_preset(preset))

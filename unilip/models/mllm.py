@@ -17,7 +17,6 @@ its own ViT is never loaded a second time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, InternVLConfig, PreTrainedConfig, PreTrainedTokenizerFast
 
-from unilip.models.hub import enable_activation_checkpointing, load_strict, read_tensors, resolve_pretrained
+from unilip.models.hub import enable_activation_checkpointing, load_strict, read_json, read_tensors, resolve_pretrained
 from unilip.models.tokenizer import UniLIPTokenizer
 
 log = logging.getLogger(__name__)
@@ -136,7 +135,7 @@ def _check_text_config(path: Path, config: PreTrainedConfig) -> None:
     config_file = path / "config.json" if path.is_dir() else None
     if config_file is None or not config_file.exists():
         return
-    theirs = json.loads(config_file.read_text()).get("text_config", {})
+    theirs = read_json(config_file, what="InternVL config").get("text_config", {})
     fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
     diffs = [
         f"{k}: {theirs[k]} != {getattr(config, k)}" for k in fields if k in theirs and theirs[k] != getattr(config, k)

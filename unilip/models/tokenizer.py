@@ -26,12 +26,20 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_dc import Decoder
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import InternVLConfig, InternVLVisionConfig, InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
 
-from unilip.models.hub import WeightsNotFoundError, load_strict, read_tensors, resolve_pretrained
+from unilip.errors import ConfigError
+from unilip.models.hub import (
+    WeightsNotFoundError,
+    load_safetensors,
+    load_strict,
+    read_json,
+    read_tensors,
+    resolve_pretrained,
+)
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +284,7 @@ class UniLIPTokenizer(nn.Module):
         checkpoint silently keeps random weights, which is why this exists).
         """
         path = resolve_pretrained(name_or_path, what="InternVL weights", option="model.internvl_weights")
-        _check_vision_config(path, self.config)
+        check_vision_config(path, self.config)
         for module, names in (
             (self.vision_tower, ("vision_tower.", "model.vision_tower.")),
             (self.multi_modal_projector, ("multi_modal_projector.", "model.multi_modal_projector.")),
@@ -318,23 +326,26 @@ class UniLIPTokenizer(nn.Module):
         config_file = path / CONFIG_NAME
         if not config_file.exists():
             raise WeightsNotFoundError(f"'{path}' has no {CONFIG_NAME}; it is not a save_pretrained directory")
-        meta = json.loads(config_file.read_text())
+        meta = read_json(config_file, what="tokenizer config")
         if meta.get("format") != FORMAT:
-            raise ValueError(f"'{config_file}' is not a UniLIP tokenizer config (format={meta.get('format')!r})")
+            raise WeightsNotFoundError(
+                f"'{config_file}' is not a UniLIP tokenizer config (format={meta.get('format')!r}); give a directory "
+                "written by save_pretrained"
+            )
         with torch.device("meta"):
             model = cls(TokenizerConfig(**meta["config"]))
-        state = load_file(str(path / WEIGHTS_NAME), device=str(device))
+        state = load_safetensors(path / WEIGHTS_NAME, what="tokenizer weights", device=str(device))
         load_strict(model, state, what=f"'{path / WEIGHTS_NAME}'")
         model._set_normalisation(device)
         return model.to(dtype=dtype) if dtype is not None else model
 
 
-def _check_vision_config(path: Path, config: TokenizerConfig) -> None:
+def check_vision_config(path: Path, config: TokenizerConfig) -> None:
     """Refuse an InternVL checkpoint whose ViT or projector differs from the preset."""
     config_file = path / CONFIG_NAME if path.is_dir() else None
     if config_file is None or not config_file.exists():
         return  # shapes are still checked key by key
-    theirs = json.loads(config_file.read_text())
+    theirs = read_json(config_file, what="InternVL config")
     vision = InternVLVisionConfig(**{k: v for k, v in theirs.get("vision_config", {}).items() if k != "model_type"})
     ours = config.vision_config()
     fields = (
@@ -364,7 +375,7 @@ def _check_vision_config(path: Path, config: TokenizerConfig) -> None:
     if text_hidden is not None and text_hidden != config.llm_hidden_size:
         diffs.append(f"llm_hidden_size: {text_hidden} != {config.llm_hidden_size}")
     if diffs:
-        raise ValueError(
+        raise ConfigError(
             f"InternVL checkpoint '{path}' does not fit the tokenizer preset ({'; '.join(diffs)}); "
             "pick the preset that matches the checkpoint"
         )

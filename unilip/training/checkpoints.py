@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from unilip.models.hub import load_torch_file
 from unilip.training.config import ConfigError
 
 
@@ -45,14 +46,14 @@ def read_checkpoint(path: Path, task: str) -> dict[str, Any] | None:
     """`path` as a unilip Lightning checkpoint of `task` (read with weights_only=True); None if it is not a
     checkpoint at all, a ConfigError if it is another task's."""
     if path.is_file() and path.suffix == ".ckpt":
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = load_torch_file(path, what="checkpoint", mmap=True)
     elif path.is_dir() and (path / ".metadata").exists():
         from unilip.training.distributed import load_sharded_checkpoint
 
         checkpoint = load_sharded_checkpoint(path)
     else:
         return None
-    found = checkpoint.get("unilip", {}).get("task")
+    found = checkpoint.get("unilip", {}).get("task") if isinstance(checkpoint, dict) else None
     if found != task:
         raise ConfigError(f"{path} is a {found or 'foreign'} checkpoint, not a unilip {task} one")
     return checkpoint

@@ -6,16 +6,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from unilip.errors import ConfigError
+
 TOKENIZER_STAGES = {1: "decoder alignment", 2: "self-distillation"}
 GENERATION_STAGES = {1: "connector alignment", 2: "pretraining", 3: "SFT"}
 
 
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the key, the bad value and the fix."""
-
-
 # task -> its stages, named for the error message
 TASK_STAGES = {"tokenizer": TOKENIZER_STAGES, "generate": GENERATION_STAGES}
+
+__all__ = ["ConfigError", "check_train_config"]
 
 
 def check_train_config(cfg: DictConfig) -> None:

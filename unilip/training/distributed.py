@@ -161,7 +161,9 @@ def load_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(target, map_location="cpu", weights_only=True)
     meta = path / "meta.pt"
     if meta.exists():
-        checkpoint.update(torch.load(meta, map_location="cpu", weights_only=True))
+        from unilip.models.hub import load_torch_file
+
+        checkpoint.update(load_torch_file(meta, what="checkpoint metadata"))
     return checkpoint
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from unilip.models.hub import load_strict
+from unilip.models.hub import load_strict, read_json
 from unilip.models.tokenizer import CONFIG_NAME, FrozenEncoder, TokenizerConfig, UniLIPTokenizer
 from unilip.training.checkpoints import ema_state, locate, read_checkpoint
 from unilip.training.config import ConfigError
@@ -54,7 +54,7 @@ def load_trained_tokenizer(path: str | Path) -> TrainedTokenizer:
     """Load the tokenizer (EMA weights) of a run directory, a Lightning checkpoint or a saved tokenizer."""
     located = locate(path, "tokenizer")
     if (located / CONFIG_NAME).exists():
-        meta = json.loads((located / CONFIG_NAME).read_text())
+        meta = read_json(located / CONFIG_NAME, what="tokenizer config")
         return TrainedTokenizer(UniLIPTokenizer.from_pretrained(located), str(located), meta.get("training", {}))
     checkpoint = read_checkpoint(located, "tokenizer")
     if checkpoint is None:

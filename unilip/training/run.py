@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from unilip.entry import start_run
 from unilip.logs import quiet_third_party_noise
 from unilip.models.hub import load_strict
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
@@ -37,17 +39,27 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     if cfg.resume == "auto":
         if last.exists():
             log.info("resuming from %s", last)
-            return str(last)
+            return _readable_checkpoint(last)
         log.info("resume=auto: no checkpoint in %s yet, starting from the beginning", run_dir)
         return None
     if cfg.resume is not None:
-        return str(cfg.resume)
+        return _readable_checkpoint(Path(cfg.resume))
     if last.exists():
         raise ConfigError(
             f"{run_dir} already holds checkpoints; pass resume=auto to continue that run, "
             "or name=<new name> for a new one"
         )
     return None
+
+
+def _readable_checkpoint(path: Path) -> str:
+    """Refuse, before anything is built, a checkpoint file Lightning could not read (truncated or not one)."""
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise ConfigError(
+            f"resume: {path} is not a readable checkpoint (truncated, or not a torch.save file); resume from an "
+            f"earlier one (resume={path.parent}/step<N>.ckpt)"
+        )
+    return str(path)
 
 
 def _init_source(cfg: DictConfig) -> str | None:
@@ -143,6 +155,7 @@ def train(cfg: DictConfig) -> Path:
         else False
     )
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    start_run(run_dir, rank=trainer.global_rank)  # every check passed: .hydra/ and the log file
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for each in trainer.loggers:
         each.log_hyperparams(resolved)  # the whole resolved config (W&B: the run's config), not only overrides

@@ -1,0 +1,335 @@
+"""Fault injection through the real command-line tools, one subprocess per case, as a user would meet it.
+
+Every case is a user's mistake (a wrong path, a broken file, a config that cannot work, a run that
+would overwrite another) and must end with: a non-zero exit code, exactly one `error:` line on
+stderr that names the problem, no traceback, and every file and directory exactly as before (hashed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Case:
+    root: Path  # everything the case reads or writes lives here (the command also runs here)
+    photos: Path  # the bundled photo shards (paths.data_dir), read-only
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+
+def tree(*roots: Path) -> dict[str, str]:
+    """Every file (its sha256) and every directory under `roots`."""
+    out = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            key = str(path)
+            out[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return out
+
+
+# ------------------------------------------------------------------------------- inputs the cases break
+def saved_tokenizer(case: Case, name: str = "tokenizer") -> Path:
+    from unilip.models import UniLIPTokenizer
+    from unilip.models.loading import tokenizer_preset
+
+    torch.manual_seed(0)
+    UniLIPTokenizer(tokenizer_preset("tiny")).save_pretrained(case.path(name), training={"stage": 1})
+    return case.path(name)
+
+
+def truncated(path: Path, keep: float = 0.5) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def checkpoint_file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"w": torch.zeros(4096)}, "unilip": {"task": "tokenizer"}}, path)
+    return path
+
+
+def text_file(path: Path, text: str = "these are notes, not a checkpoint\n") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def internvl_base(case: Case, name: str, **options) -> Path:
+    from tests.test_internvl import tiny_internvl
+    from unilip.models import UniLIPTokenizer
+    from unilip.models.loading import tokenizer_preset
+
+    hidden = options.pop("llm_hidden_size", None)
+    tokenizer = UniLIPTokenizer(tokenizer_preset("tiny"))
+    if hidden is not None:
+        tokenizer.config.llm_hidden_size = hidden
+    tiny_internvl(tokenizer, **options).save_pretrained(case.path(name))
+    return case.path(name)
+
+
+# ------------------------------------------------------------------------------- the commands
+def train(case: Case, *overrides: str) -> list[str]:
+    return [
+        str(REPO / "train.py"),
+        f"paths.runs_dir={case.path('runs')}",
+        f"paths.data_dir={case.photos}",
+        "trainer=cpu",
+        "data.num_workers=0",
+        "data.val_num_workers=0",
+        "trainer.enable_progress_bar=false",
+        *overrides,
+    ]
+
+
+def evaluate(case: Case, *overrides: str) -> list[str]:
+    return [
+        str(REPO / "eval.py"),
+        f"paths.runs_dir={case.path('runs')}",
+        f"paths.data_dir={case.photos}",
+        "trainer=cpu",
+        "data.val_num_workers=0",
+        "trainer.enable_progress_bar=false",
+        *overrides,
+    ]
+
+
+def export(*args: str) -> list[str]:
+    return ["-m", "unilip.export", *args]
+
+
+def make_shards(*args: str) -> list[str]:
+    return ["-m", "unilip.data.make_shards", *args]
+
+
+def generate(*args: str) -> list[str]:
+    return ["-m", "unilip.pipelines.generate", *args]
+
+
+# ------------------------------------------------------------------------------- the cases
+# name -> (set-up returning the command line, a fragment of the one error line)
+CASES: dict[str, tuple[Callable[[Case], list[str]], str]] = {}
+
+
+def case(name: str, message: str):
+    def register(setup: Callable[[Case], list[str]]) -> Callable[[Case], list[str]]:
+        CASES[name] = (setup, message)
+        return setup
+
+    return register
+
+
+@case("train: a stage that does not exist", "stage=3 is not a tokenizer stage; use stage=1")
+def _(c):
+    return train(c, "stage=3")
+
+
+@case("train: a stage that is not a number", "stage='two' is not a tokenizer stage")
+def _(c):
+    return train(c, "stage=two")
+
+
+@case("train: an option that does not exist", "Could not find 'experiment/quickstrat'")
+def _(c):
+    return train(c, "experiment=quickstrat")
+
+
+@case("train: a run directory that holds another run's checkpoints", "already holds checkpoints; pass resume=auto")
+def _(c):
+    run = c.path("runs/default/tokenizer/stage1")
+    checkpoint_file(run / "checkpoints" / "last.ckpt")
+    text_file(run / ".hydra" / "config.yaml", "stage: 1\noptim:\n  lr: 0.0001\n")
+    text_file(run / ".hydra" / "overrides.yaml", "- stage=1\n")
+    text_file(run / "train.log", "[the log of the run that made these checkpoints]\n")
+    return train(c, "stage=1", "optim.lr=0.5")
+
+
+@case("train: a data directory that does not exist", "data.train_sources[short_caption].urls: no shard matches")
+def _(c):
+    return train(c, "data=blip3o", f"paths.data_dir={c.path('nowhere')}")
+
+
+@case("train: an empty data folder", "no shard matches")
+def _(c):
+    c.path("empty").mkdir()
+    return train(c, f"data.train_sources.0.urls={c.path('empty')}/*.tar")
+
+
+@case("train: a folder given as a shard", "is a directory, not a shard; give the shards in it")
+def _(c):
+    return train(c, f"data.train_sources.0.urls={c.photos / 'photos'}")
+
+
+@case("train: init_from a saved tokenizer with truncated weights", "is not a readable safetensors file")
+def _(c):
+    truncated(saved_tokenizer(c) / "model.safetensors")
+    return train(c, "stage=2", f"init_from={c.path('tokenizer')}")
+
+
+@case("train: init_from a truncated checkpoint", "is not a PyTorch checkpoint")
+def _(c):
+    return train(c, "stage=2", f"init_from={truncated(checkpoint_file(c.path('run.ckpt')))}")
+
+
+@case("train: init_from a text file named .ckpt", "is not a PyTorch checkpoint")
+def _(c):
+    return train(c, "stage=2", f"init_from={text_file(c.path('notes.ckpt'))}")
+
+
+@case("train: resume from a truncated checkpoint", "is not a readable checkpoint (truncated")
+def _(c):
+    return train(c, f"resume={truncated(checkpoint_file(c.path('step.ckpt')))}")
+
+
+@case("eval: no ckpt", "ckpt is required; pass ckpt=<value>")
+def _(c):
+    return evaluate(c)
+
+
+@case("eval: a ckpt that does not exist", "does not exist; give a run directory")
+def _(c):
+    return evaluate(c, f"ckpt={c.path('nowhere')}")
+
+
+@case("eval: a saved tokenizer with truncated weights", "is not a readable safetensors file")
+def _(c):
+    truncated(saved_tokenizer(c) / "model.safetensors")
+    return evaluate(c, f"ckpt={c.path('tokenizer')}")
+
+
+@case("eval: a text file named .ckpt", "is not a PyTorch checkpoint")
+def _(c):
+    return evaluate(c, f"ckpt={text_file(c.path('notes.ckpt'))}")
+
+
+@case("eval: a preset that does not exist", "no tokenizer preset 'unilip_9b'")
+def _(c):
+    return evaluate(c, f"ckpt={checkpoint_file(c.path('1b_unilip.pth'))}", "preset=unilip_9b")
+
+
+@case("eval: a folder given as the evaluation shards", "data.val_urls: ")
+def _(c):
+    return evaluate(c, f"ckpt={saved_tokenizer(c)}", f"data.val_urls={c.photos / 'photos'}")
+
+
+@case("export: a base whose projector does not fit", "llm_hidden_size: 64 != 48")
+def _(c):
+    base = internvl_base(c, "base", llm_hidden_size=64)
+    return export("--tokenizer", str(saved_tokenizer(c)), "--base", str(base), "--out", str(c.path("out")))
+
+
+@case("export: a base with another projector activation", "projector_hidden_act='relu', the tokenizer's is 'gelu'")
+def _(c):
+    base = internvl_base(c, "base", projector_hidden_act="relu")
+    return export("--tokenizer", str(saved_tokenizer(c)), "--base", str(base), "--out", str(c.path("out")))
+
+
+@case("export: a base that is not an InternVL checkpoint", "is not a transformers InternVL checkpoint")
+def _(c):
+    tokenizer = saved_tokenizer(c)
+    return export("--tokenizer", str(tokenizer), "--base", str(tokenizer), "--out", str(c.path("out")))
+
+
+@case("export: a released .pth with the wrong preset", "shape mismatches")
+def _(c):
+    from tests.test_internvl import to_released_layout
+    from unilip.models import UniLIPTokenizer
+    from unilip.models.loading import tokenizer_preset
+
+    torch.save(to_released_layout(UniLIPTokenizer(tokenizer_preset("tiny"))), c.path("tiny_unilip.pth"))
+    base = internvl_base(c, "base")
+    args = ["--tokenizer", str(c.path("tiny_unilip.pth")), "--preset", "unilip_1b", "--base", str(base)]
+    return export(*args, "--out", str(c.path("out")))
+
+
+@case("export: an output directory that is not empty", "already exists and is not empty")
+def _(c):
+    text_file(c.path("out") / "README.md", "an earlier export\n")
+    base = internvl_base(c, "base")
+    return export("--tokenizer", str(saved_tokenizer(c)), "--base", str(base), "--out", str(c.path("out")))
+
+
+@case("generate: a tokenizer folder given as the generator", "is not a UniLIP generator config")
+def _(c):
+    args = ["t2i", "--generator", str(saved_tokenizer(c)), "--prompt", "a cat", "--device", "cpu"]
+    return generate(*args, "--out", str(c.path("cat.png")))
+
+
+@case("make_shards: an input that does not exist", "not a directory or a .jsonl file")
+def _(c):
+    return make_shards(str(c.path("photos")), str(c.path("shards")))
+
+
+@case("make_shards: a JSONL file with a broken line", "records.jsonl, line 2: not valid JSON")
+def _(c):
+    Image.new("RGB", (8, 8)).save(c.path("a.png"))
+    text_file(c.path("records.jsonl"), json.dumps({"image": "a.png", "caption": "a"}) + "\n{'image': 'b.png'}\n")
+    return make_shards(str(c.path("records.jsonl")), str(c.path("shards")))
+
+
+@case("make_shards: an output directory that already holds shards", "already holds 1 shard-*.tar shards")
+def _(c):
+    c.path("images").mkdir()
+    Image.new("RGB", (8, 8)).save(c.path("images/a.png"))
+    text_file(c.path("shards/shard-000000.tar"), "an earlier shard set\n")
+    return make_shards(str(c.path("images")), str(c.path("shards")))
+
+
+@case("make_shards: a folder in which no image can be read", "none of the 2 samples could be read")
+def _(c):
+    text_file(c.path("images/a.jpg"), "not a JPEG")
+    text_file(c.path("images/b.png"), "not a PNG")
+    return make_shards(str(c.path("images")), str(c.path("shards")))
+
+
+# The default suite runs one case of each kind (~6-15 s each: a CLI start-up); these others, which take the
+# same paths with other inputs, run with `pytest -m slow`.
+SLOW = {
+    "train: an empty data folder",
+    "train: a folder given as a shard",
+    "train: init_from a saved tokenizer with truncated weights",
+    "train: init_from a truncated checkpoint",
+    "train: resume from a truncated checkpoint",
+    "eval: a ckpt that does not exist",
+    "eval: a text file named .ckpt",
+    "eval: a preset that does not exist",
+    "export: a base whose projector does not fit",
+    "export: a released .pth with the wrong preset",
+    "export: an output directory that is not empty",
+    "make_shards: an input that does not exist",
+}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in CASES]
+)
+def test_a_users_mistake_is_one_error_line_and_changes_nothing(name, photos_dir, tmp_path):
+    setup, message = CASES[name]
+    c = Case(root=tmp_path, photos=photos_dir)
+    command = [sys.executable, *setup(c)]
+    before = tree(tmp_path, photos_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    for variable in ("UNILIP_TRACEBACK", "HYDRA_FULL_ERROR"):
+        env.pop(variable, None)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    report = f"{name}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}"
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode != 0, report
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], report
+    assert "Traceback" not in result.stderr + result.stdout, report
+    assert tree(tmp_path, photos_dir) == before, report
