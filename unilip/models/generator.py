@@ -51,13 +51,17 @@ class DiTPreset:
             transformer itself; None: random weights drawn with `seed` (tiny preset).
         dcae: keyword arguments of diffusers' `AutoencoderDC` for a random one (tiny preset); None:
             read with `dcae_weights`.
-        dcae_weights: where the DC-AE of stage 1 comes from (a pipeline's `vae/`, or the autoencoder).
+        dcae_weights: where the DC-AE of stage 1 comes from (a pipeline's `vae/`, or the autoencoder;
+            the reference encodes stage-1 targets with dc-ae-f32c32-sana-1.1).
+        flow_shift: timestep shift of the sampler; None: the one in the SANA pipeline's
+            `scheduler/scheduler_config.json` (the reference samples with that scheduler).
     """
 
     transformer: dict[str, Any]
     weights: str | None = None
     dcae: dict[str, Any] | None = None
     dcae_weights: str | None = None
+    flow_shift: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,6 +70,30 @@ class DiTPreset:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def sampler_flow_shift(self) -> float:
+        """`flow_shift`, or the shift of the scheduler shipped with `weights` (`flow_shift`, or `shift` of
+        a FlowMatchEuler config)."""
+        if self.flow_shift is not None:
+            return float(self.flow_shift)
+        if self.weights is None:
+            raise ValueError(
+                "the dit preset has neither flow_shift nor weights with a scheduler config; set dit.flow_shift"
+            )
+        patterns = ("scheduler/*.json",)
+        path = resolve_pretrained(
+            self.weights, what="SANA scheduler config", option="dit.weights", allow_patterns=patterns
+        )
+        config_file = path / "scheduler" / "scheduler_config.json"
+        if not config_file.exists():
+            raise ValueError(
+                f"'{path}' has no scheduler/scheduler_config.json; set dit.flow_shift=<its timestep shift>"
+            )
+        config = json.loads(config_file.read_text())
+        shift = config.get("flow_shift", config.get("shift"))
+        if shift is None:
+            raise ValueError(f"'{config_file}' names no flow_shift (or shift); set dit.flow_shift")
+        return float(shift)
 
 
 def load_diffusers_model(
