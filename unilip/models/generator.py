@@ -109,6 +109,10 @@ def load_diffusers_model(
         path = path / subfolder
     config = cls.load_config(str(path))
     if expected:
+        # a null in the checkpoint's config takes the preset's value: SANA's `interpolation_scale: null`
+        # meant a sin-cos position table of scale 1 in the diffusers the reference trained with (0.32),
+        # and none in later ones; the presets say what the released weights were trained with
+        config |= {k: v for k, v in expected.items() if config.get(k, "absent") is None and v is not None}
         differs = [
             f"{k}: {config[k]} != {v}" for k, v in expected.items() if k in config and _plain(config[k]) != _plain(v)
         ]
@@ -118,11 +122,28 @@ def load_diffusers_model(
         model = cls.from_config(config)
     _, tensors = read_tensors(path, ("",))
     load_strict(model, tensors, what=f"'{path}'")
+    restore_position_table(model)
     left = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     if left:
         raise RuntimeError(f"'{path}': buffers {left} were not in the checkpoint and cannot be rebuilt")
     log.info("loaded %s from %s", cls.__name__, path)
     return model
+
+
+def restore_position_table(model: nn.Module) -> None:
+    """Rebuild a DiT's sin-cos position table after a build on `meta` (a non-persistent buffer: never in
+    checkpoints), as diffusers' PatchEmbed computes it."""
+    embed = getattr(model, "patch_embed", None)
+    table = getattr(embed, "pos_embed", None)
+    if table is None or not table.is_meta:
+        return
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    grid = int(table.shape[1] ** 0.5)
+    values = get_2d_sincos_pos_embed(
+        table.shape[-1], grid, base_size=embed.base_size, interpolation_scale=embed.interpolation_scale
+    )
+    embed.register_buffer("pos_embed", values.float().unsqueeze(0), persistent=False)
 
 
 def _plain(value: Any) -> Any:
@@ -287,6 +308,7 @@ def from_state(config: dict[str, Any], state: dict[str, torch.Tensor], what: str
         model = UniLIPGenerator(GeneratorConfig(**config))
     load_strict(model, state, what=what)
     model.connector.rotary_emb = type(model.connector.rotary_emb)(config=model.config.connector_config())
+    restore_position_table(model.dit)
     left = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     if left:
         raise RuntimeError(f"{what}: buffers {left} are not in the weights")
