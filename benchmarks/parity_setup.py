@@ -71,8 +71,8 @@ def text_tokenizer():
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     vocab |= {f"<|filler_{i}|>": i for i in range(len(alphabet), min(SPECIAL_IDS.values()))}
     vocab |= SPECIAL_IDS
-    vocab |= {f"<|extra_{i}|>": i for i in range(max(SPECIAL_IDS.values()) + 1, VOCAB_SIZE) if i not in vocab.values()}
-    vocab |= {f"<|unused_{i}|>": i for i in range(VOCAB_SIZE) if i not in set(vocab.values())}
+    used = set(vocab.values())
+    vocab |= {f"<|unused_{i}|>": i for i in range(VOCAB_SIZE) if i not in used}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
@@ -137,7 +137,7 @@ def build_inputs(work: Path, preset: str, reference: Path, internvl: Path, seed:
     work.mkdir(parents=True, exist_ok=True)
     paths = {name: work / name for name in ("internvl_hf", "internvl", "dcae", "sana", "unilip.pth")}
     torch.manual_seed(seed)
-    if not (paths["internvl_hf"] / "config.json").exists():
+    if not (paths["internvl_hf"] / "tokenizer.json").exists():
         from safetensors.torch import save_file
         from transformers import InternVLConfig, InternVLForConditionalGeneration
 
