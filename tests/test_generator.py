@@ -239,3 +239,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(parts):
     assert checkpointed_conditioner.language_model.training and not checkpointed_conditioner.tokenizer.training
     for a, b in zip(plain, grads(checkpointed_generator, checkpointed_conditioner), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_sana_checkpoint_with_a_null_scale_keeps_the_position_table_it_was_trained_with(tmp_path, presets):
+    """diffusers 0.32 (the reference's) built SANA's sin-cos table for `interpolation_scale: null`; later
+    versions build none. The preset's scale fills the null, and the table (never in a checkpoint) is
+    rebuilt after the meta-device load exactly as diffusers builds it."""
+    from diffusers import SanaTransformer2DModel
+
+    from unilip.models.generator import DiTPreset
+
+    _, dit, _ = presets
+    assert dit.transformer["interpolation_scale"] == 1
+    without_table = {**dit.transformer, "interpolation_scale": None}
+    SanaTransformer2DModel(**without_table).save_pretrained(tmp_path / "transformer")
+    assert '"interpolation_scale": null' in (tmp_path / "transformer" / "config.json").read_text()
+    loaded = build_dit(DiTPreset(transformer=dit.transformer, weights=str(tmp_path)))
+    expected = SanaTransformer2DModel(**dit.transformer).patch_embed.pos_embed  # diffusers' own table
+    assert loaded.patch_embed.pos_embed is not None and not loaded.patch_embed.pos_embed.is_meta
+    assert torch.equal(loaded.patch_embed.pos_embed, expected)
