@@ -117,7 +117,7 @@ def generation_module(preset: str, steps: int, args) -> L.LightningModule:
     generator = UniLIPGenerator.from_language_model(
         conditioner.language_model, build_dit(instantiate(cfg.dit)), **cfg.generator
     )
-    latents = UniLIPLatents(tokenizer, mllm_preset.latent_scale)
+    latents = UniLIPLatents(tokenizer, cfg.latent_scale or tokenizer.config.latent_scale or 1.0)
     return instantiate(cfg.module, generator=generator, conditioner=conditioner, latents=latents, metadata={})
 
 

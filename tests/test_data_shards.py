@@ -139,7 +139,7 @@ def _compose(name: str, data_dir: Path, *overrides: str):
 def test_photos_config_builds_its_shards_and_trains(photo_dir, tmp_path):
     (tmp_path / "photos").symlink_to(photo_dir)  # prepare_data finds the manifest: no rebuild
     small = ["data.image_size=32", "data.batch_size=4", "data.num_workers=0", "data.val_num_workers=0"]
-    dm: ShardDataModule = instantiate(_compose("photos_edit", tmp_path, *small))
+    dm: ShardDataModule = instantiate(_compose("photos_edit", tmp_path, "+_stage_name=stage2", *small))
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))

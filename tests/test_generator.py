@@ -134,6 +134,66 @@ def test_null_prompts_drop_the_caption_and_keep_the_image(parts):
     assert batch.image_mask[3].sum() == batch.image_mask[2].sum() == conditioner.num_image_tokens
 
 
+# The reference's prompts, spelled out (its training collator and `scripts/inference_{gen,edit}.py`): the user turn,
+# the assistant turn opened and `<img>` (InternVL3 id 151665), then the queries; the edit source as
+# <img> <IMG_CONTEXT> x 256 </img> after the instruction. The whole string is tokenized at once.
+REFERENCE_T2I = "<|im_start|>user\nGenerate an image: {}<|im_end|>\n<|im_start|>assistant\n<img>"
+REFERENCE_EDIT = "<|im_start|>user\nEdit the image: {}\n<img>{}</img><|im_end|>\n<|im_start|>assistant\n<img>"
+
+
+def _rows(batch, tokenizer):
+    """Each row's prompt ids (before the queries), and the count and place of the query positions."""
+    out = []
+    for ids, queries, valid in zip(batch.input_ids, batch.query_mask, batch.attention_mask, strict=True):
+        first = int(queries.nonzero()[0])
+        assert queries[first:].sum() == queries.sum() and valid[: first + int(queries.sum())].all()
+        out.append((ids[:first].tolist(), int(queries.sum()), int(valid.sum())))
+    return out
+
+
+def test_prompt_layout_is_the_references_token_sequence(parts):
+    conditioner, _ = parts
+    tok = conditioner.text_tokenizer
+    batch = conditioner.prepare(["a red car", "make it blue"], [False, True], [False, False], 8)
+    (t2i, queries, length), (edit, _, _) = _rows(batch, tok)
+    context = "<IMG_CONTEXT>" * conditioner.num_image_tokens
+    assert t2i == tok(REFERENCE_T2I.format("a red car"), add_special_tokens=False)["input_ids"]
+    assert edit == tok(REFERENCE_EDIT.format("make it blue", context), add_special_tokens=False)["input_ids"]
+    assert t2i[-1] == tok.convert_tokens_to_ids("<img>") and queries == 8 and length == len(t2i) + 8
+    null = conditioner.prepare(["a red car"], [False], [True], 8)
+    assert _rows(null, tok)[0][0] == tok(REFERENCE_T2I.replace(": {}", "."), add_special_tokens=False)["input_ids"]
+
+
+def test_prompts_are_tokenized_whole_so_merges_across_their_edges_match(parts):
+    """With BPE merges, tokenizing the template's pieces apart gives other tokens than the reference's
+    one-piece tokenization ("image: a" -> ":", " ", "a" instead of ":", " a")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from unilip.models.mllm import PAD_TOKEN, DualConditioner
+
+    conditioner, _ = parts
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)} | {"\u0120a": len(alphabet)}  # "Ġa": a space and an "a"
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("\u0120", "a")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    tok.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
+    merged = DualConditioner(
+        conditioner.language_model,
+        tok,
+        conditioner.tokenizer,
+        tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        conditioner.prompts,
+        conditioner.source_size,
+    )
+    ids = _rows(merged.prepare(["a red car"], [False], [False], 4), tok)[0][0]
+    assert ids == tok(REFERENCE_T2I.format("a red car"), add_special_tokens=False)["input_ids"]
+    assert vocab["\u0120a"] in ids  # the merge happened across the edge between "image:" and the prompt
+
+
 @pytest.mark.parametrize(
     ("mllm", "dit", "expected_dit"), [("internvl3_1b", "sana_600m", 591.7e6), ("internvl3_2b", "sana_1600m", 1604.5e6)]
 )
@@ -179,3 +239,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(parts):
     assert checkpointed_conditioner.language_model.training and not checkpointed_conditioner.tokenizer.training
     for a, b in zip(plain, grads(checkpointed_generator, checkpointed_conditioner), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_sana_checkpoint_with_a_null_scale_keeps_the_position_table_it_was_trained_with(tmp_path, presets):
+    """diffusers 0.32 (the reference's) built SANA's sin-cos table for `interpolation_scale: null`; later
+    versions build none. The preset's scale fills the null, and the table (never in a checkpoint) is
+    rebuilt after the meta-device load exactly as diffusers builds it."""
+    from diffusers import SanaTransformer2DModel
+
+    from unilip.models.generator import DiTPreset
+
+    _, dit, _ = presets
+    assert dit.transformer["interpolation_scale"] == 1
+    without_table = {**dit.transformer, "interpolation_scale": None}
+    SanaTransformer2DModel(**without_table).save_pretrained(tmp_path / "transformer")
+    assert '"interpolation_scale": null' in (tmp_path / "transformer" / "config.json").read_text()
+    loaded = build_dit(DiTPreset(transformer=dit.transformer, weights=str(tmp_path)))
+    expected = SanaTransformer2DModel(**dit.transformer).patch_embed.pos_embed  # diffusers' own table
+    assert loaded.patch_embed.pos_embed is not None and not loaded.patch_embed.pos_embed.is_meta
+    assert torch.equal(loaded.patch_embed.pos_embed, expected)

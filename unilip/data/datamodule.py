@@ -24,8 +24,9 @@ from typing import Any
 
 import lightning as L
 
+from unilip.data.index import shard_counts
 from unilip.data.loaders import EvalLoader, TrainLoader
-from unilip.data.shards import expand_urls
+from unilip.data.shards import DataError, expand_urls
 from unilip.data.streams import TrainSource
 from unilip.data.transforms import SampleTransform
 from unilip.errors import ConfigError
@@ -42,10 +43,12 @@ class ShardDataModule(L.LightningDataModule):
     """Training on a weighted mix of shard sources; validation on a fixed set of shards.
 
     Args:
-        train_sources: list of `{name: str, urls: list | glob | brace pattern, weight: float}`;
-            a sample is drawn from a source with probability weight / sum of weights
-            (UniLIP: BLIP3o short caption / long caption / JourneyDB at 0.2 / 0.6 / 0.2).
-            None for an evaluation-only module.
+        train_sources: list of `{name: str, urls: list | glob | brace pattern, weight: float}` or
+            `{name, urls, repeat: int}`. With weights, a sample is drawn from a source with probability
+            weight / sum of weights (UniLIP tokenizer: BLIP3o short caption / long caption / JourneyDB at
+            0.2 / 0.6 / 0.2). With repeats (the reference's generation recipe, e.g. edits x10), a data
+            epoch reads each source `repeat` times, so its weight is repeat x its sample count, read from
+            the shards' `index.json` (`unilip.data.index`). None for an evaluation-only module.
         val_urls: validation (or evaluation) shards: list, glob or brace pattern; None for none.
         image_size: side S of the square crops (224, 448, ...).
         batch_size: training samples per batch per rank.
@@ -57,6 +60,8 @@ class ShardDataModule(L.LightningDataModule):
         random_flip: random horizontal flips in training.
         flip_edits: flip edit pairs too (off: instructions may say "left" and "right").
         with_source: add `source_image` / `has_source` to batches (generation and editing).
+        resize: "shorter_edge" (resize, crop, flip: the tokenizer recipe) or "square" (the whole image
+            to S x S, never cropped or flipped: generation, whose captions name places and objects).
         seed: seed of the training stream; same seed, same data, on any machine.
         shuffle_buffer: raw samples per source and worker in the shuffle buffer.
         max_consecutive_failures: undecodable samples (or empty shard reads) in a row that stop
@@ -82,6 +87,7 @@ class ShardDataModule(L.LightningDataModule):
         random_flip: bool = True,
         flip_edits: bool = False,
         with_source: bool = False,
+        resize: str = "shorter_edge",
         seed: int = 0,
         shuffle_buffer: int = 1000,
         max_consecutive_failures: int = 100,
@@ -114,12 +120,15 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_num_workers = num_workers if val_num_workers is None else val_num_workers
         self.random_flip, self.flip_edits, self.with_source = random_flip, flip_edits, with_source
+        self.resize = resize
+        self._transform(train=True)  # a bad `resize` fails here, not in a worker
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.max_consecutive_failures = max_consecutive_failures
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.build_photos, self.photos_dir = build_photos, photos_dir
         self.rank, self.world_size = rank, world_size
+        self._expanded: tuple[dict[str, tuple[str, ...]], dict[str, int | None]] | None = None
         self._train_loader: TrainLoader | None = None
         self._val_loader: EvalLoader | None = None
 
@@ -148,14 +157,39 @@ class ShardDataModule(L.LightningDataModule):
             self.world_size = trainer.world_size if trainer is not None else 1
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"data: rank {self.rank} is not in [0, world_size={self.world_size})")
-        self._sources = [
-            TrainSource(s["name"], tuple(expand_urls(s["urls"], f"data.train_sources[{s['name']}].urls")), s["weight"])
-            for s in self.train_sources
-        ]
+        urls, counts = self._shards()
+        weights = {}
+        for source in self.train_sources:
+            name, repeat = source["name"], source.get("repeat")
+            if repeat is not None and counts[name] is None:
+                raise DataError(
+                    f"data.train_sources[{name}] gives repeat={repeat}, but its shards have no sample counts; "
+                    f"count them once: python -m unilip.data.index <their directory>"
+                )
+            weights[name] = source["weight"] if repeat is None else repeat * counts[name]
+        self._sources = [TrainSource(name, urls[name], weights[name]) for name in urls]
         self._val = expand_urls(self.val_urls, "data.val_urls") if self.val_urls else []
 
+    def epoch_samples(self) -> tuple[int | None, dict[str, tuple[int | None, int | None]]]:
+        """Samples in one data epoch (sum of repeat x count; None unless every source gives a repeat
+        and is counted), and per source (repeat, count). Expands the urls (a glob matching nothing fails)."""
+        counts = self._shards()[1]
+        per_source = {s["name"]: (s.get("repeat"), counts[s["name"]]) for s in self.train_sources}
+        known = per_source and all(r is not None and n is not None for r, n in per_source.values())
+        return (sum(r * n for r, n in per_source.values()) if known else None), per_source
+
+    def _shards(self) -> tuple[dict[str, tuple[str, ...]], dict[str, int | None]]:
+        """Per training source: its expanded shard urls and its sample count (None if not indexed)."""
+        if self._expanded is None:
+            urls = {
+                s["name"]: tuple(expand_urls(s["urls"], f"data.train_sources[{s['name']}].urls"))
+                for s in self.train_sources
+            }
+            self._expanded = urls, {name: _count(shards) for name, shards in urls.items()}
+        return self._expanded
+
     def _transform(self, train: bool) -> SampleTransform:
-        return SampleTransform(self.image_size, train, self.random_flip, self.flip_edits, self.with_source)
+        return SampleTransform(self.image_size, train, self.random_flip, self.flip_edits, self.with_source, self.resize)
 
     def train_dataloader(self) -> TrainLoader:
         """The training loader; the same one on every call, so that its position (epoch, batch)
@@ -220,9 +254,20 @@ def _parse_source(index: int, source: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"{where}={source!r}: expected {{name: str, urls: list | glob | brace pattern, weight: float}}"
         )
+    if "weight" in source and "repeat" in source:
+        raise ConfigError(f"{where}: give weight (a sampling share) or repeat (reads per data epoch), not both")
     weight = float(source.get("weight", 1.0))
     if not weight > 0:
         raise ConfigError(f"{where}.weight={weight}: must be > 0")
+    repeat = source.get("repeat")
+    if repeat is not None and (not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1):
+        raise ConfigError(f"{where}.repeat={repeat!r}: must be a positive integer")
     urls = source["urls"]
     urls = str(urls) if isinstance(urls, (str, Path)) else [str(u) for u in urls]
-    return {"name": str(source.get("name", f"source{index}")), "urls": urls, "weight": weight}
+    return {"name": str(source.get("name", f"source{index}")), "urls": urls, "weight": weight, "repeat": repeat}
+
+
+def _count(urls: Sequence[str]) -> int | None:
+    """Samples in these shards, or None if any of them is not in its directory's index."""
+    counts = shard_counts(urls).values()
+    return None if any(n is None for n in counts) else sum(counts)

@@ -160,13 +160,17 @@ def read_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
 
 
 class ShardSink:
-    """Write sample dicts to `<out_dir>/<prefix>-%06d.tar`, starting a new shard at a count or size limit."""
+    """Write sample dicts to `<out_dir>/<prefix>-%06d.tar`, starting a new shard at a count or size limit.
+
+    Leaving the `with` block adds the shards' sample counts to `<out_dir>/index.json` (`unilip.data.index`).
+    """
 
     def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int = 1000, max_bytes: float = 1e9):
         self.out_dir = Path(out_dir)  # created with the first shard: writing nothing leaves nothing behind
         self.pattern = str(self.out_dir / f"{prefix}-%06d.tar")
         self.samples_per_shard, self.max_bytes = samples_per_shard, max_bytes
         self.shards: list[str] = []
+        self.counts: dict[str, int] = {}
         self._writer: wds.TarWriter | None = None
         self._count = self._bytes = 0
 
@@ -180,6 +184,7 @@ class ShardSink:
             self._count = self._bytes = 0
         self._bytes += self._writer.write(sample)
         self._count += 1
+        self.counts[self.shards[-1]] = self._count
 
     def close(self) -> None:
         if self._writer is not None:
@@ -191,3 +196,7 @@ class ShardSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+        if self.counts:
+            from unilip.data.index import write_index
+
+            write_index(Path(self.pattern).parent, self.counts)

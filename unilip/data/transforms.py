@@ -8,9 +8,14 @@ Sample formats (extensions are matched lower-case):
   `instruction.txt` (or a `json` with an `instruction` field). The target is the image to
   generate, the instruction its caption, the source the condition.
 
-Augmentation follows the UniLIP recipe: resize the shorter edge to the crop size, random crop
-(centre crop for evaluation), random horizontal flip. Source and target of an edit get the same
-crop, expressed as fractions of the image so it also fits when their sizes differ.
+Two ways to size images (`resize`):
+
+- "shorter_edge" (the tokenizer recipe): resize the shorter edge to the crop size, random crop
+  (centre crop for evaluation), random horizontal flip. Source and target of an edit get the same
+  crop, expressed as fractions of the image so it also fits when their sizes differ.
+- "square" (generation, as the reference's InternVL processing): the whole image resized to S x S,
+  no crop and no flip: a flip contradicts "left"/"right" in a caption and a crop can cut away an
+  object it names.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch.utils.data import default_collate
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_FIELDS = ("caption", "text", "prompt")
+RESIZE_MODES = ("shorter_edge", "square")
 
 
 # Transparent pixels are composited over white, as a viewer shows them on a page; a plain RGB conversion
@@ -135,6 +141,8 @@ class SampleTransform:
             left and right ("remove the cup on the left"), which a mirror image would contradict.
         with_source: keep the source image of edit samples (generation/editing training);
             if False an edit sample is used as an image-caption sample (target + instruction).
+        resize: "shorter_edge" (crop, flip as above) or "square" (whole image to S x S: never a
+            crop or a flip, whatever `random_flip` says).
     """
 
     image_size: int
@@ -142,6 +150,11 @@ class SampleTransform:
     random_flip: bool = True
     flip_edits: bool = False
     with_source: bool = False
+    resize: str = "shorter_edge"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"data.resize={self.resize!r}; use one of {RESIZE_MODES}")
 
     def __call__(self, raw: dict, rng: random.Random | None) -> dict:
         """Raise on any undecodable or incomplete sample; the caller counts and skips it."""
@@ -152,8 +165,9 @@ class SampleTransform:
         if data is None:
             raise ValueError(f"no image member (expected one of {IMAGE_EXTS} or target.<ext>); has {sorted(raw)}")
         image = decode_image(data, size)
-        box = crop_box(*image.size, size, rng if self.train else None)
-        may_flip = self.train and self.random_flip and (self.flip_edits or not is_edit)
+        square = self.resize == "square"
+        box = (0.0, 0.0, 1.0, 1.0) if square else crop_box(*image.size, size, rng if self.train else None)
+        may_flip = self.train and self.random_flip and (self.flip_edits or not is_edit) and not square
         flip = may_flip and rng is not None and rng.random() < 0.5
         example = {"image": render(image, box, size, flip), "key": raw["__key__"]}
         if is_edit:

@@ -53,13 +53,17 @@ class DiTPreset:
             transformer itself; None: random weights drawn with `seed` (tiny preset).
         dcae: keyword arguments of diffusers' `AutoencoderDC` for a random one (tiny preset); None:
             read with `dcae_weights`.
-        dcae_weights: where the DC-AE of stage 1 comes from (a pipeline's `vae/`, or the autoencoder).
+        dcae_weights: where the DC-AE of stage 1 comes from (a pipeline's `vae/`, or the autoencoder;
+            the reference encodes stage-1 targets with dc-ae-f32c32-sana-1.1).
+        flow_shift: timestep shift of the sampler; None: the one in the SANA pipeline's
+            `scheduler/scheduler_config.json` (the reference samples with that scheduler).
     """
 
     transformer: dict[str, Any]
     weights: str | None = None
     dcae: dict[str, Any] | None = None
     dcae_weights: str | None = None
+    flow_shift: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +72,30 @@ class DiTPreset:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def sampler_flow_shift(self) -> float:
+        """`flow_shift`, or the shift of the scheduler shipped with `weights` (`flow_shift`, or `shift` of
+        a FlowMatchEuler config)."""
+        if self.flow_shift is not None:
+            return float(self.flow_shift)
+        if self.weights is None:
+            raise ValueError(
+                "the dit preset has neither flow_shift nor weights with a scheduler config; set dit.flow_shift"
+            )
+        patterns = ("scheduler/*.json",)
+        path = resolve_pretrained(
+            self.weights, what="SANA scheduler config", option="dit.weights", allow_patterns=patterns
+        )
+        config_file = path / "scheduler" / "scheduler_config.json"
+        if not config_file.exists():
+            raise ValueError(
+                f"'{path}' has no scheduler/scheduler_config.json; set dit.flow_shift=<its timestep shift>"
+            )
+        config = json.loads(config_file.read_text())
+        shift = config.get("flow_shift", config.get("shift"))
+        if shift is None:
+            raise ValueError(f"'{config_file}' names no flow_shift (or shift); set dit.flow_shift")
+        return float(shift)
 
 
 def load_diffusers_model(
@@ -83,6 +111,10 @@ def load_diffusers_model(
         path = path / subfolder
     config = cls.load_config(str(path))
     if expected:
+        # a null in the checkpoint's config takes the preset's value: SANA's `interpolation_scale: null`
+        # meant a sin-cos position table of scale 1 in the diffusers the reference trained with (0.32),
+        # and none in later ones; the presets say what the released weights were trained with
+        config |= {k: v for k, v in expected.items() if config.get(k, "absent") is None and v is not None}
         differs = [
             f"{k}: {config[k]} != {v}" for k, v in expected.items() if k in config and _plain(config[k]) != _plain(v)
         ]
@@ -92,11 +124,28 @@ def load_diffusers_model(
         model = cls.from_config(config)
     _, tensors = read_tensors(path, ("",))
     load_strict(model, tensors, what=f"'{path}'")
+    restore_position_table(model)
     left = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     if left:
         raise RuntimeError(f"'{path}': buffers {left} were not in the checkpoint and cannot be rebuilt")
     log.info("loaded %s from %s", cls.__name__, path)
     return model
+
+
+def restore_position_table(model: nn.Module) -> None:
+    """Rebuild a DiT's sin-cos position table after a build on `meta` (a non-persistent buffer: never in
+    checkpoints), as diffusers' PatchEmbed computes it."""
+    embed = getattr(model, "patch_embed", None)
+    table = getattr(embed, "pos_embed", None)
+    if table is None or not table.is_meta:
+        return
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    grid = int(table.shape[1] ** 0.5)
+    values = get_2d_sincos_pos_embed(
+        table.shape[-1], grid, base_size=embed.base_size, interpolation_scale=embed.interpolation_scale
+    )
+    embed.register_buffer("pos_embed", values.float().unsqueeze(0), persistent=False)
 
 
 def _plain(value: Any) -> Any:
@@ -262,6 +311,7 @@ def from_state(config: dict[str, Any], state: dict[str, torch.Tensor], what: str
         model = UniLIPGenerator(GeneratorConfig(**config))
     load_strict(model, state, what=what)
     model.connector.rotary_emb = type(model.connector.rotary_emb)(config=model.config.connector_config())
+    restore_position_table(model.dit)
     left = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     if left:
         raise RuntimeError(f"{what}: buffers {left} are not in the weights")

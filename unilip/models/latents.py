@@ -7,6 +7,7 @@ factor (what the DiT sees), and back. The DiT's grid for an output of side S is 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 
 from unilip.models.generator import DiTPreset, _seeded, load_diffusers_model
 from unilip.models.tokenizer import UniLIPTokenizer
+
+log = logging.getLogger(__name__)
 
 PIXELS_PER_LATENT = 28  # UniLIP: ViT patch 14 x pixel shuffle 2; the output size a latent stands for
 
@@ -85,3 +88,29 @@ def build_dcae(preset: DiTPreset) -> AutoencoderDC:
             raise ValueError("the dit preset names no DC-AE (dit.dcae or dit.dcae_weights); stage 1 needs one")
         return _seeded(lambda: AutoencoderDC(**preset.dcae), preset.seed + 1)
     return load_diffusers_model(AutoencoderDC, preset.dcae_weights, "vae", "dit.dcae_weights", preset.dcae)
+
+
+def latent_scale(tokenizer: UniLIPTokenizer, override: float | None, source: str, tolerance: float = 0.1) -> float:
+    """The factor on the tokenizer's latents: `override` if given, else the one its record holds.
+
+    A tokenizer trained here has its own latent statistics: the released weights' 10.6 / 9.5 would
+    give the DiT latents of the wrong variance, so an unmeasured tokenizer is an error, and an
+    override more than `tolerance` away from the recorded value is logged as a warning.
+    """
+    recorded = tokenizer.config.latent_scale
+    if override is None:
+        if recorded is None:
+            raise ValueError(
+                f"the tokenizer {source} records no latent scale; measure it with `python -m "
+                f"unilip.evaluation.latent_stats {source} <shards> --write`, or set latent_scale=<factor>"
+            )
+        return float(recorded)
+    if recorded is not None and abs(override / recorded - 1) > tolerance:
+        log.warning(
+            "latent_scale=%s overrides the tokenizer's measured %s (%.0f%% apart): the DiT's latents will not "
+            "have unit variance",
+            override,
+            recorded,
+            100 * abs(override / recorded - 1),
+        )
+    return float(override)

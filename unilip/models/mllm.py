@@ -1,7 +1,8 @@
 """The frozen multimodal side of generation: InternVL's language model reading the prompt (and the source
 image of an edit) next to learnable queries, giving the DiT's "dual condition" (UniLIP Sec. 3.3).
 
-    prompt (+ source image)  -> chat template -> ids; an edit gets <img> <IMG_CONTEXT> x N </img>
+    prompt (+ source image)  -> chat template -> ids; an edit gets <img> <IMG_CONTEXT> x N </img>; the
+                             assistant turn opens with <img>, after which the Q queries follow (reference)
     input embeddings         text ids -> the LLM's table; image positions -> tokenizer.features(source)
                              (B, N, D), exactly what InternVL feeds its LLM; query positions -> the
                              generator's learnable queries (Q, D), appended after the prompt
@@ -19,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,9 +46,12 @@ class PromptFormat:
     `{prompt}` is the caption or edit instruction, `<image>` the source image's tokens. The `*_null`
     forms are the classifier-free-guidance condition: the task without its prompt; an edit keeps
     its source image, so guidance pushes towards the instruction, not away from the image.
+    The chat ends with the assistant turn opened by `<img>` (InternVL3's id 151665): the queries
+    follow it, as in the reference's training collator and inference prompt, and the whole text is
+    tokenized in one piece, as the reference does (BPE merges across the prompt's edges stay the same).
     """
 
-    chat: str = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+    chat: str = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n<img>"
     text_to_image: str = "Generate an image: {prompt}"
     text_to_image_null: str = "Generate an image."
     edit: str = "Edit the image: {prompt}\n<image>"
@@ -69,7 +72,6 @@ class MLLMPreset:
         text_tokenizer: hub id or directory of its text tokenizer; None: the byte-level tokenizer
             (`byte_level_tokenizer`), which needs no files.
         source_size: side the source image of an edit is resized to before the encoder (448: 256 tokens).
-        latent_scale: factor on the matching UniLIP tokenizer's latents (10.6 for 1B, 9.5 for 2B).
         max_prompt_tokens: captions and instructions are cut to this many tokens.
     """
 
@@ -78,7 +80,6 @@ class MLLMPreset:
     text_tokenizer: str | None = None
     seed: int = 0
     source_size: int = 448
-    latent_scale: float = 1.0
     max_prompt_tokens: int = 512
     prompts: PromptFormat = field(default_factory=PromptFormat)
 
@@ -236,8 +237,6 @@ class DualConditioner(nn.Module):
         self.pad_id = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else 0
         multiple = tokenizer.config.input_multiple
         self.num_image_tokens = math.ceil(source_size / multiple) ** 2
-        self._templates = {kind: self._split(kind) for kind in ("text_to_image", "edit")}
-        self._templates |= {f"{kind}_null": self._split(f"{kind}_null") for kind in ("text_to_image", "edit")}
         self.requires_grad_(False)
         self.train(False)
 
@@ -256,31 +255,22 @@ class DualConditioner(nn.Module):
         self.gradient_checkpointing = True
 
     # ------------------------------------------------------------------ prompts -> ids
-    def _split(self, kind: str) -> list[list[int] | str]:
-        """A template as token-id pieces and the markers "prompt" / "image"."""
-        text = self.prompts.chat.replace("{content}", getattr(self.prompts, kind))
-        pieces: list[list[int] | str] = []
-        for part in re.split(r"(\{prompt\}|<image>)", text):
-            if part == "{prompt}":
-                pieces.append("prompt")
-            elif part == "<image>":
-                pieces.append("image")
-            elif part:
-                pieces.append(self.text_tokenizer(part, add_special_tokens=False)["input_ids"])
-        return pieces
+    def text(self, prompt: str, edit: bool, null: bool) -> str:
+        """The full text of one row before the queries (chat template, task wording, image tokens)."""
+        kind = ("edit" if edit else "text_to_image") + ("_null" if null else "")
+        task = getattr(self.prompts, kind).replace("{prompt}", self._cut(prompt))
+        image = self.prompts.image_start + self.prompts.image_context * self.num_image_tokens + self.prompts.image_end
+        return self.prompts.chat.replace("{content}", task.replace("<image>", image))
+
+    def _cut(self, prompt: str) -> str:
+        """A prompt of at most `max_prompt_tokens` tokens (longer ones cut at a token boundary)."""
+        ids = self.text_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.max_prompt_tokens:
+            return prompt
+        return self.text_tokenizer.decode(ids[: self.max_prompt_tokens])
 
     def _ids(self, prompt: str, edit: bool, null: bool) -> list[int]:
-        kind = ("edit" if edit else "text_to_image") + ("_null" if null else "")
-        ids: list[int] = []
-        for piece in self._templates[kind]:
-            if piece == "prompt":
-                ids += self.text_tokenizer(prompt, add_special_tokens=False)["input_ids"][: self.max_prompt_tokens]
-            elif piece == "image":
-                start, context, end = self.image_ids
-                ids += [start] + [context] * self.num_image_tokens + [end]
-            else:
-                ids += piece
-        return ids
+        return self.text_tokenizer(self.text(prompt, edit, null), add_special_tokens=False)["input_ids"]
 
     def prepare(self, prompts: list[str], has_source, null, num_queries: int) -> PromptBatch:
         """Prompts -> `PromptBatch` (on CPU). `has_source`, `null`: (B,) bools (edit sample; CFG null condition)."""

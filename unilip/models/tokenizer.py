@@ -65,6 +65,10 @@ class TokenizerConfig:
         pad_to_multiple: reflect-pad inputs whose size is not a multiple of `input_multiple`
             (28) and crop the reconstruction back, as the paper's 256 px evaluation does.
             If False such inputs are an error.
+        latent_scale: the factor that gives these weights' latents unit standard deviation, which the
+            generation DiT is trained on (`x * latent_scale`). Measured per set of weights
+            (`python -m unilip.evaluation.latent_stats`) and stored with the saved tokenizer; the
+            released weights' are the authors' 10.6 (UniLIP-1B) and 9.5 (UniLIP-3B). None: not measured.
     """
 
     vision: dict[str, Any]
@@ -77,6 +81,7 @@ class TokenizerConfig:
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     pad_to_multiple: bool = True
+    latent_scale: float | None = None
 
     def __post_init__(self) -> None:
         self.vision = dict(self.vision)

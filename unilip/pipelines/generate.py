@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from unilip.logs import one_line_errors
 from unilip.pipelines.generation import SCHEDULERS, UniLIPPipeline
@@ -50,9 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _image(path: Path, side: int) -> torch.Tensor:
-    """An image file -> (1, 3, side, side) in [0, 1], centre-cropped to a square."""
+    """An image file -> (1, 3, side, side) in [0, 1]: the whole image resized (no crop), as the reference's edit."""
     try:
-        image = ImageOps.fit(Image.open(path).convert("RGB"), (side, side), Image.Resampling.BICUBIC)
+        image = Image.open(path).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
     except OSError as error:
         raise ValueError(f"--image {path}: not a readable image ({error}); give a JPEG, PNG or WebP file") from None
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255

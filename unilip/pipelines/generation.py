@@ -17,7 +17,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from torch import nn
 
-from unilip.models.generator import UniLIPGenerator
+from unilip.models.generator import DiTPreset, UniLIPGenerator
 from unilip.models.latents import DCAELatents, UniLIPLatents, build_dcae, latent_grid
 from unilip.models.mllm import DualConditioner, MLLMPreset, build_language_model, load_text_tokenizer
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
@@ -47,7 +47,7 @@ class UniLIPPipeline:
         conditioner: the frozen LLM + UniLIP encoder the generator was trained with.
         latents: the space the DiT generates in (`UniLIPLatents`; `DCAELatents` after stage 1).
         scheduler: "dpm" (DPM-Solver++ for flows) or "euler".
-        flow_shift: timestep shift of the sampling schedule (3.0 as SANA's scheduler).
+        flow_shift: timestep shift of the sampling schedule (`from_pretrained`: the one recorded at training).
     """
 
     def __init__(
@@ -137,12 +137,13 @@ class UniLIPPipeline:
         tokenizer: str | UniLIPTokenizer | None = None,
         mllm_weights: str | None = None,
         scheduler: str = "dpm",
-        flow_shift: float = 3.0,
+        flow_shift: float | None = None,
     ) -> UniLIPPipeline:
         """Load a generator written by training (`<run>/generator`) with the MLLM and tokenizer it records.
 
         `tokenizer` (a run directory, saved tokenizer, checkpoint or `UniLIPTokenizer`) and `mllm_weights`
-        replace the recorded sources, e.g. on a machine where they live elsewhere.
+        replace the recorded sources, e.g. on a machine where they live elsewhere. `flow_shift` None: the
+        shift recorded with the generator (its SANA scheduler config's).
         """
         directory = Path(directory)
         generator, meta = UniLIPGenerator.from_pretrained(directory)
@@ -165,10 +166,12 @@ class UniLIPPipeline:
             source_size=preset.source_size,
             max_prompt_tokens=preset.max_prompt_tokens,
         )
+        dit = DiTPreset(**meta["dit"])
         if meta["latents"]["kind"] == "dcae":
-            from unilip.models.generator import DiTPreset
-
-            latents: nn.Module = DCAELatents(build_dcae(DiTPreset(**meta["dit"])))
+            latents: nn.Module = DCAELatents(build_dcae(dit))
         else:
             latents = UniLIPLatents(tokenizer, meta["latents"]["scale"])
+        if flow_shift is None:
+            flow_shift = meta.get("sampler", {}).get("flow_shift")
+            flow_shift = float(flow_shift) if flow_shift is not None else dit.sampler_flow_shift()
         return cls(generator.eval(), conditioner, latents, scheduler, flow_shift).to(device, dtype)

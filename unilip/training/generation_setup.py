@@ -21,7 +21,7 @@ from unilip.models.generator import (
     build_dit,
     from_state,
 )
-from unilip.models.latents import DCAELatents, UniLIPLatents, build_dcae
+from unilip.models.latents import DCAELatents, UniLIPLatents, build_dcae, latent_scale
 from unilip.models.mllm import MLLMPreset, build_conditioner
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
 from unilip.pipelines.generation import SCHEDULERS
@@ -48,6 +48,13 @@ def check_generation_config(cfg: DictConfig) -> None:
         )
     if recipe.latent_space == "dcae" and cfg.dit.dcae is None and cfg.dit.dcae_weights is None:
         raise ConfigError("recipe.latent_space=dcae needs a DC-AE: set dit.dcae_weights=<SANA pipeline or DC-AE>")
+    if cfg.stage == 3 and "stage3" not in (cfg.get("stage_sources") or {}):
+        # never the pretraining mix again: the reference fine-tunes on BLIP3o-60k + ShareGPT-4o-Image
+        raise ConfigError(
+            "stage 3 (SFT) needs its own data: choose a data preset with a stage-3 mix (data=blip3o_generation, "
+            "whose stage_sources.stage3 reads BLIP3o-60k and ShareGPT-4o-Image under paths.data_dir), or give "
+            "yours as stage_sources.stage3=[{name: ..., urls: ..., repeat: 1}, ...]"
+        )
     if not 0 <= cfg.module.cfg_dropout < 1:
         raise ConfigError(f"module.cfg_dropout={cfg.module.cfg_dropout} must be in [0, 1)")
     if cfg.module.sample_scheduler not in SCHEDULERS:
@@ -151,13 +158,29 @@ def build_generation_training(cfg: DictConfig) -> GenerationTraining:
         latents = DCAELatents(build_dcae(dit_preset))
         latents_meta = {"kind": "dcae", "scale": latents.scale}
     else:
-        latents = UniLIPLatents(tokenizer, mllm.latent_scale)
-        latents_meta = {"kind": "unilip", "scale": mllm.latent_scale}
+        try:
+            scale = latent_scale(tokenizer, cfg.latent_scale, tokenizer_source)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        latents = UniLIPLatents(tokenizer, scale)
+        latents_meta = {"kind": "unilip", "scale": scale}
+    try:
+        flow_shift = cfg.module.flow_shift if cfg.module.flow_shift is not None else dit_preset.sampler_flow_shift()
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"sampler: {error}") from None
     metadata = {
         "mllm": mllm.to_dict(),
         "dit": dit_preset.to_dict(),
         "tokenizer": {"source": tokenizer_source, "config": tokenizer.config.to_dict()},
         "latents": latents_meta,
+        "sampler": {"flow_shift": flow_shift},
         "init_from": init_path,
     }
-    return instantiate(cfg.module, generator=generator, conditioner=conditioner, latents=latents, metadata=metadata)
+    return instantiate(
+        cfg.module,
+        generator=generator,
+        conditioner=conditioner,
+        latents=latents,
+        flow_shift=flow_shift,
+        metadata=metadata,
+    )

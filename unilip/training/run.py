@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zipfile
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from unilip.models.hub import load_strict
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
 from unilip.training.checkpoints import RunCheckpoint, read_checkpoint
 from unilip.training.config import ConfigError, check_train_config
+from unilip.training.epochs import plan_steps, world_size
 from unilip.training.generation_setup import build_generation_training
 from unilip.training.lineage import build_teacher, check_same_architecture, load_trained_tokenizer
 from unilip.training.loggers import logger_resume_arguments
@@ -92,6 +94,8 @@ def build_tokenizer_training(cfg: DictConfig) -> TokenizerTraining:
             raise ConfigError(f"init_from={init_path} has a trained encoder; stage 1 starts from the original encoder")
         if cfg.stage == 2:
             teacher, lineage["teacher"] = build_teacher(cfg.teacher_from, init, preset)
+    # training moves the latents: a trained tokenizer's scale is measured again, never inherited
+    tokenizer.config = dataclasses.replace(tokenizer.config, latent_scale=None)
     gan = cfg.recipe.gan_start_step < cfg.trainer.max_steps
     module = instantiate(
         cfg.module,
@@ -147,6 +151,7 @@ def train(cfg: DictConfig) -> Path:
     ckpt_path = resume_checkpoint(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
+    plan_steps(cfg, datamodule)  # recipe.epochs -> trainer.max_steps; logs samples, epochs, steps, global batch
     module = TASKS[cfg.task](cfg)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values() if callback]
     logger = (
@@ -155,6 +160,11 @@ def train(cfg: DictConfig) -> Path:
         else False
     )
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if trainer.world_size != world_size(cfg.trainer):
+        raise ConfigError(
+            f"the trainer runs {trainer.world_size} processes, the step plan counted {world_size(cfg.trainer)}; "
+            "set trainer.devices (and trainer.num_nodes) explicitly"
+        )
     start_run(run_dir, rank=trainer.global_rank)  # every check passed: .hydra/ and the log file
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for each in trainer.loggers:
