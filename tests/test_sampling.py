@@ -139,6 +139,15 @@ def test_edits_from_a_prompt_file_and_an_unreadable_source_is_skipped(generator_
     manifest = json.loads((out / "manifest.json").read_text())
     (skipped,) = manifest["runs"][0]["ranks"][0]["skipped"]
     assert skipped["key"] == "broken" and "broken.jpg" in skipped["reason"] and manifest["complete"] is False
+    # the same prompt file and images in another folder are the same inputs: the run resumes, makes nothing new
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("p.jsonl", "cat.jpg", "broken.jpg"):
+        (tmp_path / name).rename(moved / name)
+    generate_main(["prompts", "--generator", str(generator_dir), "--prompts", str(moved / "p.jsonl"), "--out", str(out),
+                   "--batch-size", "3", *FAST])  # fmt: skip
+    rerun = json.loads((out / "manifest.json").read_text())["runs"][1]["ranks"][0]
+    assert rerun["generated"] == [] and rerun["skipped"][0]["key"] == "broken"
 
 
 def test_grid_tiles_four_samples_row_major():

@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         if name not in BENCHMARKS:
             raise ValueError(f"no benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
         cfg = compose_config("benchmark", [f"benchmark={name}", *overrides])
-        return run_benchmark(cfg)
+        results = run_benchmark(cfg)
+    if results is not None and results["scores"] is None:  # rank 0, no scores yet: how to get them
+        print(f"{name}: images in {cfg.out}; score them with the official scorer:")
+        print("\n".join(results["score_commands"]))
+    return results
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def scorer_version(scorer: str | None) -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else None
 
 
 def run_steps(steps: list[ScoreStep], out: Path, notes: list[str]) -> None:
@@ -70,8 +71,7 @@ def score_and_report(
         run_steps(steps, out, notes)
     scores = benchmark.collect(out)
     if scores is None:
-        commands = "\n".join(step.shell() for step in steps)
-        print(f"{benchmark.name}: images in {out}; score them with the official scorer:\n{commands}")
+        log.info("%s: not scored yet; the scorer's commands are in %s", benchmark.name, out / "summary.md")
     results = {
         "benchmark": benchmark.name,
         "format": benchmark.format_source,

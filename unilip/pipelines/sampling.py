@@ -129,9 +129,14 @@ def file_digest(path: str | Path, chunk: int = 1 << 24) -> str:
 
 
 def jobs_digest(jobs: Sequence[SampleJob]) -> str:
-    """A digest of the prompts, seeds, sources and output names (what "the same inputs" means on resume)."""
-    payload = json.dumps([dataclasses.asdict(job) for job in jobs], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """A digest of the prompts, seeds, output names and source file names: what "the same inputs" means on
+    resume (source folders may move between runs; their file names and the prompts may not change)."""
+    records = []
+    for job in jobs:
+        record = dataclasses.asdict(job)
+        record["source"] = Path(job.source).name if job.source is not None else None
+        records.append(record)
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
 
 
 def identity(settings: SamplerSettings, jobs: Sequence[SampleJob], model: dict[str, Any], **extra: Any) -> dict:
