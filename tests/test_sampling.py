@@ -16,7 +16,8 @@ from tests.generation_helpers import one_thread  # noqa: F401  (autouse fixture)
 from tests.sampling_helpers import image_array, photo_files, save_tiny_generator
 from unilip.pipelines.generate import main as generate_main
 from unilip.pipelines.generate import read_prompt_file
-from unilip.pipelines.sampling import SamplingError, shard, tile
+from unilip.pipelines.manifest import SamplingError
+from unilip.pipelines.sampling import shard, tile
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--size", "56", "--steps", "3"]
@@ -170,12 +171,16 @@ def test_a_killed_run_restarted_makes_each_image_once(generator_dir, tmp_path):
                "--batch-size", "1"]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while len(list(out.glob("*.png"))) < 5:
+
+    def finished():  # pathlib's glob also lists the hidden partial files (.tmp-*) a write leaves until renamed
+        return [p for p in out.glob("*.png") if not p.name.startswith(".")]
+
+    while len(finished()) < 5:
         assert process.poll() is None and time.monotonic() < deadline, "the first run ended before it could be killed"
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
-    first = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.png")}
+    first = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished()}
     assert 5 <= len(first) < 60, f"{len(first)} images before the kill"
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unilip.pipelines.sampling import SampleJob, SamplingError
+from unilip.pipelines.manifest import SamplingError
+from unilip.pipelines.sampling import SampleJob
 
 IMAGES = "images"  # out/images: exactly the folder the official scorer reads
 SCORES = "scores"  # out/scores: what the scorer writes

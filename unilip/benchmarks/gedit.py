@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from unilip.benchmarks.base import IMAGES, SCORES, Benchmark, ScoreStep, checkout, existing_file, mean
-from unilip.pipelines.sampling import TEMP_PREFIX, SampleJob, SamplingError
+from unilip.pipelines.manifest import TEMP_PREFIX, SamplingError
+from unilip.pipelines.sampling import SampleJob
 
 GROUPS = (
     "background_change", "color_alter", "material_alter", "motion_change", "ps_human", "style_change",

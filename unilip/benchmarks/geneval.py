@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from unilip.benchmarks.base import IMAGES, SCORES, Benchmark, ScoreStep, checkout, existing_file, mean
-from unilip.pipelines.sampling import SampleJob, SamplingError
+from unilip.pipelines.manifest import SamplingError
+from unilip.pipelines.sampling import SampleJob
 
 RESULTS = f"{SCORES}/geneval_results.jsonl"
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from unilip.benchmarks.base import IMAGES, SCORES, Benchmark, ScoreStep, checkout, existing_file, mean
-from unilip.pipelines.sampling import SampleJob, SamplingError
+from unilip.pipelines.manifest import SamplingError
+from unilip.pipelines.sampling import SampleJob
 
 AVERAGES = f"{SCORES}/imgedit_average_score.json"
 TYPES = f"{SCORES}/imgedit_typescore.json"

@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from unilip.benchmarks.base import Benchmark
 from unilip.benchmarks.scoring import score_and_report
 from unilip.pipelines.generation import SCHEDULERS, UniLIPPipeline
-from unilip.pipelines.sampling import SamplerSettings, SamplingError, generator_record, identity, run_sampling
+from unilip.pipelines.manifest import SamplingError, generator_record, identity
+from unilip.pipelines.sampling import SamplerSettings, run_sampling
 
 log = logging.getLogger(__name__)
 

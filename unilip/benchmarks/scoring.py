@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from unilip.benchmarks.base import SCORES, Benchmark, ScoreStep
-from unilip.pipelines.sampling import write_json
+from unilip.pipelines.manifest import write_json
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from unilip.benchmarks.base import IMAGES, SCORES, Benchmark, ScoreStep, checkout, existing_file, mean
-from unilip.pipelines.sampling import SampleJob, SamplingError
+from unilip.pipelines.manifest import SamplingError
+from unilip.pipelines.sampling import SampleJob
 
 FILES = ("cultural_common_sense", "spatio-temporal_reasoning", "natural_science")  # the reference's order
 WEIGHTS = {"Cultural": 0.4, "Time": 0.167, "Space": 0.133, "Biology": 0.1, "Physics": 0.1, "Chemistry": 0.1}

@@ -32,14 +32,8 @@ from PIL import Image, ImageOps
 
 from unilip.logs import one_line_errors
 from unilip.pipelines.generation import SCHEDULERS, UniLIPPipeline
-from unilip.pipelines.sampling import (
-    SampleJob,
-    SamplerSettings,
-    SamplingError,
-    generator_record,
-    identity,
-    run_sampling,
-)
+from unilip.pipelines.manifest import SamplingError, generator_record, identity
+from unilip.pipelines.sampling import SampleJob, SamplerSettings, run_sampling
 
 log = logging.getLogger(__name__)
 
