@@ -9,7 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unilip.evaluation.fid_reference import ReferenceStatistics
 from unilip.evaluation.metrics import ExternalFeatures, feature_similarity, psnr, ssim
+from unilip.evaluation.protocols import reconstruct
 from unilip.models.tokenizer import FrozenEncoder, UniLIPTokenizer
 
 
@@ -23,6 +25,8 @@ class ReconstructionEvaluation(L.LightningModule):
         fid: a torchmetrics FID (None: not measured).
         external: an external feature model (None: not measured).
         grid_images: how many originals/reconstructions to keep for the grid.
+        resize: "project" or "reference" (`unilip.evaluation.protocols`).
+        reference: cached rFID reference statistics (None: the references are fed every time).
     """
 
     def __init__(
@@ -33,6 +37,8 @@ class ReconstructionEvaluation(L.LightningModule):
         fid: nn.Module | None = None,
         external: ExternalFeatures | None = None,
         grid_images: int = 8,
+        resize: str = "project",
+        reference: ReferenceStatistics | None = None,
     ):
         super().__init__()
         self.tokenizer = tokenizer.eval()
@@ -42,11 +48,18 @@ class ReconstructionEvaluation(L.LightningModule):
         self.grid: list[torch.Tensor] = []
         self.fid_value: float | None = None
         self.skipped = {"samples": 0, "shards": 0}  # unreadable data of the pass, all ranks
+        self.resize, self.reference = resize, reference
+        self.feed_references = True  # False once cached reference statistics are loaded
+        self.fid_note: str | None = None
+
+    def on_validation_start(self) -> None:
+        if self.fid is not None and self.reference is not None:
+            self.feed_references = not self.reference.load_into(self.fid, self.global_rank)
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["image"]
-        out = self.tokenizer.reconstruct(images)
+        out = reconstruct(self.tokenizer, images, self.resize)
         if batch.get("padding"):  # a rank whose images are done keeps step with the others
             return
         recon = out.images.float().clamp(0, 1)
@@ -60,7 +73,8 @@ class ReconstructionEvaluation(L.LightningModule):
         if self.external is not None:
             columns["external_cosine"] = self.external(images, recon).float()
         if self.fid is not None:
-            self.fid.update(images.float(), real=True)
+            if self.feed_references:
+                self.fid.update(images.float(), real=True)
             self.fid.update(recon, real=False)
         values = {name: column.cpu().tolist() for name, column in columns.items()}
         for index, key in enumerate(batch["key"]):
@@ -80,5 +94,14 @@ class ReconstructionEvaluation(L.LightningModule):
             skipped = [sum(part[i] for _, part in gathered) for i in range(2)]
         self.skipped = {"samples": skipped[0], "shards": skipped[1]}
         self.records.sort(key=lambda record: record["key"])  # the same order whatever the number of ranks
-        if self.fid is not None:
-            self.fid_value = float(self.fid.compute())  # torchmetrics reduces its statistics over ranks
+        if self.fid is None:
+            return
+        if self.feed_references and self.reference is not None:
+            self.reference.save_from(self.fid, self.global_rank)
+        elif not self.feed_references and self.reference.count() != len(self.records):
+            self.fid_note = (
+                f"rFID not reported: the cached reference statistics ({self.reference.path}) hold "
+                f"{self.reference.count()} images, this run read {len(self.records)}; delete the file to recompute"
+            )
+            return
+        self.fid_value = float(self.fid.compute())  # torchmetrics reduces its statistics over ranks

@@ -29,11 +29,13 @@ def describe_protocol(
     rfid: bool = True,
     feature_fidelity: bool = True,
     external: bool = False,
+    resize: str = "project",
 ) -> str:
     """One paragraph stating exactly what was measured (metrics that were not are not named)."""
     padded_size = image_size + (-image_size % multiple)
+    resized = " (decoder output resized with align_corners=True, as the UniLIP code)" if resize == "reference" else ""
     geometry = (
-        f"reflect-pad to {padded_size}x{padded_size} (multiple of {multiple}), reconstruct, crop back to "
+        f"reflect-pad to {padded_size}x{padded_size} (multiple of {multiple}), reconstruct{resized}, crop back to "
         f"{image_size}x{image_size}"
         if padded_size != image_size
         else f"reconstruct at {image_size}x{image_size} natively"
@@ -45,7 +47,9 @@ def describe_protocol(
     if lpips:
         metrics.append("LPIPS (VGG) per image")
     if rfid:
-        metrics.append("rFID (Inception-V3 pool features at 299 px over the whole set)")
+        metrics.append(
+            "rFID (Inception-V3 pool features at 299 px over the whole set, against the center-cropped inputs)"
+        )
     if external:
         metrics.append("cosine between original and reconstruction under the external vision model, per image")
     fidelity = (

@@ -12,8 +12,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from unilip.entry import start_run
+from unilip.evaluation.fid_reference import ReferenceStatistics
 from unilip.evaluation.metrics import ExternalFeatures, build_fid
 from unilip.evaluation.module import ReconstructionEvaluation
+from unilip.evaluation.protocols import RESIZES
 from unilip.evaluation.report import describe_protocol, incomplete_warning, write_report
 from unilip.logs import quiet_third_party_noise
 from unilip.models.loading import tokenizer_preset
@@ -61,6 +63,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     quiet_third_party_noise()
     if cfg.protocol not in (256, 448) and not isinstance(cfg.protocol, int):
         raise ConfigError(f"protocol={cfg.protocol!r}: use 256 (pad to 280, crop back), 448, or an image size")
+    resize = cfg.get("protocol_resize", "project")
+    if resize not in RESIZES:
+        raise ConfigError(f"protocol_resize={resize!r}: use project (default) or reference (the UniLIP code's 256 px)")
     evaluated = load_evaluated(str(cfg.ckpt), cfg.preset)
     tokenizer = evaluated.tokenizer
     tokenizer.config.pad_to_multiple = True  # the paper's 256 px protocol: reflect-pad to 280, crop back
@@ -80,10 +85,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         rfid=fid is not None,
         feature_fidelity=teacher is not None,
         external=external is not None,
+        resize=resize,
     )
     log.info("protocol: %s", protocol)
 
-    module = ReconstructionEvaluation(tokenizer, teacher, lpips, fid, external, grid_images=cfg.grid_images)
+    reference = None
+    if fid is not None and cfg.get("fid_reference_cache"):
+        reference = ReferenceStatistics(cfg.fid_reference_cache, cfg.data.val_urls, cfg.protocol, cfg.inception_weights)
+    module = ReconstructionEvaluation(
+        tokenizer, teacher, lpips, fid, external, grid_images=cfg.grid_images, resize=resize, reference=reference
+    )
     datamodule = instantiate(cfg.data)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     start_run(cfg.out_dir, rank=trainer.global_rank)
@@ -96,6 +107,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return {}
     if not module.records:
         raise ConfigError(f"no images were read from data.val_urls={cfg.data.val_urls}")
+    if module.fid_note:
+        notes.append(module.fid_note)
+    elif reference is not None:
+        source = "read from" if not module.feed_references else "computed and saved to"
+        notes.append(f"rFID reference statistics {source} {reference.path}")
     config = OmegaConf.to_container(cfg, resolve=True)
     if any(module.skipped.values()):
         log.warning(incomplete_warning(module.skipped, len(module.records)))

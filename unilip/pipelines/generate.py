@@ -4,15 +4,25 @@
         --prompt "a red motorcycle parked in a garage" --out motorcycle.png
     python -m unilip.pipelines.generate edit --generator runs/<name>/generate/stage3/generator \\
         --image photo.jpg --instruction "make it black and white" --out edited.png
+    torchrun --nproc-per-node 8 -m unilip.pipelines.generate prompts --generator ... \\
+        --prompts prompts.jsonl --out samples/ [--images-per-prompt 4]
 
 Options: --guidance-scale 4.5, --steps 20, --seed 0, --scheduler dpm|euler, --size 448, --device, --dtype;
 --tokenizer / --mllm-weights point at the tokenizer or InternVL weights where they are not where training
 recorded them. Several --prompt (or --instruction) give several images, OUT with _0, _1, ... suffixes.
+
+A prompt file (`prompts`) is a .txt file (one prompt per line, blank lines skipped) or a .jsonl file of
+{"prompt": ..., "key": optional output name, "image": optional source image (an edit; relative paths are
+read from the file's folder), "seed": optional}. Prompt i (0-based) gets seed --seed + i unless it names
+one; its images are OUT/<key>.png (OUT/<key>_<k>.png with several per prompt), key defaulting to i as
+00000, 00001, ... The file is split over the processes torchrun starts; images that exist are kept (a
+restart makes only the missing ones); OUT/manifest.json records the settings and the generator.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -22,6 +32,8 @@ from PIL import Image
 
 from unilip.logs import one_line_errors
 from unilip.pipelines.generation import SCHEDULERS, UniLIPPipeline
+from unilip.pipelines.manifest import SamplingError, generator_record, identity
+from unilip.pipelines.sampling import SampleJob, SamplerSettings, run_sampling
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     edit = modes.add_parser("edit", help="image + instruction -> image")
     edit.add_argument("--image", required=True, type=Path)
     edit.add_argument("--instruction", action="append", required=True)
-    for mode in (t2i, edit):
+    many = modes.add_parser("prompts", help="a prompt file -> a folder of images (sharded, resumable)")
+    many.add_argument("--prompts", required=True, type=Path, help="a .txt or .jsonl prompt file")
+    many.add_argument("--images-per-prompt", type=int, default=1)
+    many.add_argument("--batch-size", type=int, default=8, help="images per forward pass, per process")
+    many.add_argument("--timeout", type=float, default=86400, help="seconds the processes wait for each other")
+    for mode in (t2i, edit, many):
         mode.add_argument("--generator", required=True, type=Path, help="a saved generator (<run>/generator)")
-        mode.add_argument("--out", required=True, type=Path, help="output PNG")
+        mode.add_argument("--out", required=True, type=Path, help="output PNG (prompts: output folder)")
         mode.add_argument("--guidance-scale", type=float, default=4.5)
         mode.add_argument("--steps", type=int, default=20)
         mode.add_argument("--seed", type=int, default=0)
         mode.add_argument("--scheduler", choices=SCHEDULERS, default="dpm")
         mode.add_argument("--size", type=int, default=448)
-        mode.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        mode.add_argument("--device", default=None, help="default: cuda (cuda:<local rank>) when available, else cpu")
         mode.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
         mode.add_argument("--tokenizer", default=None, help="replaces the tokenizer the generator records")
         mode.add_argument("--mllm-weights", default=None, help="replaces the InternVL weights it records")
@@ -67,9 +84,83 @@ def _save(images: torch.Tensor, out: Path) -> list[Path]:
     return paths
 
 
+def read_prompt_file(path: Path, images_per_prompt: int = 1, seed: int = 0) -> list[SampleJob]:
+    """A .txt or .jsonl prompt file -> one `SampleJob` per prompt (format in the module docstring)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file")
+    if images_per_prompt < 1:
+        raise SamplingError(f"--images-per-prompt {images_per_prompt}: give 1 or more")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".txt":
+        entries = [({"prompt": line.strip()}, number) for number, line in enumerate(lines, 1) if line.strip()]
+    elif path.suffix == ".jsonl":
+        entries = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SamplingError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
+                raise SamplingError(f'{path}:{number}: each line needs a non-empty "prompt" string')
+            entries.append((entry, number))
+    else:
+        raise SamplingError(f"--prompts {path}: use a .txt (one prompt per line) or .jsonl file")
+    if not entries:
+        raise SamplingError(f"--prompts {path}: no prompts in the file")
+    jobs, keys = [], set()
+    for index, (entry, number) in enumerate(entries):
+        key = str(entry.get("key", f"{index:05d}"))
+        if not key or "/" in key or "\\" in key or key.startswith("."):
+            raise SamplingError(f"{path}:{number}: key {key!r} must be a plain file name")
+        if key in keys:
+            raise SamplingError(f"{path}:{number}: key {key!r} appears twice")
+        keys.add(key)
+        source = entry.get("image")
+        if source is not None:
+            source = str((path.parent / source) if not Path(source).is_absolute() else Path(source))
+        names = (f"{key}.png",) if images_per_prompt == 1 else tuple(f"{key}_{k}.png" for k in range(images_per_prompt))
+        jobs.append(
+            SampleJob(key, entry["prompt"], int(entry.get("seed", seed + index)), names, images_per_prompt, source)
+        )
+    return jobs
+
+
+def _sample_prompt_file(args: argparse.Namespace) -> None:
+    jobs = read_prompt_file(args.prompts, args.images_per_prompt, args.seed)
+    settings = SamplerSettings(args.guidance_scale, args.steps, args.scheduler, args.size, args.seed, args.dtype)
+    model, lineage = generator_record(args.generator, args.tokenizer, args.mllm_weights)
+    run = identity(settings, jobs, model, task="prompts")
+    description = {"prompts": str(args.prompts.resolve()), "seed_rule": SEED_RULE, "generator": lineage}
+
+    def load(device: torch.device) -> UniLIPPipeline:
+        return UniLIPPipeline.from_pretrained(
+            args.generator,
+            device=device,
+            dtype=getattr(torch, args.dtype),
+            tokenizer=args.tokenizer,
+            mllm_weights=args.mllm_weights,
+            scheduler=args.scheduler,
+        )
+
+    run_sampling(load, jobs, args.out, settings, run, description, args.batch_size, args.device, args.timeout)
+
+
+SEED_RULE = (
+    "prompt i (0-based, file order) uses seed + i unless it gives its own; its sample k starts from row k of "
+    "torch.randn((images per prompt, C, h, w), generator=torch.Generator().manual_seed(that seed))"
+)
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.mode == "prompts":
+        with one_line_errors(OSError, ValueError):
+            _sample_prompt_file(args)
+        return [args.out]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with one_line_errors(OSError, ValueError):
         if args.mode == "edit" and not args.image.is_file():
             raise FileNotFoundError(f"--image {args.image}: no such file")

@@ -92,12 +92,14 @@ class UniLIPPipeline:
         seed: int = 0,
         size: int = 448,
         scheduler: str | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """-> (B, 3, size, size) images in [0, 1].
 
         Text-to-image without `source_images`; editing with them ((B, 3, H, W) in [0, 1], the prompts
         are instructions). `has_source` (B,) bool mixes both in one batch (rows without a source are
-        text-to-image). The same seed gives the same images.
+        text-to-image). The same seed gives the same images. `noise` ((B, C, h, w), h = w = ceil(size / 28))
+        replaces the starting noise drawn from `seed`, e.g. to fix one seed per prompt across batches.
         """
         count = len(prompts)
         if has_source is None:
@@ -117,8 +119,12 @@ class UniLIPPipeline:
         condition = self.generator.condition(self.conditioner, batch, features)
 
         grid = latent_grid(size)
-        noise_rng = torch.Generator().manual_seed(seed)
-        latents = torch.randn((count, self.latents.channels, grid, grid), generator=noise_rng).to(self.device)
+        shape = (count, self.latents.channels, grid, grid)
+        if noise is None:
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; {size} px needs {shape}")
+        latents = noise.float().to(self.device)
         sampler = make_scheduler(scheduler or self.scheduler, self.flow_shift)
         sampler.set_timesteps(num_inference_steps, device=self.device)
         for t in sampler.timesteps:

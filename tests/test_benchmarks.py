@@ -1,0 +1,289 @@
+"""python -m unilip.benchmarks: each benchmark's output read the way its official scorer reads it, scoring
+through a stand-in scorer checkout, the scores against hand-computed values, and one-line refusals.
+
+The `read_*` functions follow the official scorers' own file discovery (cited per function), written here
+independently of unilip's writers."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import sampling_helpers as data
+from tests.generation_helpers import one_thread  # noqa: F401  (autouse fixture)
+from unilip.benchmarks.__main__ import main
+
+SIZE = 56
+FAST = [f"sampler.size={SIZE}", "sampler.steps=2", "batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def generator_dir(tmp_path_factory, tiny_config):
+    return data.save_tiny_generator(tmp_path_factory.mktemp("tiny"), tiny_config)
+
+
+def run(name, generator_dir, out, *overrides):
+    return main([name, f"generator={generator_dir}", f"out={out}", *FAST, *overrides])
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.mode == "RGB"
+        return image.size
+
+
+# ------------------------------------------------------------------ the scorers' views of the output
+def read_geneval(image_dir: Path) -> list[tuple[dict, Path]]:
+    """djghosh13/geneval evaluation/evaluate_images.py main(): digit folders, metadata.jsonl, r"\\d+\\.png"."""
+    found = []
+    for subfolder in os.listdir(image_dir):
+        folder = image_dir / subfolder
+        if not folder.is_dir() or not subfolder.isdigit():
+            continue
+        with open(folder / "metadata.jsonl") as fp:
+            metadata = json.load(fp)
+        for name in os.listdir(folder / "samples"):
+            if (folder / "samples" / name).is_file() and re.match(r"\d+\.png", name):
+                found.append((metadata, folder / "samples" / name))
+    return found
+
+
+def test_geneval_layout_is_what_its_scorer_reads(generator_dir, tmp_path):
+    prompts = data.geneval_prompts(tmp_path)
+    results = run("geneval", generator_dir, tmp_path / "out", f"prompts={prompts}")
+    found = read_geneval(tmp_path / "out" / "images")
+    lines = [json.loads(line) for line in prompts.read_text().splitlines()]
+    assert len(found) == 4 * len(lines)  # 4 samples per prompt
+    for index, line in enumerate(lines):  # each folder holds the N-th line of evaluation_metadata.jsonl
+        mine = [path for metadata, path in found if metadata == line]
+        assert len(mine) == 4 and {p.parent.parent.name for p in mine} == {f"{index:05d}"}
+        assert sorted(p.name for p in mine) == ["0000.png", "0001.png", "0002.png", "0003.png"]
+    assert all(png_size(path) == (SIZE, SIZE) for _, path in found)
+    assert results["scores"] is None and "evaluation/evaluate_images.py" in results["score_commands"][0]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "Not scored yet" in summary and "Mask2Former" in summary
+
+
+def test_dpg_layout_is_what_its_scorer_reads_and_crop_k_is_sample_k(generator_dir, tmp_path):
+    from unilip.pipelines import UniLIPPipeline
+
+    prompts = data.dpg_prompts(tmp_path)
+    run("dpg", generator_dir, tmp_path / "out", f"prompts={prompts}", "sampler.seed=3")
+    root = tmp_path / "out" / "images"
+    # TencentQQGYLab/ELLA dpg_bench/compute_dpg_bench.py: every file in the root is an image whose name
+    # before the first '.' is a prompt's item id; 4 crops of --resolution px, row-major
+    keys = sorted(p.stem for p in prompts.glob("*.txt"))
+    assert sorted(name.split(".")[0] for name in os.listdir(root)) == keys
+    pipe = UniLIPPipeline.from_pretrained(generator_dir)
+    for index, key in enumerate(keys):  # prompts in sorted order: seed + index
+        image = Image.open(root / f"{key}.png")
+        assert image.size == (2 * SIZE, 2 * SIZE)
+        crops = [
+            (0, 0, SIZE, SIZE),
+            (SIZE, 0, 2 * SIZE, SIZE),
+            (0, SIZE, SIZE, 2 * SIZE),
+            (SIZE, SIZE, 2 * SIZE, 2 * SIZE),
+        ]
+        prompt = (prompts / f"{key}.txt").read_text().strip()
+        samples = pipe([prompt] * 4, seed=3 + index, size=SIZE, num_inference_steps=2)
+        for k, box in enumerate(crops):
+            crop = np.asarray(image.crop(box)).astype(np.int16)
+            expected = (samples[k].permute(1, 2, 0).numpy() * 255).round().astype(np.int16)
+            assert np.abs(crop - expected).max() <= 1, (key, k)
+
+
+def test_wise_layout_is_what_its_scorer_reads(generator_dir, tmp_path):
+    folder = data.wise_prompts(tmp_path)
+    run("wise", generator_dir, tmp_path / "out", f"prompts={folder}")
+    image_dir = tmp_path / "out" / "images"
+    expected = set()
+    for name in ("cultural_common_sense", "spatio-temporal_reasoning", "natural_science"):
+        # PKU-YuanGroup/WISE gpt_eval.py main(): image_dir / f"{prompt_id}.png" for every prompt of the file
+        for item in json.loads((folder / f"{name}.json").read_text()):
+            path = image_dir / f"{item['prompt_id']}.png"
+            assert path.is_file() and png_size(path) == (SIZE, SIZE)
+            expected.add(path.name)
+    assert set(os.listdir(image_dir)) == expected
+
+
+def test_imgedit_layout_is_what_its_scorer_reads(generator_dir, tmp_path):
+    edits, originals = data.imgedit_prompts(tmp_path)
+    run("imgedit", generator_dir, tmp_path / "out", f"prompts={edits}", f"benchmark.images={originals}")
+    # PKU-YuanGroup/ImgEdit Benchmark/Basic/basic_bench.py process_single_item(): f"{key}.png" in the result
+    # folder, the original at origin_img_root / item["id"]
+    for key, item in json.loads(edits.read_text()).items():
+        assert png_size(tmp_path / "out" / "images" / f"{key}.png") == (SIZE, SIZE)
+        assert (originals / item["id"]).is_file()
+    assert len(os.listdir(tmp_path / "out" / "images")) == len(data.IMGEDIT_EDITS)
+
+
+def test_gedit_layout_is_what_its_scorer_reads(generator_dir, tmp_path):
+    import datasets
+
+    dataset_dir = data.gedit_dataset(tmp_path)
+    run("gedit", generator_dir, tmp_path / "out", f"prompts={dataset_dir}")
+    images = tmp_path / "out" / "images"
+    table = datasets.Dataset.from_parquet(sorted(str(p) for p in dataset_dir.rglob("*.parquet")))
+    for item in table:
+        # stepfun-ai/Step1X-Edit GEdit-Bench/test_gedit_score.py: the first file named `key.*` in
+        # edited_images_dir/model_name/fullset/task_type/instruction_language
+        folder = images / "unilip" / "fullset" / item["task_type"] / item["instruction_language"]
+        matches = sorted(folder.glob(f"{item['key']}.*"))
+        assert [m.name for m in matches] == [f"{item['key']}.png"] and png_size(matches[0]) == (SIZE, SIZE)
+    assert len(list(images.rglob("*.png"))) == len(data.GEDIT_ROWS)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["inputs"]["language"] == "all"
+
+
+# ------------------------------------------------------------------ scoring
+def fake_scorer(root: Path, files: dict[str, str]) -> str:
+    """A stand-in for an official scorer checkout: a git repository holding `files` (path -> Python source)."""
+    for name, source in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(source)
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "scorer"], check=True)
+    return subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+# writes results.jsonl as evaluate_images.py does: one record per image; here sample 0000 and 0002 correct
+GENEVAL_STANDIN = """
+import argparse, json, os, re
+parser = argparse.ArgumentParser()
+parser.add_argument("imagedir"); parser.add_argument("--outfile"); parser.add_argument("--model-path")
+args = parser.parse_args()
+assert os.path.isfile("evaluation/evaluate_images.py"), "run from the checkout"
+assert args.model_path == "/detectors"
+rows = []
+for sub in sorted(os.listdir(args.imagedir)):
+    meta = json.load(open(os.path.join(args.imagedir, sub, "metadata.jsonl")))
+    for name in sorted(os.listdir(os.path.join(args.imagedir, sub, "samples"))):
+        rows.append({"filename": name, "tag": meta["tag"], "prompt": meta["prompt"],
+                     "correct": name in ("0000.png", "0002.png") or meta["tag"] == "single_object",
+                     "reason": "", "metadata": json.dumps(meta), "details": "{}"})
+with open(args.outfile, "w") as fp:
+    fp.writelines(json.dumps(r) + "\\n" for r in rows)
+"""
+
+
+def test_geneval_scored_by_the_given_scorer(generator_dir, tmp_path):
+    prompts = data.geneval_prompts(tmp_path)
+    commit = fake_scorer(tmp_path / "geneval", {"evaluation/evaluate_images.py": GENEVAL_STANDIN})
+    out = tmp_path / "out"
+    scorer = [f"scorer={tmp_path / 'geneval'}", f"scorer_python={sys.executable}", "benchmark.detector=/detectors"]
+    results = run("geneval", generator_dir, out, f"prompts={prompts}", *scorer)
+    # tags: single_object 4/4, two_object 2/4, counting 2/4 -> mean over tags (2/3 + ...) by hand
+    assert results["scores"]["tags"] == {"single_object": 1.0, "two_object": 0.5, "counting": 0.5}
+    assert results["scores"]["overall"] == pytest.approx((1.0 + 0.5 + 0.5) / 3)
+    assert results["judge"]["scorer_commit"] == commit and "Mask2Former" in results["judge"]["name"]
+    written = json.loads((out / "results.json").read_text())
+    assert written["scores"] == results["scores"] and written["sampler"]["steps"] == 2
+    assert "| overall | 0.6667 |" in (out / "summary.md").read_text()
+    # a second run samples nothing and does not run the scorer again (its output exists)
+    os.utime(out / "scores" / "geneval_results.jsonl", ns=(0, 0))
+    again = run("geneval", generator_dir, out, f"prompts={prompts}", *scorer)
+    assert again["scores"] == results["scores"] and (out / "scores" / "geneval_results.jsonl").stat().st_mtime_ns == 0
+    assert json.loads((out / "manifest.json").read_text())["runs"][1]["ranks"][0]["generated"] == []
+
+
+# WISE's gpt_eval.py writes {prompt_id, Subcategory, consistency, realism, aesthetic_quality} per image
+WISE_STANDIN = """
+import argparse, json, os
+parser = argparse.ArgumentParser()
+for flag in ("--json_path", "--output_dir", "--image_dir", "--api_key", "--model", "--result_full",
+             "--result_scores", "--max_workers"):
+    parser.add_argument(flag)
+args = parser.parse_args()
+assert args.api_key == "sk-test" and args.model == "gpt-4o-2024-05-13"
+judged = {1: (2, 2, 2), 401: (1, 1, 1), 568: (2, 0, 0), 701: (0, 2, 0), 801: (0, 0, 2), 901: (1, 0, 0)}
+rows = []
+for item in json.load(open(args.json_path)):
+    assert os.path.isfile(os.path.join(args.image_dir, f"{item['prompt_id']}.png"))
+    c, r, a = judged[item["prompt_id"]]
+    rows.append({"prompt_id": item["prompt_id"], "Subcategory": item["Subcategory"], "consistency": c,
+                 "realism": r, "aesthetic_quality": a})
+os.makedirs(os.path.dirname(args.result_scores), exist_ok=True)
+with open(args.result_scores, "w") as fp:
+    fp.writelines(json.dumps(r) + "\\n" for r in rows)
+"""
+
+
+def test_wise_scoring_needs_the_key_only_for_the_judge_and_weighs_categories(generator_dir, tmp_path, monkeypatch):
+    folder = data.wise_prompts(tmp_path)
+    fake_scorer(tmp_path / "wise", {"gpt_eval.py": WISE_STANDIN})
+    out = tmp_path / "out"
+    scorer = [f"scorer={tmp_path / 'wise'}", f"scorer_python={sys.executable}"]
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    results = run("wise", generator_dir, out, f"prompts={folder}", *scorer)  # images made, judge not run
+    assert results["scores"] is None and len(list((out / "images").glob("*.png"))) == 6
+    assert any("set OPENAI_API_KEY" in note for note in results["notes"])
+    assert '--api_key "${OPENAI_API_KEY}"' in results["score_commands"][0]  # the key itself is never written
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    results = run("wise", generator_dir, out, f"prompts={folder}", *scorer)
+    # WiScore = (0.7 c + 0.2 r + 0.1 a) / 2, by hand: Cultural 1.0, Time 0.5, Space 0.7, Biology 0.2,
+    # Physics 0.1, Chemistry 0.35; overall 0.4 * 1.0 + 0.167 * 0.5 + 0.133 * 0.7 + 0.1 * (0.2 + 0.1 + 0.35)
+    expected = {"Cultural": 1.0, "Time": 0.5, "Space": 0.7, "Biology": 0.2, "Physics": 0.1, "Chemistry": 0.35}
+    assert results["scores"]["categories"] == pytest.approx(expected)
+    assert results["scores"]["overall"] == pytest.approx(0.4 + 0.0835 + 0.0931 + 0.065)
+    assert "sk-test" not in (out / "results.json").read_text()
+
+
+def test_collectors_read_the_scorers_outputs(tmp_path):
+    from unilip.benchmarks.dpg import DPGBench
+    from unilip.benchmarks.gedit import GROUPS, GEditBench
+    from unilip.benchmarks.imgedit import ImgEdit
+
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    # compute_dpg_bench.py's res file: per-image lines, then the summary block it appends last
+    (scores / "dpg_results.txt").write_text(
+        "/x/a.png, 0.5, 1.0, 1.0, 0.5, 0.75\nModel: images\nL1 category scores:\n\tentity: 80.0\n"
+        "\tattribute: 70.5\nL2 category scores:\n\tentity - whole: 80.0\nImage path: /x\n"
+        "Save results to: /x/r.txt\nDPG-Bench score: 75.0\n"
+    )
+    dpg = DPGBench("unused").collect(tmp_path)
+    assert dpg["overall"] == 75.0 and dpg["categories"] == {"entity": 80.0, "attribute": 70.5}
+    # ImgEdit step1 (per-image means) and step2 (per type) outputs
+    (scores / "imgedit_average_score.json").write_text(json.dumps({"1": 4.0, "2": 3.0, "3": 2.0}))
+    (scores / "imgedit_typescore.json").write_text(json.dumps({"add": 3.5, "style": 2.0}))
+    imgedit = ImgEdit("unused").collect(tmp_path)
+    assert imgedit["overall"] == 3.0 and imgedit["mean_of_types"] == 2.75 and imgedit["types"]["add"] == 3.5
+    # GEdit: one VIEScore CSV per group; overall per image sqrt(semantics * quality), groups averaged
+    folder = scores / "gedit" / "unilip" / "gpt4o"
+    folder.mkdir(parents=True)
+    header = "key,edited_image,instruction,sementics_score,quality_score,intersection_exist,instruction_language\n"
+    for index, group in enumerate(GROUPS):
+        rows = f"k{index},x.png,do it,4,9,True,en\nk{index},y.png,do it,{index % 2},1,False,cn\n" if index else ""
+        (folder / f"unilip_{group}_all_vie_score.csv").write_text(header + (rows or "k0,x.png,do it,9,4,True,en\n"))
+    gedit = GEditBench("unused").collect(tmp_path)
+    english = gedit["languages"]["en"]
+    assert english["G_SC"] == pytest.approx((9 + 4 * 10) / 11) and english["G_PQ"] == pytest.approx((4 + 9 * 10) / 11)
+    assert english["G_O"] == pytest.approx(6.0) and gedit["overall"] == pytest.approx(6.0)  # sqrt(36) everywhere
+    assert gedit["languages"]["cn"]["G_O"] == pytest.approx(5 / 10)  # groups 1..10: sqrt(0 or 1), half are 1
+
+
+# ------------------------------------------------------------------ refusals
+def test_mistakes_are_one_line_and_leave_nothing(generator_dir, tmp_path):
+    out = tmp_path / "out"
+    cases = [
+        (["nosuch", f"generator={generator_dir}", f"out={out}", "prompts=x"], r"no benchmark 'nosuch'"),
+        (["geneval", f"generator={generator_dir}", f"out={out}"], r"prompts= is required"),
+        (["geneval", f"generator={generator_dir}", f"out={out}", f"prompts={tmp_path / 'no.jsonl'}"], "does not exist"),
+        (["geneval", f"generator={tmp_path}", f"out={out}", f"prompts={data.geneval_prompts(tmp_path)}"],
+         "not a saved generator"),
+        (["wise", f"generator={generator_dir}", f"out={out}", f"prompts={tmp_path}"], "lacks cultural_common_sense"),
+        (["geneval", f"generator={generator_dir}", f"out={out}", "prompts=x", "sampler.scheduler=ddim"], "scheduler"),
+        (["geneval", "generator=g", f"out={out}", "prompts=x", "sampler.stepz=3"], "stepz"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=rf"^error: .*{message}"):
+            main(argv)
+    assert not out.exists()

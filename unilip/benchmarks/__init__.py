@@ -1,0 +1,10 @@
+"""Generation and editing benchmarks as the field scores them: `python -m unilip.benchmarks <name>`.
+
+Each benchmark reads its own prompt / metadata files, writes images in exactly the layout its official
+scorer reads (`out/images`), records the sampler settings in `out/manifest.json`, and is scored by that
+scorer (run when its checkout is given, else its commands are printed): `out/results.json`, `summary.md`.
+"""
+
+BENCHMARKS = ("geneval", "dpg", "wise", "imgedit", "gedit")
+
+__all__ = ["BENCHMARKS"]

@@ -1,0 +1,42 @@
+"""python -m unilip.benchmarks <name> generator=<saved generator> out=<dir> prompts=<...> [key=value ...]
+
+Benchmarks: geneval, dpg, wise, imgedit, gedit (conf/benchmark/<name>.yaml). Overrides are Hydra's
+(conf/benchmark.yaml): sampler.steps=20, sampler.guidance_scale=4.5, batch_size=8, scorer=<official checkout>.
+Under torchrun the prompts are split over the processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from unilip.benchmarks import BENCHMARKS
+from unilip.logs import one_line_errors
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return None
+    name, overrides = argv[0], argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from unilip.benchmarks.run import run_benchmark
+    from unilip.models.loading import compose_config
+
+    with one_line_errors(OSError, ValueError, HydraException, OmegaConfBaseException):
+        if name not in BENCHMARKS:
+            raise ValueError(f"no benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+        cfg = compose_config("benchmark", [f"benchmark={name}", *overrides])
+        results = run_benchmark(cfg)
+    if results is not None and results["scores"] is None:  # rank 0, no scores yet: how to get them
+        print(f"{name}: images in {cfg.out}; score them with the official scorer:")
+        print("\n".join(results["score_commands"]))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""DPG-Bench (ELLA, Hu et al. 2024): dense-prompt alignment, scored by a VQA model on generated questions.
+
+Format (TencentQQGYLab/ELLA, README.md "DPG-Bench" and dpg_bench/compute_dpg_bench.py): input
+`dpg_bench/prompts/<item_id>.txt`, one prompt per file; output one PNG per prompt with the prompt's file
+name, holding 4 samples of `size` px as a 2 x 2 grid (sample 0 top left, 1 top right, 2 bottom left):
+
+    images/<item_id>.png            (2 size) x (2 size)
+
+`compute_dpg_bench.py --image-root-path images --resolution <size> --pic-num 4 --vqa-model mplug` crops
+the 4 samples back out, asks mPLUG-large the questions of dpg_bench/dpg_bench.csv about each and writes
+the per-image scores and the "DPG-Bench score" (mean over images, in percent) to --res-path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from unilip.benchmarks.base import IMAGES, SCORES, Benchmark, ScoreStep, checkout, existing_file
+from unilip.pipelines.manifest import SamplingError
+from unilip.pipelines.sampling import SampleJob
+
+RESULTS = f"{SCORES}/dpg_results.txt"
+
+
+class DPGBench(Benchmark):
+    name = "dpg"
+    format_source = "TencentQQGYLab/ELLA: README.md (DPG-Bench), dpg_bench/compute_dpg_bench.py"
+    judge = "mPLUG-large VQA (ModelScope damo/mplug_visual-question-answering_coco_large_en)"
+
+    def __init__(self, prompts: str | None):
+        self.prompts = prompts
+
+    def inputs(self) -> dict[str, str]:
+        return {"prompts": str(self.prompts)}
+
+    def jobs(self, out: Path, seed: int) -> list[SampleJob]:
+        folder = existing_file(self.prompts, "prompts", "DPG-Bench's dpg_bench/prompts folder of <item_id>.txt files")
+        files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
+        if not files:
+            raise SamplingError(f"prompts={folder} holds no .txt prompt files; give ELLA's dpg_bench/prompts folder")
+        jobs = []
+        for index, file in enumerate(files):
+            prompt = " ".join(file.read_text(encoding="utf-8").split())
+            if not prompt:
+                raise SamplingError(f"{file} is empty")
+            jobs.append(SampleJob(file.stem, prompt, seed + index, (f"{IMAGES}/{file.stem}.png",), 4, grid=True))
+        return jobs
+
+    def score_steps(self, out: Path, scorer: str | None, python: str, size: int) -> list[ScoreStep]:
+        argv = (
+            python,
+            "dpg_bench/compute_dpg_bench.py",
+            "--image-root-path",
+            str(out / IMAGES),
+            "--resolution",
+            str(size),
+            "--pic-num",
+            "4",
+            "--vqa-model",
+            "mplug",
+            "--res-path",
+            str(out / RESULTS),
+        )
+        return [ScoreStep(argv, checkout(scorer, "ELLA checkout"), (str(out / RESULTS),))]
+
+    def collect(self, out: Path) -> dict[str, Any] | None:
+        path = out / RESULTS
+        if not path.exists():
+            return None
+        text = path.read_text()
+        overall = re.search(r"DPG-Bench score: ([0-9.eE+-]+)", text)
+        if overall is None:
+            return None  # the scorer has not finished (it writes the summary last)
+        categories, section = {}, None
+        for line in text.splitlines():
+            if line.startswith(("L1 category scores", "L2 category scores")):
+                section = line[:2]
+            elif section == "L1" and line.startswith("\t") and ": " in line:
+                name, value = line.strip().rsplit(": ", 1)
+                categories[name] = float(value)
+            elif not line.startswith("\t"):
+                section = None
+        return {"overall": float(overall.group(1)), "categories": categories, "unit": "percent"}
