@@ -154,3 +154,37 @@ class KillRankInFirstAttempt(L.Callback):
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         if first_attempt and trainer.global_rank == self.rank and trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordOptimizerSteps(L.Callback):
+    """Just before every optimizer step (after clipping): the gradient norms of the tokenizer's trainable
+    parameters and of the discriminator (None without gradients), and a digest of the discriminator's
+    weights. JSON list to `out` at the end of training."""
+
+    def __init__(self, out: str):
+        self.out, self.rows = out, []
+
+    @staticmethod
+    def _norm(params) -> float | None:
+        grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
+        return torch.cat(grads).norm().item() if grads else None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        import hashlib
+
+        discriminator = list(pl_module.discriminator.parameters()) if pl_module.discriminator is not None else []
+        digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in discriminator)).hexdigest()
+        self.rows.append(
+            {
+                "step": trainer.global_step,
+                "generator_norm": self._norm(p for p in pl_module.tokenizer.parameters() if p.requires_grad),
+                "discriminator_norm": self._norm(discriminator),
+                "discriminator_digest": digest,
+            }
+        )
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+
+        with open(self.out, "w") as file:
+            json.dump(self.rows, file)

@@ -91,6 +91,36 @@ def test_eval_of_a_perfect_reconstruction_end_to_end(photos_dir, saved_tokenizer
     assert "rFID" not in written["protocol"] and "LPIPS" not in written["protocol"]
 
 
+def test_feature_fidelity_of_a_trained_encoder_against_its_original(photos_dir, saved_tokenizer, tmp_path):
+    """A stage-2-like tokenizer (encoder changed) is measured against the original encoder its lineage
+    names; the per-image cosine equals a direct computation on the same crops (not 1 by construction)."""
+    from unilip.data import ShardDataModule
+
+    original = UniLIPTokenizer.from_pretrained(saved_tokenizer).eval()
+    trained = UniLIPTokenizer.from_pretrained(saved_tokenizer).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in trained.multi_modal_projector.parameters():
+            param.add_(0.3 * torch.randn_like(param) * param.std())
+    teacher = {"stage": 2, "encoder_trained": True, "teacher": str(saved_tokenizer)}
+    trained.save_pretrained(tmp_path / "trained", training=teacher)
+    results = evaluate(compose_eval(photos_dir, tmp_path / "out", f"ckpt={tmp_path / 'trained'}", "protocol=56"))
+    measured = {record["key"]: record["feature_cosine"] for record in results["per_image"]}
+
+    data = ShardDataModule(
+        val_urls=str(photos_dir / "photos" / "val-*.tar"), image_size=56, batch_size=64, num_workers=0
+    )
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    with torch.no_grad():
+        a, b = trained.features(batch["image"]), original.features(batch["image"])
+    direct = ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean(-1)  # per token, averaged per image
+    assert sorted(measured) == sorted(batch["key"])
+    for key, value in zip(batch["key"], direct.tolist(), strict=True):
+        assert measured[key] == pytest.approx(value, abs=1e-5)
+    assert max(measured.values()) < 0.999
+
+
 def test_skipped_data_is_recorded_and_the_summary_says_the_set_was_incomplete(photos_dir, saved_tokenizer, tmp_path):
     import webdataset as wds
 

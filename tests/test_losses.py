@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 
 from unilip.losses import ConvNeXtLogitLoss, LeCamRegularizer, LPIPSLoss, TokenizerLoss, hinge_d_loss, hinge_g_loss
@@ -29,9 +28,12 @@ def test_lecam_regulariser_and_its_ema():
     assert reg.ema_real.item() == pytest.approx(2.0) and reg.ema_fake.item() == pytest.approx(-0.5)
     reg.update(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]))
     assert reg.ema_real.item() == pytest.approx(0.9 * 2.0) and reg.ema_fake.item() == pytest.approx(0.9 * -0.5 + 0.1)
-    ema_real, ema_fake = reg.ema_real.item(), reg.ema_fake.item()
-    expected = (F.relu(real - ema_fake) ** 2).mean() + (F.relu(ema_real - fake) ** 2).mean()
-    assert reg(real, fake).item() == pytest.approx(expected.item())
+    # EMAs now 1.8 (real) and -0.35 (fake); by hand:
+    # mean(relu([1, 3] + 0.35)^2) = (1.35^2 + 3.35^2) / 2 = 6.5225
+    # mean(relu(1.8 - [-1, 0])^2) = (2.8^2 + 1.8^2) / 2 = 5.54
+    assert reg(real, fake).item() == pytest.approx(6.5225 + 5.54)
+    # logits beyond the other side's EMA cost nothing
+    assert reg(torch.tensor([-1.0]), torch.tensor([2.0])).item() == pytest.approx(0.0)
 
 
 def test_tokenizer_loss_weights_and_names():
@@ -53,9 +55,12 @@ def test_lpips_reads_user_vgg_weights(tmp_path):
     assert lpips.pretrained
     assert torch.equal(getattr(lpips.net.net.slice1, "0").weight, vgg.features[0].weight)
     assert torch.equal(getattr(lpips.net.net.slice5, "28").weight, vgg.features[28].weight)
-    x = torch.rand(2, 3, 32, 32)
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-6)
-    assert (lpips(x, torch.rand(2, 3, 32, 32)) > 0).all()
+    # images are [0, 1]; the lpips library's own convention is [-1, 1] (its documented call, converted here)
+    library = lpips.net(2 * y - 1, 2 * x - 1).flatten()
+    assert torch.allclose(lpips(x, y), library, rtol=1e-5) and (library > 0).all()
+    assert not torch.allclose(lpips(x, y), lpips.net(y, x).flatten(), rtol=1e-2)  # unconverted inputs differ
 
 
 def test_perceptual_losses_warn_loudly_without_weights(caplog, monkeypatch):

@@ -263,16 +263,18 @@ def test_slurm_requeue_checkpoints_requeues_and_resumes_exactly(photos_dir, stra
 
 
 def test_torchrun_restarts_a_killed_rank_and_continues_from_the_last_checkpoint(photos_dir, tmp_path):
-    """`torchrun --max-restarts 1`, rank 1 SIGKILLed after the step-4 checkpoint in the first attempt: torchrun
+    """`torchrun --max-restarts 2`, rank 1 SIGKILLed after the step-4 checkpoint in the first attempt: torchrun
     restarts both ranks, which resume from that checkpoint (resume=auto) and finish as an uninterrupted run."""
     launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
     common = [*RESUMABLE, *DDP, "trainer.devices=2", "resume=auto", f"paths.runs_dir={tmp_path}"]
     straight = tmp_path / "straight"
-    _run(_command("train.py", photos_dir, straight, *common, launcher=(*launcher, "--max-restarts", "0")))
+    # restarts allowed in both: on a loaded machine gloo's first connection can time out, and a restart
+    # of either run with resume=auto must not change its result anyway
+    _run(_command("train.py", photos_dir, straight, *common, launcher=(*launcher, "--max-restarts", "2")))
     restarted = tmp_path / "restarted"
     kill = ["+callbacks.kill._target_=tests.helpers.KillRankInFirstAttempt", "+callbacks.kill.step=4"]
     result = _run(
-        _command("train.py", photos_dir, restarted, *common, *kill, launcher=(*launcher, "--max-restarts", "1"))
+        _command("train.py", photos_dir, restarted, *common, *kill, launcher=(*launcher, "--max-restarts", "2"))
     )
     assert "restart" in result.stderr.lower()  # torchrun's agent reports the restart
     a, b = _weights(straight), _weights(restarted)

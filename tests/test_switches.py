@@ -43,12 +43,14 @@ def baseline(photos_dir, tmp_path_factory, tiny_config):
         train(compose_train(quick_overrides(photos_dir, run_dir, *common, *extra)))
         return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
-    return run, run("baseline")
+    from safetensors.torch import load_file
+
+    return run, run("baseline"), load_file(root / "init" / "model.safetensors")
 
 
 @pytest.mark.parametrize("switch", sorted(SWITCHES))
 def test_switch_changes_nothing(baseline, switch):
-    run, reference = baseline
+    run, reference, _ = baseline
     state = run(switch.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""), *SWITCHES[switch])
     worst = max(
         (state[k].float() - reference[k].float()).abs().max().item()
@@ -59,35 +61,38 @@ def test_switch_changes_nothing(baseline, switch):
     assert worst < 1e-5
 
 
-def test_bf16_autocast_stays_close(baseline):
-    run, reference = baseline
-    state = run("bf16", "trainer.precision=bf16-mixed")
-    deltas = [
-        (state[k].float() - reference[k].float()).abs().max().item()
-        for k in reference
-        if k.startswith("tokenizer.decoder.") and reference[k].is_floating_point()
-    ]
-    print(f"bf16-mixed vs fp32: max |difference| in decoder weights after 3 steps = {max(deltas):.2e}")
-    assert max(deltas) < 5e-3  # bf16 rounding, three AdamW steps at lr <= 1.5e-4
+def _updates(state, init, prefix="tokenizer.decoder."):
+    """The decoder's weight change over the run, flattened (state dict vs the initial tokenizer)."""
+    return torch.cat(
+        [
+            (state[k].float() - init[k[len("tokenizer.") :]].float()).flatten()
+            for k in sorted(state)
+            if k.startswith(prefix)
+        ]
+    )
 
 
-def test_fused_adamw_matches_the_default_adamw():
-    """The optimizer switch in isolation: on the same gradients fused and foreach AdamW agree.
+def test_bf16_autocast_takes_the_same_steps(baseline):
+    """bf16-mixed moves the decoder the way fp32 does. Compared as update vectors (cosine, relative size),
+    because three AdamW steps move any weight by about the sum of the learning rates whatever the
+    gradient: a run with the loss negated would be as close in weights as bf16 is, but point the
+    other way (a negative cosine)."""
+    run, reference, init = baseline
+    fp32, bf16 = _updates(reference, init), _updates(run("bf16", "trainer.precision=bf16-mixed"), init)
+    cosine = torch.nn.functional.cosine_similarity(fp32, bf16, dim=0).item()
+    relative = ((bf16 - fp32).norm() / fp32.norm()).item()
+    print(f"bf16-mixed vs fp32 decoder updates after 3 steps: cosine {cosine:.4f}, relative difference {relative:.3f}")
+    assert cosine > 0.9 and relative < 0.5
 
-    (End to end, AdamW turns rounding differences in near-zero gradients into updates of size lr,
-    so whole-run comparisons say little about the optimizer itself.)
-    """
-    torch.manual_seed(0)
-    params = [torch.randn(64, 32), torch.randn(32)]
-    grads = [[torch.randn_like(p) for p in params] for _ in range(5)]
-    results = []
-    for fused in (False, True):
-        weights = [torch.nn.Parameter(p.clone()) for p in params]
-        opt = torch.optim.AdamW(weights, lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4, fused=fused)
-        for step_grads in grads:
-            for weight, grad in zip(weights, step_grads, strict=True):
-                weight.grad = grad.clone()
-            opt.step()
-        results.append(weights)
-    for a, b in zip(*results, strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
+
+def test_fused_adamw_takes_the_same_steps(baseline):
+    """Fused AdamW through the module's sync-free path (non-finite steps skipped with found_inf, no host
+    sync) takes the steps the default AdamW takes. Its arithmetic rounds differently, and AdamW turns
+    those last bits in near-zero gradients into updates of size lr, so compared as update vectors."""
+    run, reference, init = baseline
+    default = _updates(reference, init, prefix="tokenizer.")
+    fused = _updates(run("fused", "+optim.optimizer.fused=true"), init, prefix="tokenizer.")
+    cosine = torch.nn.functional.cosine_similarity(default, fused, dim=0).item()
+    relative = ((fused - default).norm() / default.norm()).item()
+    print(f"fused vs default AdamW, all tokenizer updates after 3 steps: cosine {cosine:.5f}, relative {relative:.4f}")
+    assert cosine > 0.99 and relative < 0.1

@@ -206,6 +206,27 @@ def test_ddp_two_processes_equal_one_process(photos_dir, stage1_dir, tmp_path):
     assert moved > 100 * worst  # the weights did train
 
 
+def test_fsdp2_two_processes_equal_one_process(photos_dir, stage1_dir, tmp_path):
+    """FSDP2 shards parameters, gradients and optimizer state; the numbers must still be one process's."""
+    images = _photo_tensor(photos_dir, tmp_path / "images.pt")
+    sgd = ["optim.optimizer._target_=torch.optim.SGD", "~optim.optimizer.betas", "+optim.optimizer.momentum=0.9"]
+    common = [*PARALLEL, f"init_from={stage1_dir}", *_fixed_data(images, 8, 6), *sgd]
+    run_train(photos_dir, tmp_path / "one", *common, "trainer=cpu")
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    run_train(photos_dir, tmp_path / "fsdp", *common, *fsdp)
+    from unilip.training.distributed import load_sharded_checkpoint
+
+    one = module_state(tmp_path / "one" / "checkpoints" / "last.ckpt")
+    sharded = load_sharded_checkpoint(tmp_path / "fsdp" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert one.keys() == sharded.keys()
+    worst = max((one[k].float() - sharded[k].float()).abs().max().item() for k in one if one[k].is_floating_point())
+    print(f"FSDP2 (2 processes) vs 1 process, max |difference| over all weights, EMA and buffers: {worst:.2e}")
+    assert worst < 1e-5
+    start = module_state(stage1_dir / "checkpoints" / "last.ckpt")
+    moved = max((one[k] - start[k]).abs().max().item() for k in one if k.startswith("tokenizer.decoder."))
+    assert moved > 100 * worst  # the weights did train
+
+
 def test_fsdp2_trains_checkpoints_and_resumes(photos_dir, stage1_dir, tmp_path):
     fsdp = [
         "trainer=fsdp",
