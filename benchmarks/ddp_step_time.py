@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import statistics
@@ -57,7 +58,7 @@ def step_times(repo: Path, processes: int, steps: int, data_dir: Path, run_dir: 
         raise SystemExit(f"train.py failed in {repo}:\n{result.stderr[-3000:]}")
     with open(run_dir / "logs" / "metrics.csv") as file:
         times = [float(row["train/time"]) for row in csv.DictReader(file) if row.get("train/time")]
-    return [b - a for a, b in zip(times, times[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def main(argv: list[str] | None = None) -> None:
