@@ -143,3 +143,23 @@ def test_cosine_schedule_with_warmup_and_final_lr():
     assert lrs[10] == pytest.approx(1e-4)
     assert lrs[60] == pytest.approx(1e-5 + 0.9e-4 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lrs[110] == pytest.approx(1e-5) and lrs[119] == pytest.approx(1e-5)
+
+
+def test_cosine_schedule_edges():
+    """Warm-up ending exactly at the total (no cosine part), a one-step cosine, and the accepted ranges."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = cosine_with_warmup(opt, warmup_steps=4, total_steps=5, final_ratio=0.0)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.0])  # step 5 = the end of the one cosine step
+    for ratio in (0.0, 1.0):  # both ends of [0, 1] are allowed; 1 keeps the peak LR
+        cosine_with_warmup(torch.optim.SGD([param], lr=1.0), 0, 1, ratio)
+    for ratio in (-0.1, 1.1):
+        with pytest.raises(ValueError, match=f"final LR ratio {ratio} must be in"):
+            cosine_with_warmup(torch.optim.SGD([param], lr=1.0), 0, 10, ratio)
+    with pytest.raises(ValueError, match="total_steps=0 must be positive"):
+        cosine_with_warmup(torch.optim.SGD([param], lr=1.0), 0, 0, 0.1)

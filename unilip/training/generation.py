@@ -234,6 +234,13 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         velocity = self.generator(noisy, t.to(x0) * 1000, condition, prompt.attention_mask)
         return F.mse_loss(velocity.float(), (noise - x0).float())
 
+    def sample_timesteps(self, count: int) -> torch.Tensor:
+        """(count,) training times in (0, 1): logit-normal (sigmoid of N(logit_mean, logit_std^2)), the recipe's
+        density (SD3's), drawn from the module's own generator."""
+        return compute_density_for_timestep_sampling(
+            "logit_normal", count, logit_mean=self.logit_mean, logit_std=self.logit_std, generator=self.rng
+        )
+
     @torch.no_grad()
     def fixed_timestep_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The flow loss averaged over `val_timesteps`, with each sample's noise seeded by its key: comparable
@@ -264,9 +271,7 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
     def _training_step(self, batch: dict[str, Any]) -> None:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         x0, prompt, features = self.inputs(batch, drop=True)
-        t = compute_density_for_timestep_sampling(
-            "logit_normal", x0.shape[0], logit_mean=self.logit_mean, logit_std=self.logit_std, generator=self.rng
-        ).to(self.device)
+        t = self.sample_timesteps(x0.shape[0]).to(self.device)
         noise = torch.randn(x0.shape, generator=self.rng).to(x0)
         loss = self.flow_loss(x0, prompt, features, t, noise)
         optimizer.zero_grad(set_to_none=True)
