@@ -163,3 +163,42 @@ def test_cosine_schedule_edges():
             cosine_with_warmup(torch.optim.SGD([param], lr=1.0), 0, 10, ratio)
     with pytest.raises(ValueError, match="total_steps=0 must be positive"):
         cosine_with_warmup(torch.optim.SGD([param], lr=1.0), 0, 0, 0.1)
+
+
+def test_ema_defaults_names_and_an_exact_update_count():
+    """The recipe's decay with warm-up by default; buffers named after the parameters (dots as "__", which
+    checkpoint readers map back); the update count exact far past float32's 2^24."""
+    from unilip.training.checkpoints import ema_state
+
+    param = torch.nn.Parameter(torch.tensor([1.0]))
+    ema = EMA({"decoder.conv.weight": param})
+    assert ema.decay == 0.9999 and ema.current_decay() == pytest.approx(0.1)  # warm-up on: (1 + 0) / (10 + 0)
+    assert "decoder__conv__weight" in dict(ema.named_buffers())
+    state = {
+        "tokenizer.decoder.conv.weight": param.detach() + 1,
+        **{f"ema.{k}": v for k, v in ema.state_dict().items()},
+    }
+    assert torch.equal(ema_state(state, "tokenizer")["decoder.conv.weight"], param.detach())  # the EMA replaces it
+    ema.num_updates.fill_(2**24 + 1)
+    ema.update()
+    assert int(ema.num_updates) == 2**24 + 2
+
+
+def test_validation_runs_on_the_ema_weights_and_restores_the_raw_ones():
+    from unilip.training.ema import ValidatesWithEMA
+
+    class Module(ValidatesWithEMA):
+        def __init__(self, ema):
+            self.ema = ema
+
+    param = torch.nn.Parameter(torch.tensor([1.0]))
+    ema = EMA({"w": param}, decay=0.5, warmup=False)
+    param.data.fill_(3.0)
+    ema.update()  # shadow 0.5 * 1 + 0.5 * 3 = 2
+    module = Module(ema)
+    module.on_validation_epoch_start()
+    assert param.item() == 2.0
+    module.on_validation_epoch_end()
+    assert param.item() == 3.0
+    with Module(None).ema_weights():  # no EMA: the weights as they are
+        assert param.item() == 3.0

@@ -46,9 +46,13 @@ def test_skip_now_skips_and_counts_only_bad_synced_steps(caplog):
     assert guard.total.item() == 0
     with caplog.at_level(logging.WARNING):
         assert guard.skip_now(torch.tensor(1.0), sync_free=False, step=5)
-    assert guard.total.item() == 1 and guard.streak.item() == 1 and "at step 5" in caplog.text
-    with pytest.raises(RuntimeError, match="2 steps in a row"):
+    assert guard.total.item() == 1 and guard.streak.item() == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "non-finite loss or gradients at step 5: step skipped (1 in a row)"
+    ]
+    with pytest.raises(RuntimeError, match=r"2 steps in a row \(up to step 6\)"):
         guard.skip_now(torch.tensor(1.0), sync_free=False, step=6)
+    assert NonFiniteGuard().max_streak == 20  # the documented default: 20 bad steps in a row stop a run
 
 
 def test_only_a_fused_optimizer_skips_on_the_device():
@@ -63,17 +67,29 @@ def test_only_a_fused_optimizer_skips_on_the_device():
     assert takes_found_inf(Wrapped())
 
 
+def test_the_flag_is_reduced_over_the_process_group(tmp_path):
+    """In a process group (one rank here, in this process) the flag goes through the all-reduce."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        assert NonFiniteGuard.flag(torch.tensor(NAN)).item() == 1.0
+        assert NonFiniteGuard.flag(torch.tensor(0.0)).item() == 0.0
+    finally:
+        dist.destroy_process_group()
+
+
 def test_every_rank_skips_when_one_rank_is_bad():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         flags = mp.Manager().dict()
         mp.spawn(_flag_rank, args=(f"file://{tmp}/store", flags), nprocs=2, join=True)
-        assert dict(flags) == {0: 1.0, 1: 1.0}
+        # rank 1 bad -> both skip; both bad -> still 1 (a flag, not a count of bad ranks)
+        assert dict(flags) == {(0, "one"): 1.0, (1, "one"): 1.0, (0, "both"): 1.0, (1, "both"): 1.0}
 
 
 def _flag_rank(rank, init, flags):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     loss = torch.tensor(NAN if rank == 1 else 0.5)
-    flags[rank] = NonFiniteGuard.flag(loss, torch.tensor(1.0)).item()
+    flags[rank, "one"] = NonFiniteGuard.flag(loss, torch.tensor(1.0)).item()
+    flags[rank, "both"] = NonFiniteGuard.flag(torch.tensor(INF), torch.tensor(1.0)).item()
     dist.destroy_process_group()

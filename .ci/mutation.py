@@ -1,0 +1,178 @@
+"""Mutation testing of the modules where a silent error ruins a run (docs/testing.md).
+
+    pip install "mutmut>=3.8"
+    python .ci/mutation.py                          # every target; incremental: reruns what changed
+    python .ci/mutation.py losses nonfinite --max-children 2
+    python .ci/mutation.py --report                 # the table from the last results, no new runs
+
+Each target is a set of functions and the fast tests that guard them. mutmut (3.x) runs in a scratch
+copy of the repository per target (`--work`, default /tmp/unilip-mutation/<target>), so nothing is
+written into the checkout; results accumulate there across runs. The per-target counts and every
+surviving mutant's diff go to docs/benchmarks/mutation.json; docs/testing.md explains the survivors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# target -> files to mutate, mutant name patterns (mutmut names functions x_<name>, methods x<Class><name>),
+# and the tests that guard them
+TARGETS: dict[str, dict[str, list[str]]] = {
+    "losses": {
+        "files": ["unilip/losses/*"],
+        "names": ["unilip.losses.*"],
+        "tests": ["tests/test_losses.py", "tests/test_recipe.py"],
+    },
+    "stages": {
+        "files": ["unilip/training/stages.py"],
+        "names": ["unilip.training.stages.*"],
+        "tests": ["tests/test_recipe.py"],
+    },
+    "ema": {
+        "files": ["unilip/training/ema.py"],
+        "names": ["unilip.training.ema.*"],
+        "tests": ["tests/test_losses.py"],
+    },
+    "nonfinite": {
+        "files": ["unilip/training/nonfinite.py"],
+        "names": ["unilip.training.nonfinite.*"],
+        "tests": ["tests/test_nonfinite.py"],
+    },
+    "schedules": {
+        "files": ["unilip/training/schedules.py"],
+        "names": ["unilip.training.schedules.*"],
+        "tests": ["tests/test_losses.py"],
+    },
+    "optimizer set-up (training/tokenizer.py)": {
+        "files": ["unilip/training/tokenizer.py"],
+        "names": ["unilip.training.tokenizer.x__decay_groups*", "unilip.training.tokenizer.x*configure_optimizers*"],
+        "tests": ["tests/test_recipe.py"],
+    },
+    "flow objective and CFG dropout (training/generation.py)": {
+        "files": ["unilip/training/generation.py"],
+        "names": [
+            "unilip.training.generation.x*flow_loss*",
+            "unilip.training.generation.x*inputs*",
+            "unilip.training.generation.x*sample_timesteps*",
+        ],
+        "tests": ["tests/test_generation_objective.py"],
+    },
+    "metrics": {
+        "files": ["unilip/evaluation/metrics.py"],
+        "names": ["unilip.evaluation.metrics.*"],
+        "tests": ["tests/test_evaluation.py", "-k", "not process and not end_to_end and not skipped"],
+    },
+    "split logic (data/streams.py)": {
+        "files": ["unilip/data/streams.py"],
+        "names": [
+            "unilip.data.streams.x_eval_shards*",
+            "unilip.data.streams.x*EvalStream*",
+            "unilip.data.streams.x*TrainStream*",
+        ],
+        "tests": ["tests/test_scale.py", "tests/test_data_loader.py"],
+    },
+}
+
+
+def slug(target: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in target.split(" (")[0])
+
+
+def prepare(target: str, work: Path) -> Path:
+    """A scratch copy of the tracked files with [tool.mutmut] set for `target`; kept across runs."""
+    spec = TARGETS[target]
+    scratch = work / slug(target)
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:  # refresh sources and tests; mutmut's own state (mutants/) stays
+        source, target_path = REPO / name, scratch / name
+        if source.is_file():
+            target_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target_path)
+    settings = {
+        "source_paths": ["unilip"],
+        "only_mutate": spec["files"],
+        "pytest_add_cli_args_test_selection": spec["tests"],
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-q", "-x"],
+        "process_isolation": "forkserver",  # torch is not fork-safe after use
+    }
+    lines = ["", "[tool.mutmut]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    (scratch / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text() + "\n".join(lines) + "\n")
+    return scratch
+
+
+def mutmut(scratch: Path, *args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mutmut", *args], cwd=scratch, env=env, capture_output=True, text=True
+    )
+    if result.returncode not in (0, 1):
+        raise SystemExit(f"mutmut {' '.join(args)} failed in {scratch}:\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def collect(target: str, scratch: Path) -> dict:
+    """Counts and surviving mutants (with their diffs) of `target` from mutmut's results."""
+    patterns = TARGETS[target]["names"]
+    statuses: dict[str, str] = {}
+    for line in mutmut(scratch, "results", "--all", "true").splitlines():
+        name, _, status = line.strip().rpartition(": ")
+        if name and any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+            statuses[name] = status
+    counts: dict[str, int] = {}
+    for status in statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    tested = sum(n for status, n in counts.items() if status not in ("not checked", "skipped"))
+    killed = counts.get("killed", 0) + counts.get("timeout", 0)
+    survivors = {name: mutmut(scratch, "show", name) for name, status in statuses.items() if status == "survived"}
+    return {
+        "counts": counts,
+        "tested": tested,
+        "killed": killed,
+        "score": killed / tested if tested else None,
+        "survivors": survivors,
+    }
+
+
+def report(results: dict) -> str:
+    lines = ["| target | mutants | killed | survived | score |", "|---|---|---|---|---|"]
+    for target, result in results.items():
+        score = "-" if result["score"] is None else f"{100 * result['score']:.1f} %"
+        survived = result["counts"].get("survived", 0)
+        lines.append(f"| {target} | {result['tested']} | {result['killed']} | {survived} | {score} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("targets", nargs="*", help=f"slugs or names (default: all): {[slug(t) for t in TARGETS]}")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/unilip-mutation"))
+    parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "mutation.json")
+    parser.add_argument("--report", action="store_true", help="only collect and print the last results")
+    args = parser.parse_args(argv)
+    chosen = [t for t in TARGETS if not args.targets or t in args.targets or slug(t) in args.targets]
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for target in chosen:
+        scratch = prepare(target, args.work)
+        if not args.report:
+            mutmut(scratch, "run", "--max-children", str(args.max_children), *TARGETS[target]["names"])
+        results[target] = collect(target, scratch)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(report({target: results[target]}).splitlines()[-1], flush=True)
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
