@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from unilip.losses import ConvNeXtLogitLoss, LeCamRegularizer, LPIPSLoss, TokenizerLoss, hinge_d_loss, hinge_g_loss
@@ -68,7 +69,66 @@ def test_perceptual_losses_warn_loudly_without_weights(caplog, monkeypatch):
     with caplog.at_level(logging.WARNING):
         assert not LPIPSLoss(None).pretrained
         assert not ConvNeXtLogitLoss(None, input_size=32).pretrained
-    assert "RANDOM backbone" in caplog.text and "RANDOM network" in caplog.text
+    assert "LPIPS: no VGG-16 weights (set loss.lpips_vgg_weights=<vgg16-397923af.pth>); using a RANDOM" in caplog.text
+    assert "backbone: this is not the LPIPS of the recipe" in caplog.text
+    assert "set loss.convnext_weights=<convnext_small weights>); using a RANDOM network" in caplog.text
+
+
+def test_lpips_uses_torchvisions_cached_vgg16_when_no_file_is_given(monkeypatch):
+    """Without a file, LPIPS takes torchvision's ImageNet VGG-16 from the torch hub cache when it is there
+    (lpips' pretrained backbone, pnet_rand=False); recorded here instead of loading 528 MB."""
+    import lpips as library
+
+    built = []
+    real = library.LPIPS
+
+    def record(net, pnet_rand, verbose):
+        built.append(pnet_rand)
+        return real(net=net, pnet_rand=True, verbose=verbose)
+
+    monkeypatch.setattr(library, "LPIPS", record)
+    monkeypatch.setattr("unilip.losses.perceptual._torchvision_vgg16_cached", lambda: True)
+    assert LPIPSLoss(None).pretrained and built == [False]
+    monkeypatch.setattr("unilip.losses.perceptual._torchvision_vgg16_cached", lambda: False)
+    assert not LPIPSLoss(None).pretrained and built == [False, True]
+
+
+def test_a_failed_download_names_the_option_to_set(monkeypatch):
+    """`lpips_vgg_weights=download` asks torchvision for the ImageNet VGG-16; offline, the error names
+    the cause and the option that takes a local file."""
+    asked = []
+
+    def offline(weights=None):
+        asked.append(weights)
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models, "vgg16", offline)
+    with pytest.raises(RuntimeError) as error:
+        LPIPSLoss("download")
+    assert asked == ["IMAGENET1K_V1"]
+    assert str(error.value) == (
+        "could not download perceptual-loss weights (OSError: no network); "
+        "set loss.lpips_vgg_weights=<local weights file>"
+    )
+
+
+def test_convnext_logit_loss_is_the_mse_of_imagenet_logits():
+    """Per image: mean over the 1000 classes of the squared logit difference, the network fed
+    ImageNet-normalised images resized (antialiased) to its input size, whatever their shape."""
+    loss = ConvNeXtLogitLoss(None, input_size=64)
+    x, y = torch.rand(2, 3, 96, 80), torch.rand(2, 3, 96, 80)  # neither side 64: both are resized
+
+    def logits(images):
+        images = F.interpolate(images, size=(64, 64), mode="bilinear", antialias=True)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        return loss.net((images - mean) / std)
+
+    with torch.no_grad():
+        expected = (logits(y) - logits(x)).square().mean(dim=1)
+        assert torch.allclose(loss(x, y), expected, rtol=1e-5)
+        tall = torch.rand(1, 3, 64, 80)  # one side already 64: still resized
+        assert torch.allclose(loss(tall, x[:1]), (logits(x[:1]) - logits(tall)).square().mean(dim=1), rtol=1e-5)
 
 
 def test_downloaded_convnext_weights_are_not_called_random(caplog, monkeypatch):
