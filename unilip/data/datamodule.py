@@ -3,15 +3,17 @@
 Batch contract (every loader of this module)::
 
     batch = {
-        "image":   FloatTensor (B, 3, S, S) in [0, 1]   # image to reconstruct/generate; edit samples: the target
+        "image":   ByteTensor (B, 3, S, S) uint8        # image to reconstruct/generate; edit samples: the target
         "caption": list[str]                            # txt/json caption; edit samples: the instruction; "" if none
         "key":     list[str]                            # webdataset __key__
         # only with `with_source=True`:
-        "source_image": FloatTensor (B, 3, S, S)        # edit source image; zeros for text-to-image samples
+        "source_image": ByteTensor (B, 3, S, S)         # edit source image; zeros for text-to-image samples
         "has_source":   BoolTensor (B,)
     }
 
-Sample formats are documented in `unilip.data.transforms`. Skipped data (undecodable samples,
+Images stay uint8 up to the device (pinned when CUDA is used): the modules turn them into floats in
+[0, 1] there (`unilip.data.transforms.batch_to_float`), bit for bit the values of a float conversion on
+the host. Sample formats are documented in `unilip.data.transforms`. Skipped data (undecodable samples,
 unreadable or truncated shards) is counted in `datamodule.skipped`, per rank.
 """
 

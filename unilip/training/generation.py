@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 from torch.utils.flop_counter import FlopCounterMode
 
 from unilip.data.shards import DataError
+from unilip.data.transforms import batch_to_float
 from unilip.logs import is_logging_step
 from unilip.models.generator import UniLIPGenerator, from_state
 from unilip.models.mllm import DualConditioner
@@ -225,6 +226,10 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
         rest = {key: value for key, value in batch.items() if key != "has_source"}
         return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "has_source": batch["has_source"]}
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # the loaders deliver uint8 images; they become floats here, on the device
+        return batch_to_float(batch) if isinstance(batch, dict) else batch
 
     def flow_loss(self, x0: torch.Tensor, prompt, features, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Rectified flow at times t (B,) in (0, 1): MSE(v(x_t, t), n - x0) with x_t = (1 - t) x0 + t n."""

@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 from torch.utils.flop_counter import FlopCounterMode
 
 from unilip.data.shards import DataError
+from unilip.data.transforms import batch_to_float
 from unilip.evaluation.metrics import feature_similarity, psnr, ssim
 from unilip.logs import is_logging_step
 from unilip.losses import LeCamRegularizer, TokenizerLoss
@@ -222,6 +223,10 @@ class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
 
     def on_validation_start(self) -> None:
         self.frozen.to(self.device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # the loaders deliver uint8 images; they become floats here, on the device
+        return batch_to_float(batch) if isinstance(batch, dict) else batch
 
     # ------------------------------------------------------------------ training
     def _gan_active(self) -> bool:
