@@ -28,7 +28,6 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.flop_counter import FlopCounterMode
 
 from unilip.data.shards import DataError
 from unilip.data.transforms import batch_to_float
@@ -38,6 +37,7 @@ from unilip.models.mllm import DualConditioner
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR, UniLIPPipeline
 from unilip.training.distributed import GradientLayoutProbe, gathered_state_dict
 from unilip.training.ema import EMA, ValidatesWithEMA
+from unilip.training.flops import flop_counter
 from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
 from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
 from unilip.training.rng import gather_rng_states, restore_rng_states
@@ -260,7 +260,7 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         if self.flops_per_batch is None:
             # Model FLOPs of one step (this rank's batch), counted once; Lightning's ThroughputMonitor
             # turns it into FLOP/s and MFU.
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 self._training_step(batch)
             self.flops_per_batch = counter.get_total_flops()
         else:

@@ -28,7 +28,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.flop_counter import FlopCounterMode
 
 from unilip.data.shards import DataError
 from unilip.data.transforms import batch_to_float
@@ -45,6 +44,7 @@ from unilip.training.distributed import (
     shard_tokenizer_training,
 )
 from unilip.training.ema import EMA, ValidatesWithEMA
+from unilip.training.flops import flop_counter
 from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
 from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
 from unilip.training.rng import gather_rng_states, restore_rng_states
@@ -269,13 +269,13 @@ class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
     def _count_flops(self, images: torch.Tensor) -> int:
         """Model FLOPs of one step on this rank: the forward and backward as the step runs them (frozen
         networks' forwards, gradients into trainable weights and through frozen networks to their
-        inputs), counted with torch.utils.flop_counter on a dry run whose gradients are discarded.
+        inputs), counted with `unilip.training.flops.flop_counter` on a dry run whose gradients are discarded.
 
         Counting the real step instead would run it under a dispatch mode, which may pick other
         kernels: the first step after a resume would then differ from the uninterrupted run.
         """
         params = [p for p in self.parameters() if p.requires_grad]
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             generator, discriminator, _ = self._losses(images)
             total = sum(generator.values()) + sum(discriminator.values(), torch.zeros((), device=images.device))
             torch.autograd.grad(total, params, allow_unused=True)
