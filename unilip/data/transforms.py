@@ -7,6 +7,8 @@ Sample formats (extensions are matched lower-case):
 - editing: `source.<e>` and `target.<e>` with <e> one of the image extensions above, plus
   `instruction.txt` (or a `json` with an `instruction` field). The target is the image to
   generate, the instruction its caption, the source the condition.
+- cached generation targets: `latents.safetensors` and `txt` (`unilip.data.latent_cache`); they give
+  examples and batches of latents instead of images.
 
 Two ways to size images (`resize`):
 
@@ -30,6 +32,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import default_collate
+
+from unilip.data import latent_cache
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_FIELDS = ("caption", "text", "prompt")
@@ -158,6 +162,8 @@ class SampleTransform:
 
     def __call__(self, raw: dict, rng: random.Random | None) -> dict:
         """Raise on any undecodable or incomplete sample; the caller counts and skips it."""
+        if latent_cache.MEMBER in raw:
+            return latent_cache.cached_example(raw)
         size = self.image_size
         target = _find(raw, "target.")
         is_edit = target is not None
@@ -189,7 +195,13 @@ def collate(examples: list[dict], with_source: bool) -> dict:
         `image` (B, 3, S, S) uint8; `caption` list[str]; `key` list[str]; with `with_source` also
         `source_image` (B, 3, S, S) uint8 (zeros for text-to-image samples) and `has_source` (B,) bool.
         The training and evaluation modules turn images into floats on their device (`batch_to_float`).
+        Cached latents give `unilip.data.latent_cache.collate_cached`'s batch instead.
     """
+    cached = ["latent" in e for e in examples]
+    if any(cached):
+        if not all(cached):
+            raise ValueError("a batch mixes cached latents and images; cache every source of the stage or none")
+        return latent_cache.collate_cached(examples)
     batch = {
         "image": _stack([e["image"] for e in examples]),
         "caption": [e["caption"] for e in examples],

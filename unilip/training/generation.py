@@ -2,7 +2,7 @@
 
 One step (manual optimisation, one optimizer):
 
-    x0   = latents.encode(target) (x scale)          UniLIP latents, or DC-AE latents in stage 1
+    x0   = latents.encode(target) (x scale)          UniLIP latents, or DC-AE latents in stage 1 (or read from a cache)
     cond = connector(LLM(prompt, source features, queries))      prompts dropped to the null form at `cfg_dropout`
     t ~ logit-normal(0, 1);  x_t = (1 - t) x0 + t n;  loss = MSE(DiT(x_t, 1000 t, cond), n - x0)
 
@@ -53,7 +53,7 @@ class GenerationHelpers(FrozenNetworks):
     """The frozen networks of every generation stage (see the module docstring)."""
 
     conditioner: DualConditioner
-    latents: nn.Module
+    latents: nn.Module | None
 
 
 class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
@@ -62,7 +62,8 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
     Args:
         generator: queries, connector, projection and DiT (the trained parameters).
         conditioner: frozen LLM + UniLIP encoder (the dual condition).
-        latents: frozen latent space of the targets (`UniLIPLatents`, or `DCAELatents` in stage 1).
+        latents: frozen latent space of the targets (`UniLIPLatents`, or `DCAELatents` in stage 1); None when
+            every training target is cached (`unilip.data.latent_cache`) and the run does not validate.
         stage: 1, 2 or 3 (recorded in checkpoints; a checkpoint of another stage is refused on resume).
         optimizer: a partial optimizer, given parameter groups.
         lr, final_lr, warmup_ratio, max_steps: cosine schedule to final_lr after warmup_ratio x max_steps.
@@ -91,7 +92,7 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         self,
         generator: UniLIPGenerator,
         conditioner: DualConditioner,
-        latents: nn.Module,
+        latents: nn.Module | None,
         stage: int,
         optimizer: Callable[..., Optimizer],
         lr: float = 1e-4,
@@ -158,7 +159,7 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         return self.frozen.conditioner
 
     @property
-    def latents(self) -> nn.Module:
+    def latents(self) -> nn.Module | None:
         return self.frozen.latents
 
     # ------------------------------------------------------------------ set-up
@@ -206,9 +207,13 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
 
     # ------------------------------------------------------------------ the objective
     def inputs(self, batch: dict[str, Any], drop: bool):
-        """Batch -> (x0 (B, 32, h, w) scaled latents, `PromptBatch`, source features (E, N, D) or None)."""
-        images = batch["image"]
-        count = images.shape[0]
+        """Batch -> (x0 (B, 32, h, w) scaled latents, `PromptBatch`, source features (E, N, D) or None).
+
+        A batch of cached targets (`latent`, `source_features`: `unilip.data.latent_cache`) holds x0 and the
+        edits' features already; otherwise the frozen encoders compute them from the images.
+        """
+        cached = "latent" in batch
+        count = len(batch["caption"])
         has_source = batch.get("has_source", torch.zeros(count, dtype=torch.bool)).bool()  # on the host
         null = (
             torch.rand(count, generator=self.rng) < self.cfg_dropout if drop else torch.zeros(count, dtype=torch.bool)
@@ -216,9 +221,13 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         prompt = self.conditioner.prepare(list(batch["caption"]), has_source, null, self.generator.config.num_queries)
         features = None
         edits = has_source.nonzero().squeeze(1)  # host indices: no device->host sync
-        if len(edits):
-            features = self.conditioner.image_features(batch["source_image"].index_select(0, edits.to(images.device)))
-        return self.latents.encode(images).float(), prompt.to(self.device), features
+        if len(edits) and cached:
+            features = batch["source_features"]
+        elif len(edits):
+            sources = batch["source_image"]
+            features = self.conditioner.image_features(sources.index_select(0, edits.to(sources.device)))
+        x0 = batch["latent"] if cached else self.latents.encode(batch["image"])
+        return x0.float(), prompt.to(self.device), features
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Prompts are tokenised on the host: the edit flags stay there, so no step reads them back.
@@ -316,7 +325,7 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         loss = self.fixed_timestep_loss(batch)  # on padding batches too: FSDP's forward is collective
         if batch.get("padding"):
             return
-        self.val_means.add("val/flow_loss", loss.expand(batch["image"].shape[0]))
+        self.val_means.add("val/flow_loss", loss.expand(len(batch["key"])))
         if batch_idx == 0:
             self._grid_rows = self._sample_rows(batch)
 
