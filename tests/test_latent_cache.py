@@ -173,6 +173,27 @@ def test_a_stage_trained_on_its_cache_matches_on_the_fly_and_never_loads_the_tok
     assert moved > 0 and apart < 1e-3 * moved
 
 
+def test_a_cached_run_reads_no_image_shard(photos_dir, workdir, tokenizer_dir, fp32_caches):
+    """Once cached, the images may be gone: the data module reads and checks only the cache."""
+    directory, _, summary = fp32_caches[1]
+    gone = "[{name: photos, urls: /nowhere/train-*.tar, weight: 1.0}]"
+    cfg = compose(
+        photos_dir,
+        workdir,
+        tokenizer_dir,
+        1,
+        f"latent_cache.dir={directory}",
+        f"data.train_sources={gone}",
+        "run_dir=x",
+    )
+    data = instantiate(cfg.data)
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["latent"].shape == (cfg.data.batch_size, 32, 2, 2) and "image" not in batch
+    assert data.epoch_samples()[1] == {"photos": (None, summary["samples"])}  # counted from the cache's index
+
+
 def test_a_cache_made_otherwise_is_refused_with_the_fields_that_differ(
     photos_dir, workdir, tokenizer_dir, fp32_caches, tiny_config
 ):

@@ -147,7 +147,7 @@ class ShardDataModule(L.LightningDataModule):
             from unilip.data.samples import build_photo_shards, photo_shards_exist
 
             # The other sources first: a run whose own data is missing stops before anything is written.
-            for source in self.train_sources:
+            for source in with_cache(self.train_sources, self.latent_cache):
                 urls = [source["urls"]] if isinstance(source["urls"], str) else source["urls"]
                 if not all(str(url).startswith(str(self.photos_dir)) for url in urls):
                     expand_urls(source["urls"], f"data.train_sources[{source['name']}].urls")
