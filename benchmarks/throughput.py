@@ -9,7 +9,9 @@ measures the loader separately). Each configuration runs the real training step 
 tokenizer stages 1 and 2 (`TokenizerTraining`, the full recipe objective: L2, LPIPS, ConvNeXt
 logits, distillation and the GAN in stage 2) at every `--sizes`, and generation stage 2 (`g2`,
 `GenerationTraining`: frozen InternVL LLM, connector, SANA DiT, UniLIP latents) at the recipe's
-448 px (56 px for `tiny`), one third of each batch edits (the recipe's mix), 128-token prompts.
+448 px (56 px for `tiny`), one third of each batch edits (the recipe's mix), 128-token prompts;
+`g2c` is the same step on cached targets (`python -m unilip.data.cache_latents`: the batch holds the
+latents and the edits' source features, and the step runs no encoder).
 Model FLOPs per step (forward + backward, the frozen networks' forwards included) are counted once
 with `torch.utils.flop_counter` on the first step; MFU = FLOPs per step / time per step / peak
 (`--peak-tflops`, default 989 = H100/H200 dense bf16).
@@ -28,7 +30,7 @@ from hydra.utils import instantiate
 
 from unilip.logs import quiet_third_party_noise
 from unilip.models.generator import UniLIPGenerator, build_dit
-from unilip.models.latents import UniLIPLatents
+from unilip.models.latents import UniLIPLatents, latent_grid
 from unilip.models.loading import compose_config
 from unilip.models.mllm import build_conditioner
 from unilip.models.tokenizer import FrozenEncoder
@@ -121,22 +123,27 @@ def generation_module(preset: str, steps: int, args) -> L.LightningModule:
     return instantiate(cfg.module, generator=generator, conditioner=conditioner, latents=latents, metadata={})
 
 
-def generation_batch(batch: int, size: int) -> dict:
+def generation_batch(batch: int, size: int, cached=None) -> dict:
+    """A third of the rows edits; `cached` (the module): latents and source features instead of uint8 images."""
     edits = torch.arange(batch) % 3 == 2
-    return {
-        "image": torch.rand(batch, 3, size, size),
-        "source_image": torch.rand(batch, 3, size, size),
-        "has_source": edits,
-        "caption": ["a" * 128] * batch,  # 128 tokens in the byte-level tokenizer
-        "key": [str(i) for i in range(batch)],
-    }
+    common = {"has_source": edits, "caption": ["a" * 128] * batch, "key": [str(i) for i in range(batch)]}
+    if cached is not None:
+        grid, conditioner = latent_grid(size), cached.conditioner
+        width = conditioner.tokenizer.config.llm_hidden_size
+        features = torch.randn(int(edits.sum()), conditioner.num_image_tokens, width, dtype=torch.bfloat16)
+        return {
+            "latent": torch.randn(batch, 32, grid, grid, dtype=torch.bfloat16),
+            "source_features": features,
+        } | common
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)  # what the loaders deliver
+    return {"image": images, "source_image": images.flip(0)} | common
 
 
 def measure(preset: str, stage: str, size: int, batch: int, steps: int, args) -> dict:
-    if stage == "g2":
+    if stage in ("g2", "g2c"):
         size = GENERATION_PRESETS[preset][2]
         module = generation_module(preset, steps, args)
-        sample = generation_batch(batch, size)
+        sample = generation_batch(batch, size, cached=module if stage == "g2c" else None)
     else:
         module = tokenizer_module(preset, int(stage), size, steps, args)
         sample = {"image": torch.rand(batch, 3, size, size)}
@@ -182,7 +189,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--stages", nargs="+", default=["1", "2", "g2"], help="1, 2 (tokenizer), g2 (generation)")
+    parser.add_argument(
+        "--stages", nargs="+", default=["1", "2", "g2"], help="1, 2 (tokenizer), g2 (generation), g2c (cached targets)"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
     parser.add_argument("--batch", nargs="+", default=["224=8", "448=4"], help="SIZE=BATCH per image size")
     parser.add_argument("--generation-batch", type=int, default=8, help="batch of the g2 rows")
@@ -201,11 +210,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [
         measure(args.preset, stage, size, batches[size], args.steps, args)
         for stage in args.stages
-        if stage != "g2"
+        if stage not in ("g2", "g2c")
         for size in args.sizes
     ]
-    if "g2" in args.stages:
-        rows.append(measure(args.preset, "g2", 0, args.generation_batch, args.steps, args))
+    rows += [
+        measure(args.preset, stage, 0, args.generation_batch, args.steps, args)
+        for stage in args.stages
+        if stage in ("g2", "g2c")
+    ]
     header = f"{'preset':>10} {'stage':>5} {'size':>4} {'batch':>5} {'img/s':>8} {'ms/step':>8} {'TFLOP/step':>10}"
     print(header + f" {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
     for r in rows:

@@ -38,7 +38,7 @@ class RecordBatches(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.seen.append((tuple(batch["key"]), float(batch["image"].double().sum()), tuple(batch["caption"])))
-        return (self.weight * batch["image"].mean()).sum()
+        return (self.weight * batch["image"].float().mean()).sum()  # uint8 from the loader
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -77,8 +77,9 @@ def test_eval_with_reference_resize_reports_the_authors_reconstructions(photos_d
     expected = {}
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
-            recon = authors_pad_reconstruction(tokenizer, batch["image"]).clamp(0, 1)
-            for key, x, y in zip(batch["key"], batch["image"], recon, strict=True):
+            images = batch["image"].float() / 255  # uint8 from the loader
+            recon = authors_pad_reconstruction(tokenizer, images).clamp(0, 1)
+            for key, x, y in zip(batch["key"], images, recon, strict=True):
                 a, b = x.permute(1, 2, 0).double().numpy(), y.permute(1, 2, 0).double().numpy()
                 expected[key] = peak_signal_noise_ratio(a, b, data_range=1.0)
     assert len(expected) == results["images"] == 12

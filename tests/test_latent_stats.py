@@ -43,7 +43,7 @@ def test_the_command_writes_the_scale_that_generation_then_uses(tmp_path, tiny_t
     assert json.loads(capsys.readouterr().out)["scale"] == pytest.approx(stats.scale)
     # independently: encode the same 10 images (whole, resized to 56 x 56) in one go
     data = ShardDataModule(val_urls=shards, image_size=56, batch_size=10, num_workers=0, resize="square")
-    images = next(iter(data.val_dataloader()))["image"][:10]
+    images = next(iter(data.val_dataloader()))["image"][:10].float() / 255  # uint8 from the loader
     with torch.no_grad():
         expected = 1 / tiny_tokenizer.encode(images).double().std().item()
     assert stats.samples == 10 and stats.scale == pytest.approx(expected, rel=1e-6)

@@ -297,6 +297,30 @@ def _(c):
     return make_shards(str(c.path("images")), str(c.path("shards")))
 
 
+@case("cache_latents: no cache directory", "latent_cache.dir=<directory> is required")
+def _(c):
+    return ["-m", "unilip.data.cache_latents", "experiment=generate/quickstart", f"paths.data_dir={c.photos}"]
+
+
+@case("train: a latent cache made with another tokenizer", "were made differently from this run (source_encoder")
+def _(c):
+    from unilip.data.cache_latents import main as cache_latents
+
+    common = ["experiment=generate/quickstart", f"paths.data_dir={c.photos}", "stage=1", "data.num_workers=0"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a second thread only waits for a preempted peer on a shared machine
+    try:
+        cache_latents([*common, f"tokenizer_from={saved_tokenizer(c)}", f"latent_cache.dir={c.path('latents')}"])
+    finally:
+        torch.set_num_threads(threads)
+    from unilip.models import UniLIPTokenizer
+    from unilip.models.loading import tokenizer_preset
+
+    torch.manual_seed(1)
+    UniLIPTokenizer(tokenizer_preset("tiny")).save_pretrained(other := c.path("other"))
+    return train(c, *common, "task=generate", f"tokenizer_from={other}", f"latent_cache.dir={c.path('latents')}")
+
+
 # The default suite runs one case of each kind (~6-15 s each: a CLI start-up); these others, which take the
 # same paths with other inputs, run with `pytest -m slow`.
 SLOW = {
@@ -312,6 +336,7 @@ SLOW = {
     "export: a released .pth with the wrong preset",
     "export: an output directory that is not empty",
     "make_shards: an input that does not exist",
+    "train: a latent cache made with another tokenizer",  # tests/test_latent_cache.py checks the refusal in-process
 }
 
 

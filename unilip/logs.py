@@ -29,6 +29,8 @@ def quiet_third_party_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
     # The generation module moves its own batches on purpose (edit flags stay on the host).
     warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device` in `LightningModule`.*")
+    # The modules turn uint8 images into floats on the device, whatever data module feeds them.
+    warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
     # `import lightning` gives its logger a console handler of its own; where the application has
     # configured logging (Hydra's handlers on the root logger), every Lightning line would print twice.
     if logging.getLogger().handlers:

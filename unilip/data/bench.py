@@ -6,7 +6,8 @@
 Without `--urls` it writes photo-like JPEG shards first (random crops of the bundled photos at
 512x512 and 640x480, quality 90: the size of typical web training images). It also profiles one
 image through each stage in the main process (decode with and without PIL's JPEG `draft`,
-crop + resize, to float tensor), to show where the time goes.
+crop + resize, stacking into a uint8 batch, and the conversion to float that the training step does on
+its device, here the CPU), to show where the time goes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from unilip.data.loaders import TrainLoader
 from unilip.data.samples import PHOTOS, load_photo
 from unilip.data.shards import ShardSink, SkipCounter, expand_urls, read_shard
 from unilip.data.streams import TrainSource
-from unilip.data.transforms import SampleTransform, collate, crop_box, decode_image, render
+from unilip.data.transforms import SampleTransform, collate, crop_box, decode_image, render, to_float
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def stage_profile(urls: list[str], size: int, repeat: int = 20) -> dict[str, flo
     rng = random.Random(0)
     decoded = [decode_image(data, size) for data in raws]
     examples = [{"image": np.zeros((size, size, 3), np.uint8), "caption": "", "key": ""}] * 32
+    batch = collate(examples, False)["image"]
     n = repeat * len(raws)
     return {
         "decode_full_ms": _ms(lambda: [Image.open(io.BytesIO(d)).convert("RGB") for d in raws], repeat) / len(raws),
@@ -99,6 +101,7 @@ def stage_profile(urls: list[str], size: int, repeat: int = 20) -> dict[str, flo
         )
         / len(raws),
         "collate_ms": _ms(lambda: collate(examples, False), max(1, n // 32)) / 32,
+        "to_float_ms": _ms(lambda: to_float(batch), max(1, n // 32)) / 32,
     }
 
 
@@ -148,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Machine: {machine()}",
         f"{'size':>5} {'workers':>7} {'images/s':>9} {'per worker':>10} | ms/image in one process: "
-        "decode (full / draft), crop+resize, collate",
+        "decode (full / draft), crop+resize, collate, to float",
     ]
     for r in rows:
         lines.append(
             f"{r['size']:>5} {r['workers']:>7} {r['images_per_s']:>9.0f} {r['per_worker']:>10.0f} | "
-            f"{r['decode_full_ms']:.2f} / {r['decode_draft_ms']:.2f}, {r['crop_resize_ms']:.2f}, {r['collate_ms']:.3f}"
+            f"{r['decode_full_ms']:.2f} / {r['decode_draft_ms']:.2f}, {r['crop_resize_ms']:.2f}, "
+            f"{r['collate_ms']:.3f}, {r['to_float_ms']:.3f}"
         )
     log.info("\n".join(lines))
     record = {"machine": machine(), "batch_size": args.batch_size, "repeat": args.repeat, "rows": rows}

@@ -3,15 +3,17 @@
 Batch contract (every loader of this module)::
 
     batch = {
-        "image":   FloatTensor (B, 3, S, S) in [0, 1]   # image to reconstruct/generate; edit samples: the target
+        "image":   ByteTensor (B, 3, S, S) uint8        # image to reconstruct/generate; edit samples: the target
         "caption": list[str]                            # txt/json caption; edit samples: the instruction; "" if none
         "key":     list[str]                            # webdataset __key__
         # only with `with_source=True`:
-        "source_image": FloatTensor (B, 3, S, S)        # edit source image; zeros for text-to-image samples
+        "source_image": ByteTensor (B, 3, S, S)         # edit source image; zeros for text-to-image samples
         "has_source":   BoolTensor (B,)
     }
 
-Sample formats are documented in `unilip.data.transforms`. Skipped data (undecodable samples,
+Images stay uint8 up to the device (pinned when CUDA is used): the modules turn them into floats in
+[0, 1] there (`unilip.data.transforms.batch_to_float`), bit for bit the values of a float conversion on
+the host. Sample formats are documented in `unilip.data.transforms`. Skipped data (undecodable samples,
 unreadable or truncated shards) is counted in `datamodule.skipped`, per rank.
 """
 
@@ -25,6 +27,7 @@ from typing import Any
 import lightning as L
 
 from unilip.data.index import shard_counts
+from unilip.data.latent_cache import expand_sources, source_caches, with_cache
 from unilip.data.loaders import EvalLoader, TrainLoader
 from unilip.data.shards import DataError, expand_urls
 from unilip.data.streams import TrainSource
@@ -62,6 +65,10 @@ class ShardDataModule(L.LightningDataModule):
         with_source: add `source_image` / `has_source` to batches (generation and editing).
         resize: "shorter_edge" (resize, crop, flip: the tokenizer recipe) or "square" (the whole image
             to S x S, never cropped or flipped: generation, whose captions name places and objects).
+        latent_cache: a directory of cached generation targets (`python -m unilip.data.cache_latents`):
+            each training source is read from `<latent_cache>/<name>/` and batches hold latents instead
+            of images. Sources whose urls point at cached shards are read as such without it. Validation
+            always reads images.
         seed: seed of the training stream; same seed, same data, on any machine.
         shuffle_buffer: raw samples per source and worker in the shuffle buffer.
         max_consecutive_failures: undecodable samples (or empty shard reads) in a row that stop
@@ -88,6 +95,7 @@ class ShardDataModule(L.LightningDataModule):
         flip_edits: bool = False,
         with_source: bool = False,
         resize: str = "shorter_edge",
+        latent_cache: str | None = None,
         seed: int = 0,
         shuffle_buffer: int = 1000,
         max_consecutive_failures: int = 100,
@@ -108,6 +116,7 @@ class ShardDataModule(L.LightningDataModule):
             raise ConfigError(f"data.num_workers={num_workers}: must be >= 0")
         if build_photos and not photos_dir:
             raise ConfigError("data.build_photos=true needs data.photos_dir (where to write the photo shards)")
+        self.latent_cache = latent_cache
         self.train_sources = [_parse_source(i, s) for i, s in enumerate(train_sources or [])]
         names = [s["name"] for s in self.train_sources]
         if len(set(names)) != len(names):
@@ -138,7 +147,7 @@ class ShardDataModule(L.LightningDataModule):
             from unilip.data.samples import build_photo_shards, photo_shards_exist
 
             # The other sources first: a run whose own data is missing stops before anything is written.
-            for source in self.train_sources:
+            for source in with_cache(self.train_sources, self.latent_cache):
                 urls = [source["urls"]] if isinstance(source["urls"], str) else source["urls"]
                 if not all(str(url).startswith(str(self.photos_dir)) for url in urls):
                     expand_urls(source["urls"], f"data.train_sources[{source['name']}].urls")
@@ -168,7 +177,12 @@ class ShardDataModule(L.LightningDataModule):
                 )
             weights[name] = source["weight"] if repeat is None else repeat * counts[name]
         self._sources = [TrainSource(name, urls[name], weights[name]) for name in urls]
+        self.caches = source_caches(urls)  # None: images; refuses a mix, or an incomplete cache
         self._val = expand_urls(self.val_urls, "data.val_urls") if self.val_urls else []
+        if self._val and source_caches({"validation": self._val}) is not None:
+            raise DataError(
+                "data.val_urls points at cached latents; validation reads images (it samples and shows them)"
+            )
 
     def epoch_samples(self) -> tuple[int | None, dict[str, tuple[int | None, int | None]]]:
         """Samples in one data epoch (sum of repeat x count; None unless every source gives a repeat
@@ -181,10 +195,8 @@ class ShardDataModule(L.LightningDataModule):
     def _shards(self) -> tuple[dict[str, tuple[str, ...]], dict[str, int | None]]:
         """Per training source: its expanded shard urls and its sample count (None if not indexed)."""
         if self._expanded is None:
-            urls = {
-                s["name"]: tuple(expand_urls(s["urls"], f"data.train_sources[{s['name']}].urls"))
-                for s in self.train_sources
-            }
+            sources = with_cache(self.train_sources, self.latent_cache)
+            urls = {name: tuple(shards) for name, shards in expand_sources(sources).items()}
             self._expanded = urls, {name: _count(shards) for name, shards in urls.items()}
         return self._expanded
 

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> LatentStats:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from unilip.data import ShardDataModule
     from unilip.data.shards import DataError
+    from unilip.data.transforms import to_float
     from unilip.logs import one_line_errors
     from unilip.models.loading import tokenizer_preset
     from unilip.training.checkpoints import locate
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> LatentStats:
             rank=0,
             world_size=1,
         )
-        batches = (batch["image"].to(args.device) for batch in data.val_dataloader())
+        batches = (to_float(batch["image"].to(args.device)) for batch in data.val_dataloader())
         with torch.no_grad():
             stats = measure(tokenizer.encode, batches, args.samples)
         print(json.dumps({**asdict(stats), "scale": stats.scale}))

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unilip.data.transforms import batch_to_float
 from unilip.evaluation.fid_reference import ReferenceStatistics
 from unilip.evaluation.metrics import ExternalFeatures, feature_similarity, psnr, ssim
 from unilip.evaluation.protocols import reconstruct
@@ -55,6 +56,10 @@ class ReconstructionEvaluation(L.LightningModule):
     def on_validation_start(self) -> None:
         if self.fid is not None and self.reference is not None:
             self.feed_references = not self.reference.load_into(self.fid, self.global_rank)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # the loaders deliver uint8 images; they become floats here, on the device
+        return batch_to_float(batch) if isinstance(batch, dict) else batch
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -291,11 +291,7 @@ class DualConditioner(nn.Module):
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(E, 3, H, W) in [0, 1] -> (E, N, D) post-projector features at `source_size`."""
-        if images.shape[-2:] != (self.source_size, self.source_size):
-            images = F.interpolate(
-                images, size=(self.source_size, self.source_size), mode="bicubic", align_corners=False, antialias=True
-            ).clamp(0, 1)
-        return self.tokenizer.features(images)
+        return source_image_features(self.tokenizer, images, self.source_size)
 
     def forward(self, batch: PromptBatch, queries: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """-> (B, L, D) dual-condition hidden states (meaningless at padding: mask them with `attention_mask`).
@@ -321,6 +317,17 @@ class DualConditioner(nn.Module):
         if expected:  # the dual condition: the features themselves at image positions (pixel detail)
             hidden = hidden.masked_scatter(image_mask, features.to(hidden.dtype))
         return hidden
+
+
+@torch.no_grad()
+def source_image_features(tokenizer: UniLIPTokenizer, images: torch.Tensor, source_size: int) -> torch.Tensor:
+    """An edit's source images (E, 3, H, W) in [0, 1] -> (E, N, D) encoder features at `source_size` x `source_size`
+    (resized whole, bicubic with antialiasing, if they come at another size): what the LLM reads."""
+    if images.shape[-2:] != (source_size, source_size):
+        images = F.interpolate(
+            images, size=(source_size, source_size), mode="bicubic", align_corners=False, antialias=True
+        ).clamp(0, 1)
+    return tokenizer.features(images)
 
 
 def build_conditioner(preset: MLLMPreset, tokenizer: UniLIPTokenizer, language_model: nn.Module | None = None):

@@ -2,7 +2,7 @@
 
 One step (manual optimisation, one optimizer):
 
-    x0   = latents.encode(target) (x scale)          UniLIP latents, or DC-AE latents in stage 1
+    x0   = latents.encode(target) (x scale)          UniLIP latents, or DC-AE latents in stage 1 (or read from a cache)
     cond = connector(LLM(prompt, source features, queries))      prompts dropped to the null form at `cfg_dropout`
     t ~ logit-normal(0, 1);  x_t = (1 - t) x0 + t n;  loss = MSE(DiT(x_t, 1000 t, cond), n - x0)
 
@@ -28,15 +28,16 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.flop_counter import FlopCounterMode
 
 from unilip.data.shards import DataError
+from unilip.data.transforms import batch_to_float
 from unilip.logs import is_logging_step
 from unilip.models.generator import UniLIPGenerator, from_state
 from unilip.models.mllm import DualConditioner
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR, UniLIPPipeline
 from unilip.training.distributed import GradientLayoutProbe, gathered_state_dict
 from unilip.training.ema import EMA, ValidatesWithEMA
+from unilip.training.flops import flop_counter
 from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
 from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
 from unilip.training.rng import gather_rng_states, restore_rng_states
@@ -52,7 +53,7 @@ class GenerationHelpers(FrozenNetworks):
     """The frozen networks of every generation stage (see the module docstring)."""
 
     conditioner: DualConditioner
-    latents: nn.Module
+    latents: nn.Module | None
 
 
 class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
@@ -61,7 +62,8 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
     Args:
         generator: queries, connector, projection and DiT (the trained parameters).
         conditioner: frozen LLM + UniLIP encoder (the dual condition).
-        latents: frozen latent space of the targets (`UniLIPLatents`, or `DCAELatents` in stage 1).
+        latents: frozen latent space of the targets (`UniLIPLatents`, or `DCAELatents` in stage 1); None when
+            every training target is cached (`unilip.data.latent_cache`) and the run does not validate.
         stage: 1, 2 or 3 (recorded in checkpoints; a checkpoint of another stage is refused on resume).
         optimizer: a partial optimizer, given parameter groups.
         lr, final_lr, warmup_ratio, max_steps: cosine schedule to final_lr after warmup_ratio x max_steps.
@@ -90,7 +92,7 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         self,
         generator: UniLIPGenerator,
         conditioner: DualConditioner,
-        latents: nn.Module,
+        latents: nn.Module | None,
         stage: int,
         optimizer: Callable[..., Optimizer],
         lr: float = 1e-4,
@@ -157,7 +159,7 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         return self.frozen.conditioner
 
     @property
-    def latents(self) -> nn.Module:
+    def latents(self) -> nn.Module | None:
         return self.frozen.latents
 
     # ------------------------------------------------------------------ set-up
@@ -205,9 +207,13 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
 
     # ------------------------------------------------------------------ the objective
     def inputs(self, batch: dict[str, Any], drop: bool):
-        """Batch -> (x0 (B, 32, h, w) scaled latents, `PromptBatch`, source features (E, N, D) or None)."""
-        images = batch["image"]
-        count = images.shape[0]
+        """Batch -> (x0 (B, 32, h, w) scaled latents, `PromptBatch`, source features (E, N, D) or None).
+
+        A batch of cached targets (`latent`, `source_features`: `unilip.data.latent_cache`) holds x0 and the
+        edits' features already; otherwise the frozen encoders compute them from the images.
+        """
+        cached = "latent" in batch
+        count = len(batch["caption"])
         has_source = batch.get("has_source", torch.zeros(count, dtype=torch.bool)).bool()  # on the host
         null = (
             torch.rand(count, generator=self.rng) < self.cfg_dropout if drop else torch.zeros(count, dtype=torch.bool)
@@ -215,9 +221,13 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         prompt = self.conditioner.prepare(list(batch["caption"]), has_source, null, self.generator.config.num_queries)
         features = None
         edits = has_source.nonzero().squeeze(1)  # host indices: no device->host sync
-        if len(edits):
-            features = self.conditioner.image_features(batch["source_image"].index_select(0, edits.to(images.device)))
-        return self.latents.encode(images).float(), prompt.to(self.device), features
+        if len(edits) and cached:
+            features = batch["source_features"]
+        elif len(edits):
+            sources = batch["source_image"]
+            features = self.conditioner.image_features(sources.index_select(0, edits.to(sources.device)))
+        x0 = batch["latent"] if cached else self.latents.encode(batch["image"])
+        return x0.float(), prompt.to(self.device), features
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Prompts are tokenised on the host: the edit flags stay there, so no step reads them back.
@@ -225,6 +235,10 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
         rest = {key: value for key, value in batch.items() if key != "has_source"}
         return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "has_source": batch["has_source"]}
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # the loaders deliver uint8 images; they become floats here, on the device
+        return batch_to_float(batch) if isinstance(batch, dict) else batch
 
     def flow_loss(self, x0: torch.Tensor, prompt, features, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Rectified flow at times t (B,) in (0, 1): MSE(v(x_t, t), n - x0) with x_t = (1 - t) x0 + t n."""
@@ -262,7 +276,7 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         if self.flops_per_batch is None:
             # Model FLOPs of one step (this rank's batch), counted once; Lightning's ThroughputMonitor
             # turns it into FLOP/s and MFU.
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 self._training_step(batch)
             self.flops_per_batch = counter.get_total_flops()
         else:
@@ -316,7 +330,7 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         loss = self.fixed_timestep_loss(batch)  # on padding batches too: FSDP's forward is collective
         if batch.get("padding"):
             return
-        self.val_means.add("val/flow_loss", loss.expand(batch["image"].shape[0]))
+        self.val_means.add("val/flow_loss", loss.expand(len(batch["key"])))
         if batch_idx == 0:
             self._grid_rows = self._sample_rows(batch)
 

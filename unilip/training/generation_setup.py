@@ -20,6 +20,7 @@ from unilip.models.generator import (
     UniLIPGenerator,
     build_dit,
     from_state,
+    read_meta,
 )
 from unilip.models.latents import DCAELatents, UniLIPLatents, build_dcae, latent_scale
 from unilip.models.mllm import MLLMPreset, build_conditioner
@@ -29,6 +30,16 @@ from unilip.training.checkpoints import ema_state, locate, read_checkpoint
 from unilip.training.config import ConfigError
 from unilip.training.generation import GenerationTraining
 from unilip.training.lineage import load_any_tokenizer
+from unilip.training.target_cache import (
+    TokenizerNotLoaded,
+    check_caches,
+    dcae_identity,
+    fingerprint,
+    stage_caches,
+    tokenizer_config,
+    tokenizer_digest,
+    validates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,19 +141,75 @@ def _check_same(init_config: dict[str, Any], generator_cfg: DictConfig, dit: DiT
         )
 
 
+def generator_meta(path: str | Path) -> dict[str, Any]:
+    """What a generation run, checkpoint or saved generator was made from (its metadata), without its weights."""
+    located = locate(path, "generator")
+    if (located / CONFIG_NAME).exists():
+        return read_meta(located)
+    checkpoint = read_checkpoint(located, "generate")
+    if checkpoint is None:
+        raise ConfigError(f"init_from={path} is not a generation run directory, checkpoint or saved generator")
+    return checkpoint["unilip"]
+
+
+def run_tokenizer_source(cfg: DictConfig) -> str:
+    """The tokenizer a run of `cfg` uses, found as training finds it, without loading any weights."""
+    if cfg.tokenizer_from is not None:
+        return _tokenizer_source(cfg, None)
+    init_path = _init_source(cfg)
+    return _tokenizer_source(cfg, generator_meta(init_path) if init_path is not None else None)
+
+
+def target_latents(cfg: DictConfig, tokenizer, tokenizer_source: str, dit_preset: DiTPreset, load: bool):
+    """The latent space of the stage's targets (None unless `load`) and its record {"kind", "scale"}."""
+    if cfg.recipe.latent_space == "dcae":
+        latents = DCAELatents(build_dcae(dit_preset)) if load else None
+        scale = latents.scale if latents is not None else dcae_identity(dit_preset)["scaling_factor"]
+        return latents, {"kind": "dcae", "scale": scale}
+    try:
+        scale = latent_scale(tokenizer, cfg.latent_scale, tokenizer_source)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return (UniLIPLatents(tokenizer, scale) if load else None), {"kind": "unilip", "scale": scale}
+
+
+def cache_fingerprint(cfg: DictConfig, tokenizer_source: str, tokenizer, dit_preset: DiTPreset) -> dict[str, Any]:
+    """The fingerprint of this stage's cached targets (`unilip.training.target_cache.fingerprint`)."""
+    _, record = target_latents(cfg, tokenizer, tokenizer_source, dit_preset, load=False)
+    dcae = dcae_identity(dit_preset) if cfg.recipe.latent_space == "dcae" else None
+    return fingerprint(cfg, tokenizer_digest(tokenizer_source), record["scale"], dcae)
+
+
 # ------------------------------------------------------------------ the module
 def build_generation_training(cfg: DictConfig) -> GenerationTraining:
-    """The `GenerationTraining` of `cfg` (task=generate), with its frozen conditioner and latents."""
+    """The `GenerationTraining` of `cfg` (task=generate), with its frozen conditioner and latents.
+
+    With cached targets (`data.latent_cache`), each cache's fingerprint must be this run's; the tokenizer
+    and DC-AE are then loaded only if the run validates.
+    """
     check_generation_config(cfg)
     mllm: MLLMPreset = instantiate(cfg.mllm)
     dit_preset: DiTPreset = instantiate(cfg.dit)
+    caches = stage_caches(cfg)
     init_path = _init_source(cfg)
     init_meta = None
     if init_path is not None:
         generator, init_meta = load_trained_generator(init_path)
         _check_same(generator.config.to_dict(), cfg.generator, dit_preset, init_path)
     tokenizer_source = _tokenizer_source(cfg, init_meta)
-    tokenizer = _load_tokenizer(tokenizer_source, instantiate(cfg.model.config))
+    preset = instantiate(cfg.model.config)
+    load_encoders = caches is None or validates(cfg)
+    if load_encoders:
+        tokenizer = _load_tokenizer(tokenizer_source, preset)
+    else:
+        tokenizer = TokenizerNotLoaded(tokenizer_config(tokenizer_source, preset), tokenizer_source)
+    if caches is not None:
+        check_caches(caches, cache_fingerprint(cfg, tokenizer_source, tokenizer, dit_preset))
+        log.info(
+            "targets: cached latents of %s (fingerprints match); the step runs no encoder%s",
+            ", ".join(caches),
+            "; the tokenizer is loaded for validation" if load_encoders else "; the tokenizer is not loaded",
+        )
     try:
         conditioner = build_conditioner(mllm, tokenizer)
     except ValueError as error:
@@ -154,16 +221,7 @@ def build_generation_training(cfg: DictConfig) -> GenerationTraining:
             )
         except ValueError as error:
             raise ConfigError(f"generator: {error}") from None
-    if cfg.recipe.latent_space == "dcae":
-        latents = DCAELatents(build_dcae(dit_preset))
-        latents_meta = {"kind": "dcae", "scale": latents.scale}
-    else:
-        try:
-            scale = latent_scale(tokenizer, cfg.latent_scale, tokenizer_source)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        latents = UniLIPLatents(tokenizer, scale)
-        latents_meta = {"kind": "unilip", "scale": scale}
+    latents, latents_meta = target_latents(cfg, tokenizer, tokenizer_source, dit_preset, load=load_encoders)
     try:
         flow_shift = cfg.module.flow_shift if cfg.module.flow_shift is not None else dit_preset.sampler_flow_shift()
     except (ValueError, FileNotFoundError) as error:

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def batch_size(batch: dict[str, Any]) -> int:
-    """Images in a batch (for Lightning's throughput monitor)."""
-    return batch["image"].shape[0]
+    """Samples in a batch (for Lightning's throughput monitor): images, or cached latents."""
+    return len(batch["key"]) if "key" in batch else batch["image"].shape[0]
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:

@@ -28,9 +28,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.flop_counter import FlopCounterMode
 
 from unilip.data.shards import DataError
+from unilip.data.transforms import batch_to_float
 from unilip.evaluation.metrics import feature_similarity, psnr, ssim
 from unilip.logs import is_logging_step
 from unilip.losses import LeCamRegularizer, TokenizerLoss
@@ -44,6 +44,7 @@ from unilip.training.distributed import (
     shard_tokenizer_training,
 )
 from unilip.training.ema import EMA, ValidatesWithEMA
+from unilip.training.flops import flop_counter
 from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
 from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
 from unilip.training.rng import gather_rng_states, restore_rng_states
@@ -223,6 +224,10 @@ class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
     def on_validation_start(self) -> None:
         self.frozen.to(self.device)
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # the loaders deliver uint8 images; they become floats here, on the device
+        return batch_to_float(batch) if isinstance(batch, dict) else batch
+
     # ------------------------------------------------------------------ training
     def _gan_active(self) -> bool:
         return self.discriminator is not None and self.global_step >= self.gan_start_step
@@ -264,13 +269,13 @@ class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
     def _count_flops(self, images: torch.Tensor) -> int:
         """Model FLOPs of one step on this rank: the forward and backward as the step runs them (frozen
         networks' forwards, gradients into trainable weights and through frozen networks to their
-        inputs), counted with torch.utils.flop_counter on a dry run whose gradients are discarded.
+        inputs), counted with `unilip.training.flops.flop_counter` on a dry run whose gradients are discarded.
 
         Counting the real step instead would run it under a dispatch mode, which may pick other
         kernels: the first step after a resume would then differ from the uninterrupted run.
         """
         params = [p for p in self.parameters() if p.requires_grad]
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             generator, discriminator, _ = self._losses(images)
             total = sum(generator.values()) + sum(discriminator.values(), torch.zeros((), device=images.device))
             torch.autograd.grad(total, params, allow_unused=True)
