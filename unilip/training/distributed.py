@@ -4,8 +4,10 @@ sharded checkpoints without a process group."""
 from __future__ import annotations
 
 import inspect
+import os
 import tempfile
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,33 @@ from torch.nn.parallel import DistributedDataParallel
 
 if TYPE_CHECKING:
     from unilip.training.tokenizer import TokenizerTraining
+
+
+def join_elastic_attempt(backend: str, timeout: timedelta, device: torch.device) -> None:
+    """Under torchrun, create the default process group on a store of its own per restart attempt.
+
+    torchrun's agent keeps one TCP store for the whole job and every attempt's processes connect to
+    it (`TORCHELASTIC_USE_AGENT_STORE`), but torch's env:// rendezvous adds no per-attempt prefix, so
+    after a restart the keys of the failed attempt are still there: gloo's peers read the addresses
+    of dead processes ("connectFullMesh failed ... Connection refused", or a hang) and NCCL its old
+    unique id. Prefixing the store with `TORCHELASTIC_RESTART_COUNT` gives every attempt clean keys.
+    Outside torchrun (or when the agent does not share its store) this does nothing and Lightning
+    creates the group as usual.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or torch.distributed.is_initialized():
+        return
+    agent_store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    torch.distributed.init_process_group(
+        backend,
+        store=torch.distributed.PrefixStore(f"unilip/attempt_{attempt}", agent_store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
+        device_id=device if device.type != "cpu" else None,
+    )
 
 
 class DDPStrategy(LightningDDPStrategy):
@@ -40,6 +69,10 @@ class DDPStrategy(LightningDDPStrategy):
         else:
             kwargs.setdefault("broadcast_buffers", False)
         super().__init__(**kwargs)
+
+    def setup_distributed(self) -> None:
+        join_elastic_attempt(self._get_process_group_backend(), self._timeout, self.root_device)
+        super().setup_distributed()  # Lightning's set-up; it keeps a process group that exists
 
 
 def exclude_from_ddp(module: nn.Module, submodule: str) -> None:
@@ -120,6 +153,10 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def _setup_distributed(self) -> None:
+        join_elastic_attempt(self._get_process_group_backend(), self._timeout, self.root_device)
+        super()._setup_distributed()  # Lightning's set-up; it keeps a process group that exists
 
 
 def shard_tokenizer_training(module: TokenizerTraining, mesh: DeviceMesh) -> None:
