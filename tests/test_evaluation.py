@@ -112,8 +112,9 @@ def test_feature_fidelity_of_a_trained_encoder_against_its_original(photos_dir, 
     )
     data.setup("validate")
     batch = next(iter(data.val_dataloader()))
+    images = batch["image"].float() / 255  # uint8 from the loader
     with torch.no_grad():
-        a, b = trained.features(batch["image"]), original.features(batch["image"])
+        a, b = trained.features(images), original.features(images)
     direct = ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean(-1)  # per token, averaged per image
     assert sorted(measured) == sorted(batch["key"])
     for key, value in zip(batch["key"], direct.tolist(), strict=True):
