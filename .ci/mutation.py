@@ -39,7 +39,7 @@ TARGETS: dict[str, dict[str, list[str]]] = {
     "stages": {
         "files": ["unilip/training/stages.py"],
         "names": ["unilip.training.stages.*"],
-        "tests": ["tests/test_recipe.py", "-k", "parameter_groups or isolated"],
+        "tests": ["tests/test_recipe.py", "-k", "parameter_groups or isolated or does_not_have"],
     },
     "ema": {
         "files": ["unilip/training/ema.py"],

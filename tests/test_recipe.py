@@ -122,3 +122,13 @@ def test_the_discriminator_starts_at_the_gan_start_step(photos_dir, saved_init, 
     assert [s["discriminator_norm"] is not None for s in steps] == [False, False, True, True]
     digests = [s["discriminator_digest"] for s in steps]  # D's weights before each step
     assert digests[0] == digests[1] == digests[2] != digests[3]
+
+
+@pytest.mark.parametrize("stage", [0, 3, "1"])
+def test_a_stage_the_tokenizer_does_not_have_is_a_user_error_naming_both_stages(stage):
+    from unilip.errors import ConfigError
+    from unilip.training.stages import check_stage
+
+    assert check_stage(1) == 1 and check_stage(2) == 2
+    with pytest.raises(ConfigError, match=r"stage=.* is not a tokenizer stage; use stage=1 .* or stage=2"):
+        check_stage(stage)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from unilip.errors import ConfigError
 from unilip.models.tokenizer import UniLIPTokenizer
 
 # stage 1 (decoder alignment): the CLIP encoder is frozen, the bottleneck and decoder learn.
@@ -13,7 +14,7 @@ TRAINABLE_PARTS = {1: ("bottleneck", "decoder"), 2: ("encoder", "bottleneck", "d
 
 def check_stage(stage: int) -> int:
     if stage not in TRAINABLE_PARTS:
-        raise ValueError(f"stage={stage!r} is not a tokenizer stage; use stage=1 (decoder alignment) or stage=2")
+        raise ConfigError(f"stage={stage!r} is not a tokenizer stage; use stage=1 (decoder alignment) or stage=2")
     return stage
 
 
