@@ -26,6 +26,17 @@ def tiny_config():
     return tokenizer_preset("tiny")
 
 
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, tiny_config):
+    """A saved tiny tokenizer (seed 0), one per test module."""
+    from unilip.models import UniLIPTokenizer
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tokenizer")
+    UniLIPTokenizer(tiny_config).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture
 def tiny_tokenizer(tiny_config):
     from unilip.models import UniLIPTokenizer

@@ -24,16 +24,6 @@ NAME = "gen"
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, tiny_config):
-    from unilip.models import UniLIPTokenizer
-
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tokenizer")
-    UniLIPTokenizer(tiny_config).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 

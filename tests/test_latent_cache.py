@@ -23,16 +23,6 @@ from unilip.training.config import ConfigError
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, tiny_config):
-    from unilip.models import UniLIPTokenizer
-
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tokenizer")
-    UniLIPTokenizer(tiny_config).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 

@@ -113,23 +113,13 @@ def few_val(photos_dir, tmp_path_factory):
     return {name: str(root / name / "val-000000.tar") for name in ("photos", "mixed")}
 
 
-@pytest.fixture(scope="module")
-def tiny_saved(tiny_config, tmp_path_factory):
-    from unilip.models import UniLIPTokenizer
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer"
-    UniLIPTokenizer(tiny_config).save_pretrained(path)
-    return path
-
-
-def test_tokenizer_with_more_ranks_than_validation_images(photos_dir, few_val, tiny_saved, tmp_path):
+def test_tokenizer_with_more_ranks_than_validation_images(photos_dir, few_val, tokenizer_dir, tmp_path):
     """3 ranks, 2 validation images: the run finishes (it hung at the first validation), validation equals
     one process's, DDP searches no unused parameters, and gradients match their bucket layout."""
     common = [
         *TOKENIZER,
         "stage=2",
-        f"init_from={tiny_saved}",
+        f"init_from={tokenizer_dir}",
         "stages.stage2.max_steps=3",
         "stages.stage2.gan_start_step=0",  # the discriminator, outside DDP, is in play
         "data.train_batches_per_epoch=3",
@@ -162,13 +152,13 @@ def test_tokenizer_with_more_ranks_than_validation_images(photos_dir, few_val, t
     assert layout["checked"] > 0 and layout["mismatched"] == {}
 
 
-def test_generation_with_more_ranks_than_validation_samples(photos_dir, few_val, tiny_saved, tmp_path):
+def test_generation_with_more_ranks_than_validation_samples(photos_dir, few_val, tokenizer_dir, tmp_path):
     """3 ranks, 2 validation samples (a caption and an edit): the generation module finishes and its
     fixed-timestep validation loss equals one process's (noise is seeded per sample, not per batch)."""
     common = [
         "experiment=generate/quickstart",
         "stage=1",
-        f"tokenizer_from={tiny_saved}",
+        f"tokenizer_from={tokenizer_dir}",
         f"paths.runs_dir={tmp_path}",
         "data.num_workers=0",
         "data.val_num_workers=0",
@@ -191,8 +181,8 @@ def test_generation_with_more_ranks_than_validation_samples(photos_dir, few_val,
     assert list((three / "samples").glob("generation_step*.png"))  # rank 0 sampled its grid
 
 
-def test_eval_with_more_ranks_than_images(photos_dir, few_val, tiny_saved, tmp_path):
-    common = [f"ckpt={tiny_saved}", f"data.val_urls={few_val['photos']}", "data.val_num_workers=0", "batch_size=4"]
+def test_eval_with_more_ranks_than_images(photos_dir, few_val, tokenizer_dir, tmp_path):
+    common = [f"ckpt={tokenizer_dir}", f"data.val_urls={few_val['photos']}", "data.val_num_workers=0", "batch_size=4"]
     _run(_command("eval.py", photos_dir, tmp_path / "one", *common, "trainer=cpu"))
     _run(_command("eval.py", photos_dir, tmp_path / "three", *common, *DDP, "trainer.devices=3"))
     one, three = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "three"))
