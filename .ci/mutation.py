@@ -59,7 +59,7 @@ TARGETS: dict[str, dict[str, list[str]]] = {
     "optimizer set-up (training/tokenizer.py)": {
         "files": ["unilip/training/tokenizer.py"],
         "names": ["unilip.training.tokenizer.x__decay_groups*", "unilip.training.tokenizer.x*configure_optimizers*"],
-        "tests": ["tests/test_recipe.py", "-k", "parameter_groups"],
+        "tests": ["tests/test_recipe.py", "-k", "parameter_groups or learning_rate_schedule"],
     },
     "flow objective and CFG dropout (training/generation.py)": {
         "files": ["unilip/training/generation.py"],

@@ -2,6 +2,7 @@
 (not on config values): parameter groups and their learning rates, weight decay, gradient isolation
 between generator and discriminator, separate clipping, the GAN start, stage 1's frozen encoder."""
 
+import csv
 import json
 
 import pytest
@@ -132,3 +133,35 @@ def test_a_stage_the_tokenizer_does_not_have_is_a_user_error_naming_both_stages(
     assert check_stage(1) == 1 and check_stage(2) == 2
     with pytest.raises(ConfigError, match=r"stage=.* is not a tokenizer stage; use stage=1 .* or stage=2"):
         check_stage(stage)
+
+
+def test_learning_rate_schedule_of_every_group_as_logged(photos_dir, saved_init, tmp_path):
+    """Stage 2, six steps, warm-up 2, lr 1e-3 -> final 1e-4: the learning rate each group's decaying half
+    logs (`lr/<part>`, after the step: the rate of the next one) follows linear warm-up then cosine, with the
+    encoder at 0.1x and the discriminator at its own rate, read from the run's metrics file."""
+    run = tmp_path / "run"
+    overrides = [
+        "stage=2",
+        f"init_from={saved_init}",
+        "stages.stage2.image_size=56",
+        "stages.stage2.max_steps=6",
+        "stages.stage2.gan_start_step=0",
+        "data.train_batches_per_epoch=3",
+        "loss.perceptual_weight=0",
+        "optim.lr=1e-3",
+        "optim.final_lr=1e-4",
+        "optim.warmup_steps=2",
+        "optim.discriminator_lr=3e-4",
+        "trainer.check_val_every_n_epoch=1000",
+    ]
+    train(compose_train(quick_overrides(photos_dir, run, *overrides)))
+    with open(run / "logs" / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    # logged at steps 0..5, each the factor of the next step j = 1..6: warm-up (j + 1) / 2 capped at 1,
+    # then 0.1 + 0.45 (1 + cos(pi (j - 2) / 4)), with cos(pi / 4) = 0.70710678
+    factors = [1.0, 1.0, 0.86819805, 0.55, 0.23180195, 0.1]
+    bases = {"bottleneck": 1e-3, "decoder": 1e-3, "encoder": 1e-4, "discriminator": 3e-4}
+    for part, base in bases.items():
+        logged = [(int(row["step"]), float(row[f"lr/{part}"])) for row in rows if row.get(f"lr/{part}")]
+        assert [step for step, _ in logged] == [0, 1, 2, 3, 4, 5], part
+        assert [lr for _, lr in logged] == pytest.approx([base * f for f in factors], rel=1e-6), part

@@ -190,7 +190,7 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         optimizer = self.optimizer_factory(groups)
         warmup = math.ceil(self.warmup_ratio * self.max_steps)
         scheduler = cosine_with_warmup(optimizer, warmup, self.max_steps, self.final_lr / self.lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}  # stepped by hand after each optimizer step
 
     def setup(self, stage: str) -> None:
         # before a checkpoint is restored (which then replaces the state): fresh runs start here

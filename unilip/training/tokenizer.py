@@ -216,7 +216,7 @@ class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
             )
         optimizer = self.optimizer_factory(groups)
         scheduler = cosine_with_warmup(optimizer, self.warmup_steps, self.max_steps, self.final_lr / self.lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}  # stepped by hand after each optimizer step
 
     def on_fit_start(self) -> None:
         self.frozen.to(self.device)
