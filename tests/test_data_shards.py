@@ -178,9 +178,11 @@ def test_loader_benchmark_writes_its_table(tmp_path, caplog):
 
     caplog.set_level("INFO", logger="unilip.data.bench")
     out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
     bench(
         ["--sizes", "32", "--workers", "0", "--batches", "2", "--batch-size", "4", "--images", "8", "--json", str(out)]
     )
+    assert torch.get_num_threads() == threads  # measured at one thread, the caller's setting restored
     (row,) = json.loads(out.read_text())["rows"]
     assert row["size"] == 32 and row["workers"] == 0 and row["images_per_s"] > 0
     assert "images/s" in caplog.text

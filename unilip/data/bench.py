@@ -116,19 +116,7 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPU cores; {versions}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
-    parser.add_argument("--repeat", type=int, default=1, help="measure each setting this often, keep the best")
-    parser.add_argument("--images", type=int, default=256, help="generated JPEGs (without --urls)")
-    parser.add_argument("--urls", help="benchmark these shards (glob/brace pattern) instead of generated JPEGs")
-    parser.add_argument("--json", type=Path, default=Path("loader_bench.json"))
-    args = parser.parse_args(argv)
-    # One thread, as in a DataLoader worker: with 0 workers the numbers are then one core's worth.
-    torch.set_num_threads(1)
+def _measure(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         urls = expand_urls(args.urls) if args.urls else write_bench_shards(Path(tmp), args.images)
         rows = []
@@ -148,6 +136,27 @@ def main(argv: list[str] | None = None) -> int:
                         **profile,
                     }
                 )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
+    parser.add_argument("--repeat", type=int, default=1, help="measure each setting this often, keep the best")
+    parser.add_argument("--images", type=int, default=256, help="generated JPEGs (without --urls)")
+    parser.add_argument("--urls", help="benchmark these shards (glob/brace pattern) instead of generated JPEGs")
+    parser.add_argument("--json", type=Path, default=Path("loader_bench.json"))
+    args = parser.parse_args(argv)
+    # One thread, as in a DataLoader worker: with 0 workers the numbers are then one core's worth.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = _measure(args)
+    finally:
+        torch.set_num_threads(threads)  # called in-process (tests, notebooks): leave the caller's setting
     lines = [
         f"Machine: {machine()}",
         f"{'size':>5} {'workers':>7} {'images/s':>9} {'per worker':>10} | ms/image in one process: "
