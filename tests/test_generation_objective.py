@@ -92,3 +92,42 @@ def test_timesteps_are_logit_normal_with_the_configured_mean_and_std(module):
     assert ((t > 0) & (t < 1)).all()
     logit = torch.log(t / (1 - t))
     assert logit.mean().item() == pytest.approx(0.5, abs=0.03) and logit.std().item() == pytest.approx(0.8, abs=0.02)
+
+
+def test_timesteps_and_cfg_dropout_come_from_the_modules_own_generator(module):
+    """The module's generator (saved with checkpoints for exact resume) draws both, not torch's global one."""
+    batch = _batch(64, size=32)
+    draws = []
+    for global_seed in (0, 1):
+        module.rng.manual_seed(5)
+        torch.manual_seed(global_seed)
+        draws.append((module.sample_timesteps(32), _null_rows(module, batch, drop=True)))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    assert draws[0][1].any()  # 64 prompts at 10 %: some were dropped (seed 5)
+
+
+def test_inputs_of_a_cached_batch_are_the_cached_tensors(module, monkeypatch):
+    """A batch from a latent cache carries x0 and the edits' source features: they are returned as they are,
+    and neither frozen encoder runs."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an encoder ran on a cached batch")
+
+    monkeypatch.setattr(module.latents, "encode", refuse)
+    monkeypatch.setattr(module.conditioner, "image_features", refuse)
+    batch = _batch(3, size=32, edits=1)
+    del batch["image"], batch["source_image"]
+    batch["latent"] = torch.randn(3, 32, 2, 2, dtype=torch.bfloat16)
+    batch["source_features"] = torch.randn(1, 4, 8)
+    x0, _, features = module.inputs(batch, drop=False)
+    assert x0.dtype == torch.float32 and torch.equal(x0, batch["latent"].float())
+    assert features is batch["source_features"]
+
+
+def test_a_text_to_image_batch_has_no_source_features(module):
+    """No edit in the batch (and a batch without edit flags at all): the condition gets no source features."""
+    batch = _batch(2, size=32)
+    assert module.inputs(batch, drop=False)[2] is None
+    del batch["has_source"]
+    x0, prompt, features = module.inputs(batch, drop=False)
+    assert features is None and x0.shape[0] == 2 and prompt.input_ids.shape[0] == 2
