@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 REFERENCE = Path(__file__).parent / "data" / "internvit_tiny_reference.safetensors"
 SIZES = (224, 448, 256)
@@ -78,7 +78,8 @@ def write_reference(path: Path = REFERENCE) -> None:
 
 def _read_reference() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(REFERENCE), framework="pt") as file:
-        return {name: file.get_tensor(name) for name in file.keys()}, file.metadata()
+        metadata = file.metadata()
+    return load_file(REFERENCE), metadata
 
 
 @pytest.fixture(scope="module")
