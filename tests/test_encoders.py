@@ -197,7 +197,7 @@ def test_save_load_round_trip_and_teacher(kind, tokenizer, tmp_path):
     ours, theirs = tokenizer.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert not any(p.requires_grad for p in loaded.encoder.unused_parameters())
-    images = torch.rand(1, 3, 112, 112)
+    images = torch.rand(1, 3, 224, 224)  # the tiny presets' native grid: SigLIP reads its (unsaved) position ids
     teacher = FrozenEncoder(tokenizer)
     with torch.no_grad():
         assert torch.equal(loaded(images), tokenizer(images))

@@ -191,9 +191,11 @@ class UniLIPTokenizer(nn.Module):
         self._set_normalisation()
 
     def _set_normalisation(self, device: str | torch.device | None = None) -> None:
-        # Not persistent: the config holds them, and a model built on `meta` re-creates them here.
+        # Not persistent: the config holds them, and a model built on `meta` re-creates them here (with the
+        # encoder's own unsaved buffers, e.g. SigLIP's position ids).
         for name, values in (("image_mean", self.config.image_mean), ("image_std", self.config.image_std)):
             self.register_buffer(name, torch.tensor(values, device=device).view(1, 3, 1, 1), persistent=False)
+        self.encoder.restore_buffers(device)
 
     def parts(self) -> dict[str, list[nn.Module]]:
         """The tokenizer's modules grouped as the training recipe treats them."""

@@ -134,6 +134,9 @@ class Encoder(nn.Module):
         """Parameters of the home model the features never use (e.g. a pooling head): frozen, kept for export."""
         return []
 
+    def restore_buffers(self, device: str | torch.device | None = None) -> None:
+        """Re-create the buffers that are not saved (a model built on `meta` and loaded has none)."""
+
     # ------------------------------------------------------------------ home
     def load_pretrained(self, name_or_path: str | Path) -> None:
         """Load the encoder from its home checkpoint (hub id or directory); every key must match."""

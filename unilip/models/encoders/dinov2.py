@@ -37,7 +37,6 @@ class Dinov2Encoder(VisionModelEncoder):
     home = "Dinov2Model checkpoint"
     home_model_types = ("dinov2",)
     compared_fields = (*_DINOV2_FIELDS, "use_mask_token")
-    weight_prefixes = ("dinov2.", "")  # a classification checkpoint nests the backbone under `dinov2.`
 
     def prefix_tokens(self, tower: nn.Module) -> int:
         """Tokens before the patches: CLS (and the registers)."""

@@ -39,7 +39,6 @@ class SiglipEncoder(VisionModelEncoder):
     home = "SiglipVisionModel checkpoint"
     home_model_types = ("siglip", "siglip_vision_model")
     compared_fields = (*_SIGLIP_FIELDS, "image_size")
-    weight_prefixes = ("vision_model.", "")
 
     def patch_tokens(self, tower: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         patch = tower.config.patch_size
@@ -52,6 +51,12 @@ class SiglipEncoder(VisionModelEncoder):
     def unused_parameters(self) -> list[nn.Parameter]:
         head = getattr(self.core, "head", None)
         return list(head.parameters()) if head is not None else []
+
+    def restore_buffers(self, device: str | torch.device | None = None) -> None:
+        embeddings = self.core.embeddings
+        if hasattr(embeddings, "position_ids"):  # SiglipVisionEmbeddings: arange(positions), not saved
+            positions = torch.arange(embeddings.num_positions, device=device).expand((1, -1))
+            embeddings.register_buffer("position_ids", positions, persistent=False)
 
 
 class Siglip2Encoder(SiglipEncoder):

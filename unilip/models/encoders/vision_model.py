@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from unilip.errors import ConfigError
 from unilip.models.encoders.base import EXPORT_RTOL, Encoder, ExportCheck, merge_tokens, vision_field
-from unilip.models.hub import StateDictMismatchError, load_strict, read_json, read_tensors, resolve_pretrained
+from unilip.models.hub import StateDictMismatchError, load_strict, read_json, resolve_pretrained
 
 if TYPE_CHECKING:
     from unilip.models.tokenizer import TokenizerConfig
@@ -34,7 +34,6 @@ class VisionModelEncoder(Encoder):
     model_class: ClassVar[type[PreTrainedModel]]
     home_model_types: ClassVar[tuple[str, ...]]  # `model_type` of checkpoints holding it, whole or as vision_config
     compared_fields: ClassVar[tuple[str, ...]]  # config fields that decide the weights' shapes or the features
-    weight_prefixes: ClassVar[tuple[str, ...]]  # where its tensors sit in a home checkpoint, most specific first
 
     def __init__(self, config: TokenizerConfig):
         super().__init__(config)
@@ -94,10 +93,25 @@ class VisionModelEncoder(Encoder):
             )
 
     def load_pretrained(self, name_or_path: str | Path) -> None:
+        """Read the home checkpoint with transformers' own `from_pretrained` (it knows the names the files use,
+        which may differ from the module's, and finds a vision tower inside a whole SigLIP model), at this
+        preset's config; every tensor of the encoder must be in it. Tensors of other parts (SigLIP's text
+        tower, a classifier) are left out."""
         path = resolve_pretrained(name_or_path, what=f"{self.kind} weights", option=self.weights_option)
         self.check_home(path, what=f"{self.kind} checkpoint")
-        prefix, tensors = read_tensors(path, self.weight_prefixes)
-        load_strict(self.core, tensors, what=f"'{path}' ({prefix}*)")
+        dtype = next(self.vision_tower.parameters()).dtype
+        home, info = self.model_class.from_pretrained(
+            path, config=self.vision_tower.config, dtype=dtype, output_loading_info=True
+        )
+        missing = sorted(info.get("missing_keys", ())) + sorted(str(key) for key in info.get("mismatched_keys", ()))
+        if missing:
+            raise StateDictMismatchError(
+                f"{self.kind} checkpoint '{path}' does not hold the whole encoder (missing or mismatched: "
+                f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}); is it the right checkpoint?"
+            )
+        if info.get("unexpected_keys"):
+            log.info("left out %d tensors of '%s' that are not the encoder's", len(info["unexpected_keys"]), path)
+        load_strict(self.vision_tower, home.state_dict(), what=f"'{path}'")
         log.info("loaded the %s encoder from %s", self.kind, path)
 
     # ------------------------------------------------------------------ home checkpoint out
