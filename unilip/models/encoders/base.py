@@ -90,6 +90,8 @@ class Encoder(nn.Module):
 
     def __init__(self, config: TokenizerConfig):
         super().__init__()
+        # The tokenizer's config at build time; what the encoder reads of it (vision, downsample_ratio,
+        # normalisation) is architecture, which a built tokenizer never changes.
         self.config = config
 
     # ------------------------------------------------------------------ what the config knows before building
