@@ -32,7 +32,8 @@ def save_tiny_generator(root: Path, tiny_config) -> Path:
         "mllm": mllm.to_dict(),
         "dit": dit.to_dict(),
         "tokenizer": {"source": str(root / "tokenizer"), "config": tokenizer.config.to_dict()},
-        "latents": {"kind": "unilip", "scale": mllm.latent_scale},
+        "latents": {"kind": "unilip", "scale": cfg.latent_scale},
+        "sampler": {"flow_shift": 3.0},
         "init_from": None,
     }
     generator.save_pretrained(root / "generator", meta=meta)
