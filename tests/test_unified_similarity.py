@@ -73,7 +73,7 @@ def save_tiny_encoder(family: str, directory):
     return directory, theirs
 
 
-def photos(size=(90, 70)):
+def photos(size=(64, 48)):  # 32 x 64 / 48 = 42.7: transformers rounds the longer side down
     pictures = (skdata.astronaut(), skdata.coffee(), skdata.chelsea())
     return [Image.fromarray(p).convert("RGB").resize(size) for p in pictures]
 

@@ -117,9 +117,10 @@ class Preprocess:
         images = images.float()
         height, width = images.shape[-2:]
         target = self.size
-        if target is None and self.shortest_edge is not None:
-            scale = self.shortest_edge / min(height, width)
-            target = (max(1, round(height * scale)), max(1, round(width * scale)))
+        if target is None and self.shortest_edge is not None:  # the longer side rounded down, as transformers does
+            short, long = sorted((height, width))
+            longer = int(self.shortest_edge * long / short)
+            target = (self.shortest_edge, longer) if height <= width else (longer, self.shortest_edge)
         if target is not None and tuple(target) != (height, width):
             antialias = self.mode in ("bilinear", "bicubic")
             images = F.interpolate(images, size=target, mode=self.mode, antialias=antialias, align_corners=None)
