@@ -114,3 +114,35 @@ def test_a_saved_captioner_comes_back_with_its_adapters(internvl, tmp_path):
     features = captioner.image_features(images())
     assert torch.equal(loaded.sample(features, greedy=True).tokens, captioner.sample(features, greedy=True).tokens)
     assert not any(p.requires_grad for p in loaded.language_model.parameters())  # loaded frozen
+
+
+def counted(function, calls: list):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients_and_keeps_sampling_cached(internvl):
+    _, preset, tokenizer = internvl
+    features = None
+    grads = []
+    for checkpointing in (False, True):
+        captioner = build_captioner(preset, tokenizer, max_new_tokens=4)
+        adapters = add_lora(captioner.language_model, LoRASpec(rank=2, alpha=4, targets=("q_proj", "v_proj")))
+        with torch.no_grad():
+            for param in adapters.values():
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.1)
+        if checkpointing:
+            captioner.enable_gradient_checkpointing()
+        features = captioner.image_features(images()) if features is None else features
+        captions = captioner.sample(features, torch.Generator().manual_seed(0))
+        assert not captioner.language_model.training  # sampling ran in eval mode, with its cache
+        calls, mlp = [], captioner.language_model.model.layers[0].mlp
+        mlp.forward = counted(mlp.forward, calls)
+        captioner.token_log_probs(features, captions).sum().backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
+        grads.append({name: param.grad.clone() for name, param in adapters.items()})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])

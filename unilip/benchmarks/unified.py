@@ -119,12 +119,12 @@ class UnifiedBench(Benchmark):
     def _captioner_identity(self) -> dict[str, Any]:
         adapters = None
         if self.captioner:
-            from unilip.models.captioner import WEIGHTS_NAME
-            from unilip.training.checkpoints import locate
+            from unilip.models.captioner import WEIGHTS_NAME, locate_captioner
 
-            directory = locate(self.captioner, "captioner")
-            if not directory.is_dir():
-                raise SamplingError(f"benchmark.captioner={self.captioner}: no saved captioner there")
+            try:
+                directory = locate_captioner(self.captioner)
+            except FileNotFoundError as error:
+                raise SamplingError(f"benchmark.captioner: {error}") from None
             weights = directory / WEIGHTS_NAME
             adapters = file_digest(weights) if weights.is_file() else None
         return {
@@ -161,9 +161,9 @@ class UnifiedBench(Benchmark):
         settings = (CaptionFormat(prompt=self.prompt), self.max_new_tokens, self.temperature)
         tokenizer = pipe.conditioner.tokenizer
         if self.captioner:
-            from unilip.training.checkpoints import locate
+            from unilip.models.captioner import locate_captioner
 
-            source = locate(self.captioner, "captioner")
+            source = locate_captioner(self.captioner)
             captioner, _, _ = load_captioner(source, tokenizer, self.mllm_weights, *settings)
         else:
             from unilip.models.generator import read_meta

@@ -321,6 +321,18 @@ def save_captioner(captioner: Captioner, directory: str | Path, lora: LoRASpec |
     return directory
 
 
+def locate_captioner(path: str | Path) -> Path:
+    """A saved captioner, or a unified run directory holding one (`<run>/captioner`)."""
+    path = Path(path)
+    if (path / "captioner" / CONFIG_NAME).is_file():
+        return path / "captioner"
+    if (path / CONFIG_NAME).is_file():
+        return path
+    raise WeightsNotFoundError(
+        f"'{path}' is neither a saved captioner nor a finished unified run (no {CONFIG_NAME} and no captioner/ there)"
+    )
+
+
 def read_captioner_record(directory: str | Path) -> dict[str, Any]:
     config_file = Path(directory) / CONFIG_NAME
     if not config_file.is_file():
