@@ -35,6 +35,8 @@ class UnifiedSnapshot(L.Callback):
             holder.state_dict = lambda state=state: state
             self.hashes[f"{name}_{when}"] = fingerprint([holder])
         self.hashes[f"trained_{when}"] = fingerprint([module.trained])
+        if networks.reference_dit is not None:
+            self.hashes[f"reference_{when}"] = fingerprint([networks.reference_dit])
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._record(pl_module, "start")
@@ -144,6 +146,25 @@ def test_stage2_trains_the_dit_on_stage1s_captions(stage1, stage2, runs_dir, gen
     assert images.shape == (1, 3, 56, 56)
     adapters = load_file(stage1 / "captioner" / "adapter.safetensors")  # the captioner it used, saved beside
     assert all(torch.equal(adapters[k], v) for k, v in load_file(stage2 / "captioner" / "adapter.safetensors").items())
+
+
+def test_a_fully_trained_dit_keeps_a_frozen_reference_and_several_updates_per_rollout_clip(
+    photos_dir, runs_dir, generator_dir, stage1, tmp_path
+):
+    overrides = [f"captioner_from={stage1}", "dit_training.mode=full", "module.updates_per_rollout=2"]
+    run = train(_cfg(photos_dir, tmp_path, generator_dir, 2, *overrides, "stages.stage2.lr=0.05", name="full"))
+    hashes = json.loads((tmp_path / "full-stage2.json").read_text())
+    assert hashes["reference_start"] == hashes["reference_end"] != hashes["trained_end"]  # the KL's reference
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 3  # max_steps optimizer steps: 2 updates on the first rollout, 1 on the second
+    assert all(key.startswith("trained.dit__") and "lora" not in key for key in state["state_dict"] if "trained" in key)
+    before = load_file(generator_dir / "model.safetensors")
+    after = load_file(run / "generator" / "model.safetensors")
+    changed = [k for k in before if k.startswith("dit.") and not torch.equal(before[k], after[k])]
+    assert len(changed) > 0.9 * sum(k.startswith("dit.") for k in before)  # the whole DiT trains
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("dit."))
+    ratios = [float(row["grpo/ratio"]) for row in _logged(run)]
+    assert ratios and all(r > 0 for r in ratios)
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -276,7 +276,10 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         rollout = self.rollout(images)
         advantages = group_advantages(rollout.rewards, self.group_size)
         cache: dict[str, torch.Tensor] = {}
-        for _ in range(self.updates_per_rollout):
+        updates = self.updates_per_rollout
+        if self._trainer is not None and self.trainer.max_steps > 0:  # end exactly at max_steps optimizer steps
+            updates = max(1, min(updates, self.trainer.max_steps - self.global_step))
+        for _ in range(updates):
             optimizer.zero_grad(set_to_none=True)
             if self.stage == 1:
                 result = self.caption_loss(rollout, advantages, cache)
