@@ -352,6 +352,18 @@ def _(c):
     return train(c, *common, "task=generate", f"tokenizer_from={other}", f"latent_cache.dir={c.path('latents')}")
 
 
+@case("train: the unified task without a generator", "task=unified needs generator_from=")
+def _(c):
+    return train(c, "task=unified", "stage=1", "experiment=unified/quickstart", "generator_from=null")
+
+
+@case("benchmarks: Unified-Bench on a folder without images", "holds no images")
+def _(c):
+    text_file(c.path("pictures/notes.txt"))
+    out = f"out={c.path('bench')}"
+    return ["-m", "unilip.benchmarks", "unified", f"generator={c.path('gen')}", out, f"prompts={c.path('pictures')}"]
+
+
 # The default suite runs one case of each kind (~6-15 s each: a CLI start-up); these others, which take the
 # same paths with other inputs, run with `pytest -m slow`.
 SLOW = {
