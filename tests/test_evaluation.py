@@ -256,3 +256,16 @@ def test_ablation_script_runs_every_arm(photos_dir, tmp_path):
         "stage 2, no distill",
         "stage 2, distill, GAN from half-way",
     ]
+
+
+@pytest.mark.slow
+def test_encoder_comparison_script_runs_every_encoder_and_stage(photos_dir, tmp_path):
+    from unilip.evaluation.encoders import main
+
+    out = tmp_path / "table.md"
+    quick = ["stages.stage1.max_steps=3", "stages.stage2.max_steps=3", "data.num_workers=0", "data.val_num_workers=0"]
+    main(["--runs-dir", str(tmp_path / "runs"), "--data-dir", str(photos_dir), "--out", str(out), *quick])
+    rows = [[cell.strip() for cell in row.split("|")[1:-1]] for row in out.read_text().splitlines()[2:]]
+    assert [row[:2] for row in rows] == [[p, s] for p in ("tiny", "tiny_siglip2", "tiny_dinov2") for s in ("1", "2")]
+    assert all(row[4] == "1.0000" for row in rows[::2])  # stage 1 never trains the encoder
+    assert all(float(row[2]) > 5 for row in rows)  # PSNR of an actual reconstruction

@@ -52,6 +52,15 @@ def saved_tokenizer(case: Case, name: str = "tokenizer") -> Path:
     return case.path(name)
 
 
+def encoder_tokenizer(case: Case, preset: str, name: str = "tokenizer") -> Path:
+    from unilip.models import UniLIPTokenizer
+    from unilip.models.loading import tokenizer_preset
+
+    torch.manual_seed(0)
+    UniLIPTokenizer(tokenizer_preset(preset)).save_pretrained(case.path(name), training={"stage": 1})
+    return case.path(name)
+
+
 def truncated(path: Path, keep: float = 0.5) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
@@ -257,6 +266,28 @@ def _(c):
     return export(*args, "--out", str(c.path("out")))
 
 
+@case("export: a DINOv2 base of another size", "does not fit the tokenizer preset (hidden_size: 48 != 32")
+def _(c):
+    from tests.test_encoder_export import home_checkpoint
+
+    base, _ = home_checkpoint("dinov2_with_registers", c.path("base"), hidden_size=48)
+    tokenizer = encoder_tokenizer(c, "tiny_dinov2")
+    return export("--tokenizer", str(tokenizer), "--base", str(base), "--out", str(c.path("out")))
+
+
+@case("export: an InternViT tokenizer without its InternVL base", "--base is required for an InternViT tokenizer")
+def _(c):
+    return export("--tokenizer", str(saved_tokenizer(c)), "--out", str(c.path("out")))
+
+
+@case("train: encoder weights of another encoder", "is a 'siglip_vision_model' checkpoint, the tokenizer's encoder")
+def _(c):
+    from tests.test_encoder_export import home_checkpoint
+
+    home_checkpoint("siglip", c.path("siglip"))
+    return train(c, "model=tiny_dinov2", f"model.encoder_weights={c.path('siglip')}")
+
+
 @case("export: an output directory that is not empty", "already exists and is not empty")
 def _(c):
     text_file(c.path("out") / "README.md", "an earlier export\n")
@@ -321,6 +352,18 @@ def _(c):
     return train(c, *common, "task=generate", f"tokenizer_from={other}", f"latent_cache.dir={c.path('latents')}")
 
 
+@case("train: the unified task without a generator", "task=unified needs generator_from=")
+def _(c):
+    return train(c, "task=unified", "stage=1", "experiment=unified/quickstart", "generator_from=null")
+
+
+@case("benchmarks: Unified-Bench on a folder without images", "holds no images")
+def _(c):
+    text_file(c.path("pictures/notes.txt"))
+    out = f"out={c.path('bench')}"
+    return ["-m", "unilip.benchmarks", "unified", f"generator={c.path('gen')}", out, f"prompts={c.path('pictures')}"]
+
+
 # The default suite runs one case of each kind (~6-15 s each: a CLI start-up); these others, which take the
 # same paths with other inputs, run with `pytest -m slow`.
 SLOW = {
@@ -335,6 +378,8 @@ SLOW = {
     "export: a base whose projector does not fit",
     "export: a released .pth with the wrong preset",
     "export: an output directory that is not empty",
+    "export: an InternViT tokenizer without its InternVL base",
+    "train: encoder weights of another encoder",
     "make_shards: an input that does not exist",
     "train: a latent cache made with another tokenizer",  # tests/test_latent_cache.py checks the refusal in-process
 }

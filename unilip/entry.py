@@ -87,6 +87,7 @@ def hydra_job(cfg: DictConfig, precious: tuple[str, ...] = ()) -> Iterator[None]
     (sub-directories whose files are worth keeping, e.g. `checkpoints`).
     """
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import InstantiationException
     from omegaconf.errors import MissingMandatoryValue
 
     global _job
@@ -97,11 +98,18 @@ def hydra_job(cfg: DictConfig, precious: tuple[str, ...] = ()) -> Iterator[None]
         with one_line_errors():
             try:
                 yield
-            except (*USER_ERRORS, MissingMandatoryValue) as error:
+            except (*USER_ERRORS, MissingMandatoryValue, InstantiationException) as error:
+                # a user error inside a config-built object (e.g. pretrained weights that do not fit) reaches
+                # here wrapped by Hydra; anything else it wraps is a bug and keeps its traceback
+                cause = error.__cause__ if isinstance(error, InstantiationException) else error
+                if not isinstance(cause, (*USER_ERRORS, MissingMandatoryValue)):
+                    raise
                 _remove_stub(_job.run_dir, precious)
-                if isinstance(error, MissingMandatoryValue):
-                    key = error.full_key or "a required key"
+                if isinstance(cause, MissingMandatoryValue):
+                    key = cause.full_key or "a required key"
                     raise ConfigError(f"{key} is required; pass {key}=<value> on the command line") from None
+                if cause is not error:
+                    raise cause from None
                 raise
     finally:
         for handler in (buffer, _job.log_file):

@@ -1,16 +1,21 @@
-"""Put a trained UniLIP encoder back into InternVL.
+"""Put a trained encoder back into its home model.
 
     python -m unilip.export --tokenizer runs/stage2/tokenizer --base OpenGVLab/InternVL3-1B-hf --out InternVL3-1B-UniLIP
+    python -m unilip.export --tokenizer runs/siglip/tokenizer/stage2/tokenizer --out siglip2-unilip [--base google/...]
 
 `--tokenizer` is a `save_pretrained` directory or a released `.pth` (then give `--preset`).
-The output is a complete transformers InternVL checkpoint (language model, tokenizer and
-processor files from `--base`) that `InternVLForConditionalGeneration.from_pretrained`
-loads directly. A base whose image-feature path differs from the tokenizer's (another
-projector activation, feature layer, CLS handling, pixel-shuffle ratio or size) is refused
-before it is loaded. Unless `--no-verify`, the result is reloaded and its image features are
-compared with the tokenizer's; it is written next to `--out` and moved there only once it
-passed, so a failed export leaves nothing that looks like a checkpoint. `--out` must not exist
-(or be empty).
+Where the encoder goes depends on it:
+- InternViT: a complete transformers InternVL checkpoint (language model, tokenizer and processor
+  files from `--base`, which is required) that `InternVLForConditionalGeneration.from_pretrained`
+  loads directly. A base whose image-feature path differs from the tokenizer's (another projector
+  activation, feature layer, CLS handling, pixel-shuffle ratio or size) is refused before it is loaded.
+- SigLIP / SigLIP 2 / DINOv2: a `SiglipVisionModel`, `Siglip2VisionModel`, `Dinov2Model` or
+  `Dinov2WithRegistersModel` checkpoint. `--base` (optional) is the checkpoint the encoder came from:
+  it must be of the same model type and size, and its image processor config is carried over.
+Unless `--no-verify`, the result is reloaded with transformers (no missing or unexpected keys) and
+its features are compared with the tokenizer's; it is written next to `--out` and moved there only
+once it passed, so a failed export leaves nothing that looks like a checkpoint. `--out` must not
+exist (or be empty).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 
 from unilip.errors import ConfigError
 from unilip.logs import one_line_errors
-from unilip.models.internvl import ExportMismatchError, export_to_internvl, verify_export
+from unilip.models.encoders import ExportMismatchError
 from unilip.models.loading import load_tokenizer
 
 log = logging.getLogger("unilip.export")
@@ -39,9 +44,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="save_pretrained directory, or a released UniLIP .pth")
     parser.add_argument("--preset", default=None, help="tokenizer preset for a .pth file: unilip_1b or unilip_2b")
-    parser.add_argument("--base", required=True, help="base InternVL checkpoint (hub id or directory, -hf format)")
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="the home checkpoint the encoder came from (hub id or directory): required for InternViT (InternVL, "
+        "-hf format), optional for SigLIP / DINOv2",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory (new, or empty)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="dtype to save in (auto: the base's)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="auto",
+        help="dtype to save in (auto: InternVL's base's, else the tokenizer's)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip reloading and comparing features")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -52,9 +67,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--out {out} already exists and is not empty; choose a new directory")
         tokenizer = load_tokenizer(args.tokenizer, preset=args.preset)
         with _staging(out) as staging:
-            export_to_internvl(tokenizer, args.base, staging, dtype=DTYPES[args.dtype])
+            tokenizer.encoder.export(staging, args.base, DTYPES[args.dtype])
             if not args.no_verify:
-                check = verify_export(tokenizer, staging)
+                check = tokenizer.encoder.verify_export(staging)
                 if not check.ok:
                     raise ExportMismatchError(
                         f"the exported model's image features differ from the tokenizer's by {check.difference:.2e} "

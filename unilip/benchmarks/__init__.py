@@ -5,6 +5,6 @@ scorer reads (`out/images`), records the sampler settings in `out/manifest.json`
 scorer (run when its checkout is given, else its commands are printed): `out/results.json`, `summary.md`.
 """
 
-BENCHMARKS = ("geneval", "dpg", "wise", "imgedit", "gedit")
+BENCHMARKS = ("geneval", "dpg", "wise", "imgedit", "gedit", "unified")
 
 __all__ = ["BENCHMARKS"]

@@ -12,15 +12,16 @@ import copy
 import logging
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import InternVLConfig
 
-from unilip.errors import ConfigError, UserError
+from unilip.errors import ConfigError
+from unilip.models.encoders.base import EXPORT_RTOL, ExportCheck
+from unilip.models.encoders.internvit import InternViTEncoder, check_vision_config, internvl_features
 from unilip.models.hub import StateDictMismatchError, load_strict, load_torch_file, read_json, resolve_pretrained
-from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer, check_vision_config, internvl_features
+from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,6 @@ def load_unilip_checkpoint(path: str | Path, config: TokenizerConfig) -> UniLIPT
 _REWRITTEN = re.compile(r"(config\.json|generation_config\.json|model.*\.safetensors(\.index\.json)?|.*\.bin)")
 
 
-class ExportMismatchError(UserError, RuntimeError):
-    """The exported checkpoint does not compute the tokenizer's features."""
-
-
 def check_internvl_base(base_dir: Path, config: TokenizerConfig) -> None:
     """Refuse, before loading it, a base checkpoint whose image-feature path is not the tokenizer's.
 
@@ -157,9 +154,14 @@ def check_internvl_base(base_dir: Path, config: TokenizerConfig) -> None:
 
 
 def export_to_internvl(
-    tokenizer: UniLIPTokenizer, base: str | Path, out_dir: str | Path, *, dtype: torch.dtype | None = None
+    tokenizer: UniLIPTokenizer | InternViTEncoder,
+    base: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a complete InternVL checkpoint whose vision tower and projector are `tokenizer`'s.
+    """Write a complete InternVL checkpoint whose vision tower and projector are `tokenizer`'s (a tokenizer
+    with an InternViT encoder, or the encoder itself).
 
     `base` is the InternVL checkpoint to start from (hub id or directory, transformers
     format, e.g. `OpenGVLab/InternVL3-1B-hf`); its language model, tokenizer and processor
@@ -189,29 +191,9 @@ def export_to_internvl(
     return out_dir
 
 
-# Relative tolerance of the export check, times the largest feature magnitude: float32 noise between two
-# computations of the same features (measured: 0 to ~1e-6). It does not depend on the dtype the checkpoint
-# is saved in because the reference does: the tokenizer's weights are rounded to that dtype first, and both
-# sides compute in float32, so a bfloat16 export is held to the same tight bound as a float32 one instead of
-# a loose one that would also let a wrong feature layer through. What the rounding costs is reported.
-EXPORT_RTOL = 1e-4
-
-
-@dataclass
-class ExportCheck:
-    """What `verify_export` measured; differences are max |a - b| over the features of one random image."""
-
-    dtype: torch.dtype  # the dtype the checkpoint was saved in
-    difference: float  # exported model vs the tokenizer rounded to `dtype`, both computed in float32
-    tolerance: float  # EXPORT_RTOL x the largest feature magnitude
-    rounding: float  # the tokenizer rounded to `dtype` vs the tokenizer itself: what saving in `dtype` costs
-
-    @property
-    def ok(self) -> bool:
-        return self.difference <= self.tolerance
-
-
-def _features_in(tokenizer: UniLIPTokenizer, dtype: torch.dtype, pixel_values: torch.Tensor) -> torch.Tensor:
+def _features_in(
+    tokenizer: UniLIPTokenizer | InternViTEncoder, dtype: torch.dtype, pixel_values: torch.Tensor
+) -> torch.Tensor:
     """The tokenizer's features with its ViT and projector weights rounded to `dtype`, computed in float32."""
     parts = [
         copy.deepcopy(part).to(dtype).float().eval()
@@ -221,7 +203,9 @@ def _features_in(tokenizer: UniLIPTokenizer, dtype: torch.dtype, pixel_values: t
         return internvl_features(*parts, pixel_values, tokenizer.config)[0]
 
 
-def verify_export(tokenizer: UniLIPTokenizer, out_dir: str | Path, *, image_size: int | None = None) -> ExportCheck:
+def verify_export(
+    tokenizer: UniLIPTokenizer | InternViTEncoder, out_dir: str | Path, *, image_size: int | None = None
+) -> ExportCheck:
     """Reload an exported checkpoint with transformers and compare its image features with the tokenizer's.
 
     Raises `StateDictMismatchError` if any key is missing or unexpected; returns the measured
@@ -237,7 +221,10 @@ def verify_export(tokenizer: UniLIPTokenizer, out_dir: str | Path, *, image_size
     model = model.float().eval()
     size = image_size or model.config.vision_config.image_size[0]
     images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    pixel_values = (images - tokenizer.image_mean.float().cpu()) / tokenizer.image_std.float().cpu()
+    mean, std = (
+        torch.tensor(values).view(1, 3, 1, 1) for values in (tokenizer.config.image_mean, tokenizer.config.image_std)
+    )
+    pixel_values = (images - mean) / std
     reference = _features_in(tokenizer, saved, pixel_values)
     with torch.no_grad():
         theirs = model.get_image_features(pixel_values=pixel_values).pooler_output

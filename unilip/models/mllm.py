@@ -217,10 +217,10 @@ class DualConditioner(nn.Module):
         self.text_tokenizer = text_tokenizer
         self.prompts, self.source_size, self.max_prompt_tokens = prompts, source_size, max_prompt_tokens
         self.gradient_checkpointing = False
-        if language_model.config.hidden_size != tokenizer.config.llm_hidden_size:
+        if language_model.config.hidden_size != tokenizer.config.feature_width:
             raise ValueError(
                 f"the LLM's hidden size {language_model.config.hidden_size} is not the tokenizer's feature width "
-                f"{tokenizer.config.llm_hidden_size}; pair the mllm preset with the tokenizer of the same size"
+                f"{tokenizer.config.feature_width}; pair the mllm preset with the tokenizer of the same size"
             )
         ids = {t: text_tokenizer.convert_tokens_to_ids(t) for t in (prompts.image_start, prompts.image_context)}
         ids[prompts.image_end] = text_tokenizer.convert_tokens_to_ids(prompts.image_end)

@@ -1,16 +1,16 @@
-"""The UniLIP tokenizer: InternViT + InternVL projector -> 32-channel latent -> DC-AE decoder.
+"""The UniLIP tokenizer: a semantic encoder -> 32-channel latent -> DC-AE decoder.
 
     image (B, 3, H, W) in [0, 1]
-      -> ImageNet normalisation -> InternViT (drop CLS) -> pixel shuffle 0.5 -> projector `mlp1`
-      =  features (B, H/28 * W/28, D)          what InternVL consumes and stage 2 distils
+      -> the encoder's normalisation -> the encoder (UniLIP: InternViT, drop CLS, pixel shuffle 0.5, projector `mlp1`)
+      =  features (B, H/m * W/m, D)            what the encoder's home model consumes and stage 2 distils
       -> 3 residual MLP blocks -> down MLP
-      =  latent (B, 32, H/28, W/28)             what the DiT generates in
+      =  latent (B, 32, H/m, W/m)               what the DiT generates in (m = 28 for InternViT)
       -> DC-AE decoder (x32) -> bilinear resize to (H, W)
       =  reconstruction (B, 3, H, W), nominally in [0, 1]
 
-The vision tower, projector and pixel shuffle are transformers' own InternVL code, so the
-trained encoder drops back into `InternVLForConditionalGeneration` unchanged (see
-`unilip.models.internvl.export_to_internvl`). The decoder is diffusers' DC-AE `Decoder`.
+The encoder is one of `unilip.models.encoders` (InternViT, SigLIP / SigLIP 2, DINOv2), each through
+transformers' own model classes, so the trained encoder drops back into its home model unchanged
+(`python -m unilip.export`). The decoder is diffusers' DC-AE `Decoder`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_dc import Decoder
 from safetensors.torch import save_file
 from torch import nn
-from transformers import InternVLConfig, InternVLVisionConfig, InternVLVisionModel
-from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
+from transformers import InternVLConfig, PretrainedConfig
 
 from unilip.errors import ConfigError
+from unilip.models.encoders import Encoder, encoder_class
 from unilip.models.hub import (
     WeightsNotFoundError,
     load_safetensors,
@@ -53,17 +53,22 @@ class TokenizerConfig:
     """Everything needed to build a `UniLIPTokenizer`; presets live in `conf/model/`.
 
     Attributes:
-        vision: keyword arguments of transformers' `InternVLVisionConfig` (the InternViT).
-        llm_hidden_size: output width of the InternVL projector, i.e. the LLM's hidden size
-            (896 for InternVL3-1B, 1536 for InternVL3-2B).
-        downsample_ratio: InternVL pixel-shuffle ratio (0.5: 2x2 patches -> one token).
-        projector_hidden_act: activation inside the projector.
+        vision: keyword arguments of the encoder's transformers vision config (`InternVLVisionConfig`,
+            `SiglipVisionConfig`, `Siglip2VisionConfig`, `Dinov2Config`, `Dinov2WithRegistersConfig`).
+        encoder: which encoder (`unilip.models.encoders.ENCODERS`): internvit (UniLIP), siglip, siglip2,
+            dinov2, dinov2_with_registers.
+        llm_hidden_size: internvit only: output width of the InternVL projector, i.e. the LLM's hidden
+            size (896 for InternVL3-1B, 1536 for InternVL3-2B).
+        downsample_ratio: token merge: 0.5 merges 2x2 patch tokens into one feature (InternVL's pixel
+            shuffle for internvit, a plain 2x2 concatenation for the others), 1.0 keeps every token.
+        projector_hidden_act: activation inside the InternVL projector.
         num_residual_blocks: residual MLP blocks between projector and latent (3 in UniLIP).
         latent_channels: channels of the latent the decoder reads (32, DC-AE f32c32).
         decoder: keyword arguments of diffusers' DC-AE `Decoder` (without the channel counts).
-        image_mean, image_std: normalisation the ViT was trained with (ImageNet).
+        image_mean, image_std: normalisation the encoder was trained with; None: the encoder's own
+            (ImageNet for InternViT and DINOv2, 0.5 / 0.5 for SigLIP).
         pad_to_multiple: reflect-pad inputs whose size is not a multiple of `input_multiple`
-            (28) and crop the reconstruction back, as the paper's 256 px evaluation does.
+            (28 for InternViT) and crop the reconstruction back, as the paper's 256 px evaluation does.
             If False such inputs are an error.
         latent_scale: the factor that gives these weights' latents unit standard deviation, which the
             generation DiT is trained on (`x * latent_scale`). Measured per set of weights
@@ -72,28 +77,37 @@ class TokenizerConfig:
     """
 
     vision: dict[str, Any]
-    llm_hidden_size: int
+    llm_hidden_size: int | None = None
     downsample_ratio: float = 0.5
     projector_hidden_act: str = "gelu"
     num_residual_blocks: int = 3
     latent_channels: int = 32
     decoder: dict[str, Any] = field(default_factory=dict)
-    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
     pad_to_multiple: bool = True
     latent_scale: float | None = None
+    encoder: str = "internvit"
 
     def __post_init__(self) -> None:
         self.vision = dict(self.vision)
         self.decoder = dict(self.decoder)
-        self.image_mean = tuple(self.image_mean)
-        self.image_std = tuple(self.image_std)
-        patch = self.vision_config().patch_size[0]
+        kind = self.encoder_class()
+        self.image_mean = tuple(self.image_mean if self.image_mean is not None else kind.image_mean)
+        self.image_std = tuple(self.image_std if self.image_std is not None else kind.image_std)
+        if round(1 / self.downsample_ratio) != 1 / self.downsample_ratio:
+            raise ConfigError(f"downsample_ratio={self.downsample_ratio}: use 0.5 (2x2 token merge) or 1.0 (none)")
+        patch = kind.patch_size(self.vision)
         if int(patch / self.downsample_ratio) != patch / self.downsample_ratio:
             raise ValueError(f"patch_size {patch} / downsample_ratio {self.downsample_ratio} must be an integer")
+        kind.check_config(self)
 
-    def vision_config(self) -> InternVLVisionConfig:
-        return InternVLVisionConfig(**self.vision)
+    def encoder_class(self) -> type[Encoder]:
+        return encoder_class(self.encoder)
+
+    def vision_config(self) -> PretrainedConfig:
+        """The encoder's transformers vision config (`InternVLVisionConfig` for internvit)."""
+        return self.encoder_class().vision_config(self.vision)
 
     def internvl_config(self) -> InternVLConfig:
         """An `InternVLConfig` carrying the vision and projector sizes (the LLM part is a stub)."""
@@ -107,7 +121,12 @@ class TokenizerConfig:
     @property
     def input_multiple(self) -> int:
         """Input sides must be multiples of this (28 = patch 14 / pixel-shuffle 0.5)."""
-        return int(self.vision_config().patch_size[0] / self.downsample_ratio)
+        return int(self.encoder_class().patch_size(self.vision) / self.downsample_ratio)
+
+    @property
+    def feature_width(self) -> int:
+        """D of the (B, N, D) features: the projector's output for internvit, else the ViT's width x merge."""
+        return self.encoder_class().feature_width(self)
 
     @property
     def decoder_factor(self) -> int:
@@ -131,28 +150,6 @@ class ResidualMLP(nn.Module):
         return x + self.mlp(x)
 
 
-def internvl_features(
-    vision_tower: InternVLVisionModel,
-    projector: InternVLMultiModalProjector,
-    pixel_values: torch.Tensor,
-    config: TokenizerConfig,
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """InternVL's image-feature path: ViT -> drop CLS -> pixel shuffle -> projector.
-
-    (B, 3, H, W) normalised pixels -> ((B, N, D) features, (h, w) grid of the N tokens).
-    """
-    pixel_values = pixel_values.to(vision_tower.embeddings.patch_embeddings.projection.weight.dtype)
-    hidden = vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # drop CLS
-    patch = vision_tower.config.patch_size[0]
-    grid_h, grid_w = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
-    hidden = hidden.reshape(hidden.shape[0], grid_h, grid_w, hidden.shape[-1])
-    # transformers' own pixel shuffle (a plain function of its arguments), so the features
-    # match InternVLModel.get_image_features bit for bit.
-    hidden = InternVLModel.pixel_shuffle(None, hidden, scale_factor=config.downsample_ratio)
-    grid = (hidden.shape[1], hidden.shape[2])
-    return projector(hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])), grid
-
-
 class TokenizerOutput(NamedTuple):
     images: torch.Tensor  # (B, 3, H, W), nominally [0, 1], not clamped so gradients flow
     features: torch.Tensor  # (B, N, D) post-projector features of the (padded) input
@@ -160,22 +157,29 @@ class TokenizerOutput(NamedTuple):
 
 
 class UniLIPTokenizer(nn.Module):
-    """One module for every UniLIP size; sizes are `TokenizerConfig` presets.
+    """One module for every UniLIP size and encoder; sizes and encoders are `TokenizerConfig` presets.
 
     Parts, as the training stages see them (`parts()`):
-        encoder:    `vision_tower` + `multi_modal_projector` (frozen in stage 1, 0.1x LR in stage 2)
+        encoder:    the encoder's modules: `vision_tower` (+ `multi_modal_projector` for InternViT)
+                    (frozen in stage 1, 0.1x LR in stage 2)
         bottleneck: `residual_blocks` + `down_mlp`
         decoder:    `decoder`
+    Parameters the encoder's features never use (`encoder.unused_parameters()`: SigLIP's pooling head,
+    DINOv2's mask token) belong to no part: they never train and are kept for the way home.
     """
 
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         self.config = config
-        internvl = config.internvl_config()
-        internvl.vision_config._attn_implementation = "sdpa"
-        self.vision_tower = InternVLVisionModel(internvl.vision_config)
-        self.multi_modal_projector = InternVLMultiModalProjector(internvl)
-        width = config.llm_hidden_size
+        encoder = config.encoder_class()(config)
+        # The encoder's modules are the tokenizer's own children, under the names they have in the encoder
+        # (vision_tower, multi_modal_projector), so the weights keep the names they always had; `encoder` is
+        # the same modules seen through the interface (features, blocks, home), kept out of the module tree
+        # so that they are not registered twice.
+        for name, module in encoder.named_children():
+            self.add_module(name, module)
+        self.__dict__["encoder"] = encoder
+        width = config.feature_width
         self.residual_blocks = nn.ModuleList(ResidualMLP(width) for _ in range(config.num_residual_blocks))
         self.down_mlp = nn.Sequential(
             nn.LayerNorm(width),
@@ -187,20 +191,24 @@ class UniLIPTokenizer(nn.Module):
         self._set_normalisation()
 
     def _set_normalisation(self, device: str | torch.device | None = None) -> None:
-        # Not persistent: the config holds them, and a model built on `meta` re-creates them here.
+        # Not persistent: the config holds them, and a model built on `meta` re-creates them here (with the
+        # encoder's own unsaved buffers, e.g. SigLIP's position ids).
         for name, values in (("image_mean", self.config.image_mean), ("image_std", self.config.image_std)):
             self.register_buffer(name, torch.tensor(values, device=device).view(1, 3, 1, 1), persistent=False)
+        self.encoder.restore_buffers(device)
 
     def parts(self) -> dict[str, list[nn.Module]]:
         """The tokenizer's modules grouped as the training recipe treats them."""
         return {
-            "encoder": [self.vision_tower, self.multi_modal_projector],
+            "encoder": list(self.encoder.children()),
             "bottleneck": [self.residual_blocks, self.down_mlp],
             "decoder": [self.decoder],
         }
 
     def part_parameters(self, part: str) -> list[nn.Parameter]:
-        return [p for module in self.parts()[part] for p in module.parameters()]
+        """The parameters a part trains (without the encoder's unused ones)."""
+        unused = {id(p) for p in self.encoder.unused_parameters()}
+        return [p for module in self.parts()[part] for p in module.parameters() if id(p) not in unused]
 
     # ------------------------------------------------------------------ sizes and padding
     def check_size(self, height: int, width: int) -> None:
@@ -229,7 +237,7 @@ class UniLIPTokenizer(nn.Module):
     def _features(self, padded: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Padded (B, 3, H, W) in [0, 1] -> ((B, N, D) features, (H/28, W/28) grid)."""
         pixel_values = (padded - self.image_mean) / self.image_std
-        return internvl_features(self.vision_tower, self.multi_modal_projector, pixel_values, self.config)
+        return self.encoder(pixel_values)
 
     def latent_from_features(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, N, D) projector features on an (h, w) grid -> (B, C, h, w) latent."""
@@ -242,13 +250,14 @@ class UniLIPTokenizer(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, N, D) post-projector features, N = ceil(H/28) * ceil(W/28).
 
-        These are exactly InternVL's `get_image_features(...).pooler_output` for the same image.
+        For InternViT these are exactly InternVL's `get_image_features(...).pooler_output` for the same
+        image; for the others, the home model's last hidden state on the patch grid (token-merged).
         """
         padded, _ = self._pad(images)
         return self._features(padded)[0]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, 32, ceil(H/28), ceil(W/28)) latent."""
+        """(B, 3, H, W) in [0, 1] -> (B, 32, ceil(H/m), ceil(W/m)) latent, m = `config.input_multiple` (28)."""
         padded, _ = self._pad(images)
         return self.latent_from_features(*self._features(padded))
 
@@ -281,22 +290,16 @@ class UniLIPTokenizer(nn.Module):
         return self.reconstruct(images).images
 
     # ------------------------------------------------------------------ weights in and out
-    def load_internvl(self, name_or_path: str | Path) -> None:
-        """Load the vision tower and projector from an InternVL checkpoint (transformers format).
+    def load_encoder(self, name_or_path: str | Path) -> None:
+        """Load the encoder from its home checkpoint (hub id or directory), every key matched: an InternVL
+        checkpoint for InternViT, a SigLIP / SigLIP 2 / DINOv2 checkpoint for those."""
+        self.encoder.load_pretrained(name_or_path)
 
-        Only the `vision_tower.*` and `multi_modal_projector.*` tensors are read; every key must
-        match (transformers' own `InternVLVisionModel.from_pretrained` on a full InternVL
-        checkpoint silently keeps random weights, which is why this exists).
-        """
-        path = resolve_pretrained(name_or_path, what="InternVL weights", option="model.internvl_weights")
-        check_vision_config(path, self.config)
-        for module, names in (
-            (self.vision_tower, ("vision_tower.", "model.vision_tower.")),
-            (self.multi_modal_projector, ("multi_modal_projector.", "model.multi_modal_projector.")),
-        ):
-            prefix, tensors = read_tensors(path, names)
-            load_strict(module, tensors, what=f"'{path}' ({prefix}*)")
-        log.info("loaded InternViT and projector from %s", path)
+    def load_internvl(self, name_or_path: str | Path) -> None:
+        """Load the vision tower and projector from an InternVL checkpoint (transformers format)."""
+        if self.config.encoder != "internvit":
+            raise ConfigError(f"InternVL weights for a {self.config.encoder} encoder; use model.encoder_weights")
+        self.load_encoder(name_or_path)
 
     def load_dcae_decoder(self, name_or_path: str | Path) -> None:
         """Load the pixel decoder from a diffusers `AutoencoderDC` checkpoint (e.g. dc-ae-f32c32-sana-1.1)."""
@@ -345,73 +348,38 @@ class UniLIPTokenizer(nn.Module):
         return model.to(dtype=dtype) if dtype is not None else model
 
 
-def check_vision_config(path: Path, config: TokenizerConfig) -> None:
-    """Refuse an InternVL checkpoint whose ViT or projector differs from the preset."""
-    config_file = path / CONFIG_NAME if path.is_dir() else None
-    if config_file is None or not config_file.exists():
-        return  # shapes are still checked key by key
-    theirs = read_json(config_file, what="InternVL config")
-    vision = InternVLVisionConfig(**{k: v for k, v in theirs.get("vision_config", {}).items() if k != "model_type"})
-    ours = config.vision_config()
-    fields = (
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-        "patch_size",
-        "layer_norm_eps",
-        "norm_type",
-        "use_qk_norm",
-        "attention_bias",
-        "hidden_act",
-        "use_mean_pooling",
-    )
-
-    def value(config, name):
-        item = getattr(config, name)
-        return tuple(item) if isinstance(item, list) else item
-
-    diffs = [
-        f"{name}: {value(vision, name)} != {value(ours, name)}"
-        for name in fields
-        if value(vision, name) != value(ours, name)
-    ]
-    text_hidden = theirs.get("text_config", {}).get("hidden_size")
-    if text_hidden is not None and text_hidden != config.llm_hidden_size:
-        diffs.append(f"llm_hidden_size: {text_hidden} != {config.llm_hidden_size}")
-    if diffs:
-        raise ConfigError(
-            f"InternVL checkpoint '{path}' does not fit the tokenizer preset ({'; '.join(diffs)}); "
-            "pick the preset that matches the checkpoint"
-        )
-
-
 def build_tokenizer(
     config: TokenizerConfig,
     internvl_weights: str | None = None,
     decoder_weights: str | None = None,
     device: str | torch.device | None = None,
+    encoder_weights: str | None = None,
 ) -> UniLIPTokenizer:
-    """Build a tokenizer, loading the pretrained ViT + projector and DC-AE decoder if given.
+    """Build a tokenizer, loading the pretrained encoder and DC-AE decoder if given.
 
-    With `device="meta"` nothing is allocated (for counting parameters); weights are then
-    not loaded. Without weights the parts stay randomly initialised, which is what the
-    `tiny` preset and the tests want, and what a real run never silently gets: the real
-    presets name their weights, and a missing path is an error.
+    `encoder_weights` is the encoder's home checkpoint (hub id or directory); `internvl_weights` is its
+    name in the InternViT presets. With `device="meta"` nothing is allocated (for counting parameters);
+    weights are then not loaded. Without weights the parts stay randomly initialised, which is what the
+    `tiny` presets and the tests want, and what a real run never silently gets: the real presets name
+    their weights, and a missing path is an error.
     """
+    if internvl_weights and encoder_weights:
+        raise ConfigError("model.internvl_weights and model.encoder_weights both given; they name the same weights")
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = UniLIPTokenizer(config)
     if str(device) == "meta":
         return model
     if internvl_weights:
         model.load_internvl(internvl_weights)
+    if encoder_weights:
+        model.load_encoder(encoder_weights)
     if decoder_weights:
         model.load_dcae_decoder(decoder_weights)
     return model
 
 
 class FrozenEncoder(nn.Module):
-    """A frozen copy of a tokenizer's encoder (ViT + projector): the stage-2 distillation teacher.
+    """A frozen copy of a tokenizer's encoder (e.g. ViT + projector): the stage-2 distillation teacher.
 
     `features(images)` is `UniLIPTokenizer.features` of the weights at copy time. It holds no
     decoder, so it costs only the encoder's memory.
@@ -422,8 +390,7 @@ class FrozenEncoder(nn.Module):
         import copy
 
         self.config = tokenizer.config
-        self.vision_tower = copy.deepcopy(tokenizer.vision_tower)
-        self.multi_modal_projector = copy.deepcopy(tokenizer.multi_modal_projector)
+        self.encoder = copy.deepcopy(tokenizer.encoder)
         self.register_buffer("image_mean", tokenizer.image_mean.clone(), persistent=False)
         self.register_buffer("image_std", tokenizer.image_std.clone(), persistent=False)
         self.requires_grad_(False).eval()
@@ -445,5 +412,5 @@ class FrozenEncoder(nn.Module):
                 padding = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
                 images = F.pad(images, padding, mode="reflect")
             pixel_values = (images - self.image_mean) / self.image_std
-            features = internvl_features(self.vision_tower, self.multi_modal_projector, pixel_values, self.config)[0]
+            features = self.encoder(pixel_values)[0]
         return features.clone()

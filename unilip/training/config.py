@@ -10,10 +10,11 @@ from unilip.errors import ConfigError
 
 TOKENIZER_STAGES = {1: "decoder alignment", 2: "self-distillation"}
 GENERATION_STAGES = {1: "connector alignment", 2: "pretraining", 3: "SFT"}
+UNIFIED_STAGES = {1: "generation for understanding", 2: "understanding for generation"}
 
 
 # task -> its stages, named for the error message
-TASK_STAGES = {"tokenizer": TOKENIZER_STAGES, "generate": GENERATION_STAGES}
+TASK_STAGES = {"tokenizer": TOKENIZER_STAGES, "generate": GENERATION_STAGES, "unified": UNIFIED_STAGES}
 
 __all__ = ["ConfigError", "check_train_config"]
 

@@ -160,7 +160,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 
 def shard_tokenizer_training(module: TokenizerTraining, mesh: DeviceMesh) -> None:
-    """`fully_shard` per ViT block, per decoder stage, and the tokenizer root.
+    """`fully_shard` per encoder block (`tokenizer.encoder.blocks()`), per decoder stage, and the tokenizer root.
 
     Blocks are the units that are gathered for compute and freed after, so peak memory is one
     block's full weights plus everything's shards. Not sharded: the frozen helper networks
@@ -174,8 +174,8 @@ def shard_tokenizer_training(module: TokenizerTraining, mesh: DeviceMesh) -> Non
 
     data_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
     tokenizer = module.tokenizer
-    for layer in tokenizer.vision_tower.encoder.layer:
-        fully_shard(layer, mesh=data_mesh)
+    for block in tokenizer.encoder.blocks():
+        fully_shard(block, mesh=data_mesh)
     for block in tokenizer.decoder.up_blocks:
         fully_shard(block, mesh=data_mesh)
     fully_shard(tokenizer, mesh=data_mesh)

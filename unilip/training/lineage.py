@@ -26,6 +26,7 @@ from unilip.training.config import ConfigError
 log = logging.getLogger(__name__)
 
 ARCHITECTURE_FIELDS = (
+    "encoder",
     "vision",
     "llm_hidden_size",
     "downsample_ratio",
@@ -33,6 +34,9 @@ ARCHITECTURE_FIELDS = (
     "latent_channels",
     "decoder",
 )
+
+# What decides the features a teacher computes (the distillation target).
+ENCODER_FIELDS = ("encoder", "vision", "llm_hidden_size", "downsample_ratio", "image_mean", "image_std")
 
 
 @dataclass
@@ -107,7 +111,7 @@ def build_teacher(
         if not teacher_from:
             raise ConfigError(
                 f"init_from={init.source} has a trained encoder and does not record the original one; "
-                "pass teacher_from=<InternVL checkpoint or stage-1 run>"
+                "pass teacher_from=<the encoder's home checkpoint (e.g. InternVL) or stage-1 run>"
             )
     source = Path(teacher_from)
     located = locate(source, "tokenizer")
@@ -117,13 +121,19 @@ def build_teacher(
         teacher_init = load_trained_tokenizer(source)
         if teacher_init.lineage.get("encoder_trained"):
             raise ConfigError(f"teacher_from={teacher_from} has a trained encoder; the teacher must be the original")
+        differs = [f for f in ENCODER_FIELDS if getattr(teacher_init.tokenizer.config, f) != getattr(preset, f)]
+        if differs:
+            raise ConfigError(
+                f"teacher_from={teacher_from} holds another encoder than the chosen model preset (differs in "
+                f"{', '.join(differs)}); give the original encoder of this tokenizer"
+            )
         return FrozenEncoder(teacher_init.tokenizer), teacher_init.source
-    # an InternVL checkpoint (hub id or directory): read its vision tower and projector
+    # the encoder's home checkpoint (hub id or directory: InternVL, SigLIP, DINOv2): read its encoder
     with torch.device("meta"):
         shell = UniLIPTokenizer(preset)
     shell.to_empty(device="cpu")
     shell._set_normalisation()
-    shell.load_internvl(teacher_from)
+    shell.load_encoder(teacher_from)
     log.info("distillation teacher: the encoder of %s", teacher_from)
     return FrozenEncoder(shell), str(teacher_from)
 

@@ -26,6 +26,7 @@ from unilip.training.lineage import build_teacher, check_same_architecture, load
 from unilip.training.loggers import logger_resume_arguments
 from unilip.training.requeue import SlurmRequeue
 from unilip.training.tokenizer import TokenizerTraining
+from unilip.training.unified.setup import build_unified_training
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ def carry_over_discriminator(module: TokenizerTraining, init_path: str | None) -
 TASKS: dict[str, Callable[[DictConfig], L.LightningModule]] = {
     "tokenizer": build_tokenizer_training,
     "generate": build_generation_training,
+    "unified": build_unified_training,
 }
 
 

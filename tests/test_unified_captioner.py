@@ -1,0 +1,148 @@
+"""The captioner (`unilip.models.captioner`): InternVL's language model reading an image through the UniLIP
+encoder computes what transformers' `InternVLForConditionalGeneration` computes with that encoder in place of
+its vision tower, greedy captions are the ones transformers' `generate` writes, sampled captions carry the
+log-probabilities a fresh forward pass gives them, and a saved captioner comes back exactly."""
+
+import dataclasses
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+from tests.conftest import compose_train
+from tests.generation_helpers import one_thread  # noqa: F401  (autouse fixture)
+from unilip.models.captioner import CaptionFormat, build_captioner, load_captioner, save_captioner
+from unilip.models.lora import LoRASpec, add_lora
+
+SIDE = 224  # the tiny ViT's native size: 8 x 8 = 64 image tokens
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    """A tiny InternVL checkpoint in transformers' format whose vision tower and projector are a UniLIP
+    tokenizer's, and the MLLM preset that reads its language model."""
+    from unilip.models import UniLIPTokenizer
+    from unilip.models.loading import tokenizer_preset
+
+    torch.manual_seed(0)
+    tokenizer = UniLIPTokenizer(tokenizer_preset("tiny")).eval()
+    cfg = compose_train(["task=generate", "experiment=generate/quickstart", "stage=3", "run_dir=/tmp/unused"])
+    preset = instantiate(cfg.mllm)
+    config = InternVLConfig(
+        vision_config=tokenizer.config.vision,
+        text_config=preset.internvl["text_config"],
+        image_token_id=preset.image_token_id,
+        downsample_ratio=tokenizer.config.downsample_ratio,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(1)
+    model = InternVLForConditionalGeneration(config).eval()
+    model.model.vision_tower.load_state_dict(tokenizer.vision_tower.state_dict())
+    model.model.multi_modal_projector.load_state_dict(tokenizer.multi_modal_projector.state_dict())
+    directory = tmp_path_factory.mktemp("internvl")
+    model.save_pretrained(directory)
+    preset = dataclasses.replace(preset, weights=str(directory), source_size=SIDE)
+    return model, preset, tokenizer
+
+
+def images(count=2):
+    return torch.rand(count, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(5))
+
+
+def banned_ids(captioner):
+    text = captioner.text_tokenizer
+    ids = [text.convert_tokens_to_ids(t) for t in ("<img>", "<IMG_CONTEXT>", "</img>")]
+    return ids + list(range(len(text), captioner.language_model.config.vocab_size))
+
+
+def test_log_probabilities_are_internvls_with_the_unilip_encoder(internvl):
+    model, preset, tokenizer = internvl
+    captioner = build_captioner(preset, tokenizer, max_new_tokens=6, temperature=0.7)
+    pictures = images()
+    features = captioner.image_features(pictures)
+    captions = captioner.sample(features, torch.Generator().manual_seed(0))
+    ours = captioner.token_log_probs(features, captions)
+    assert torch.allclose(ours, captions.log_probs, atol=1e-5)  # what sampling recorded = a fresh forward pass
+    # transformers' InternVL: its processor's normalisation, its own image-feature path and LLM
+    pixels = (pictures - tokenizer.image_mean) / tokenizer.image_std
+    ids = torch.cat([captioner.prompt_ids.expand(2, -1), captions.tokens], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pixels).logits.float()
+    logits[..., banned_ids(captioner)] = float("-inf")
+    start = captioner.prompt_ids.numel() - 1
+    theirs = torch.log_softmax(logits / 0.7, dim=-1)[:, start:-1].gather(2, captions.tokens.unsqueeze(2)).squeeze(2)
+    theirs = torch.where(captions.mask, theirs, 0.0)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_greedy_captions_are_transformers_generate(internvl):
+    model, preset, tokenizer = internvl
+    captioner = build_captioner(preset, tokenizer, max_new_tokens=8)
+    pictures = images()
+    greedy = captioner.sample(captioner.image_features(pictures), greedy=True)
+    pixels = (pictures - tokenizer.image_mean) / tokenizer.image_std
+    prompt = captioner.prompt_ids.expand(2, -1)
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, pixel_values=pixels, max_new_tokens=8, do_sample=False,
+                             suppress_tokens=banned_ids(captioner), eos_token_id=captioner.stop_id,
+                             pad_token_id=captioner.pad_id)  # fmt: skip
+    generated = out[:, prompt.shape[1] :]
+    for row in range(2):
+        mine = greedy.tokens[row][greedy.mask[row]].tolist()
+        assert generated[row, : len(mine)].tolist() == mine, row
+    # greedy: the same captions every time; sampling: depends on the generator's seed only
+    assert torch.equal(captioner.sample(captioner.image_features(pictures), greedy=True).tokens, greedy.tokens)
+    features = captioner.image_features(pictures)
+    first, second = (captioner.sample(features, torch.Generator().manual_seed(s)) for s in (1, 1))
+    assert torch.equal(first.tokens, second.tokens) and isinstance(captioner.decode(first)[0], str)
+
+
+def test_a_saved_captioner_comes_back_with_its_adapters(internvl, tmp_path):
+    _, preset, tokenizer = internvl
+    fmt = CaptionFormat(prompt="What is in the picture?")
+    captioner = build_captioner(preset, tokenizer, caption_format=fmt, max_new_tokens=5)
+    spec = LoRASpec(rank=2, alpha=4, targets=("q_proj", "v_proj"), seed=3)
+    adapters = add_lora(captioner.language_model, spec)
+    with torch.no_grad():
+        for param in adapters.values():
+            param.add_(torch.randn_like(param) * 0.1)  # as if trained
+    save_captioner(captioner, tmp_path / "captioner", spec, {"mllm": preset.to_dict()})
+    loaded, loaded_spec, record = load_captioner(tmp_path / "captioner", tokenizer)
+    assert loaded_spec == spec and record["caption_format"]["prompt"] == "What is in the picture?"
+    assert torch.equal(loaded.prompt_ids, captioner.prompt_ids)
+    features = captioner.image_features(images())
+    assert torch.equal(loaded.sample(features, greedy=True).tokens, captioner.sample(features, greedy=True).tokens)
+    assert not any(p.requires_grad for p in loaded.language_model.parameters())  # loaded frozen
+
+
+def counted(function, calls: list):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients_and_keeps_sampling_cached(internvl):
+    _, preset, tokenizer = internvl
+    features = None
+    grads = []
+    for checkpointing in (False, True):
+        captioner = build_captioner(preset, tokenizer, max_new_tokens=4)
+        adapters = add_lora(captioner.language_model, LoRASpec(rank=2, alpha=4, targets=("q_proj", "v_proj")))
+        with torch.no_grad():
+            for param in adapters.values():
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.1)
+        if checkpointing:
+            captioner.enable_gradient_checkpointing()
+        features = captioner.image_features(images()) if features is None else features
+        captions = captioner.sample(features, torch.Generator().manual_seed(0))
+        assert not captioner.language_model.training  # sampling ran in eval mode, with its cache
+        calls, mlp = [], captioner.language_model.model.layers[0].mlp
+        mlp.forward = counted(mlp.forward, calls)
+        captioner.token_log_probs(features, captions).sum().backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
+        grads.append({name: param.grad.clone() for name, param in adapters.items()})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])

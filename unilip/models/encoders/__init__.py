@@ -1,0 +1,24 @@
+"""The pretrained vision encoders a tokenizer can be built on, by the name a preset gives (`encoder:`)."""
+
+from __future__ import annotations
+
+from unilip.errors import ConfigError
+from unilip.models.encoders.base import Encoder, ExportCheck, ExportMismatchError, merge_tokens
+from unilip.models.encoders.dinov2 import Dinov2Encoder, Dinov2WithRegistersEncoder
+from unilip.models.encoders.internvit import InternViTEncoder
+from unilip.models.encoders.siglip import Siglip2Encoder, SiglipEncoder
+
+ENCODERS: dict[str, type[Encoder]] = {
+    cls.kind: cls
+    for cls in (InternViTEncoder, SiglipEncoder, Siglip2Encoder, Dinov2Encoder, Dinov2WithRegistersEncoder)
+}
+
+
+def encoder_class(kind: str) -> type[Encoder]:
+    """The `Encoder` subclass a preset's `encoder: <kind>` names."""
+    if kind not in ENCODERS:
+        raise ConfigError(f"encoder={kind!r} is not a known encoder; use one of {', '.join(ENCODERS)}")
+    return ENCODERS[kind]
+
+
+__all__ = ["ENCODERS", "Encoder", "ExportCheck", "ExportMismatchError", "encoder_class", "merge_tokens"]
