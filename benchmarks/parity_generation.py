@@ -15,13 +15,12 @@ fp32 on CPU. The report (max abs differences) goes to <work>/parity_generation.j
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from parity_setup import build_inputs, run_reference, write_report  # noqa: E402
+from parity_setup import build_inputs, parity_main  # noqa: E402
 
 # The reference's prompts (scripts/inference_{gen,edit}.py): positive and CFG prompt, null first after their swap.
 PROMPT = "a red motorcycle parked in a garage full of boxes"
@@ -223,25 +222,8 @@ def ours_side(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference", type=Path, required=True, help="checkout of github.com/nnnth/UniLIP")
-    parser.add_argument("--internvl", type=Path, required=True, help="checkout of github.com/OpenGVLab/InternVL")
-    parser.add_argument("--reference-python", default=sys.executable, help="a Python with the reference's pins")
-    parser.add_argument("--work", type=Path, required=True, help="directory for the inputs, checkpoint and tensors")
-    parser.add_argument("--preset", choices=["unilip_1b", "tiny"], default="unilip_1b")
-    parser.add_argument("--side", choices=["both", "reference", "ours"], default="both")
-    args = parser.parse_args(argv)
-    args.work, args.reference, args.internvl = args.work.resolve(), args.reference.resolve(), args.internvl.resolve()
-    if args.side == "reference":
-        return reference_side(args)
-    if args.side == "both":
-        args.work.mkdir(parents=True, exist_ok=True)
-        common = ["--reference", str(args.reference), "--internvl", str(args.internvl), "--work", str(args.work)]
-        run_reference(Path(__file__), args.reference_python, [*common, "--preset", args.preset], args.work)
-    sys.path.insert(0, str(HERE.parent))
-    report = {"preset": args.preset, **ours_side(args)}
-    write_report(args.work / "parity_generation.json", report)
-    return report
+    description = __doc__.split("\n\n")[0]
+    return parity_main(argv, Path(__file__), description, reference_side, ours_side, "parity_generation.json")
 
 
 if __name__ == "__main__":

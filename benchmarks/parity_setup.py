@@ -20,11 +20,13 @@ package has the same name.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +300,34 @@ def run_reference(script: Path, python: str, args: list[str], work: Path) -> Non
 def write_report(path: Path, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+
+
+def parity_main(
+    argv: list[str] | None,
+    script: Path,
+    description: str,
+    reference_side: Callable[[argparse.Namespace], Any],
+    ours_side: Callable[[argparse.Namespace], dict[str, Any]],
+    report_name: str,
+) -> dict | None:
+    """The command line both parity scripts share: `--side both` runs `script --side reference` under the
+    reference's Python, then our side here, and writes `work/report_name`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--reference", type=Path, required=True, help="checkout of github.com/nnnth/UniLIP")
+    parser.add_argument("--internvl", type=Path, required=True, help="checkout of github.com/OpenGVLab/InternVL")
+    parser.add_argument("--reference-python", default=sys.executable, help="a Python with the reference's pins")
+    parser.add_argument("--work", type=Path, required=True, help="directory for the inputs, weights and tensors")
+    parser.add_argument("--preset", choices=["unilip_1b", "tiny"], default="unilip_1b")
+    parser.add_argument("--side", choices=["both", "reference", "ours"], default="both")
+    args = parser.parse_args(argv)
+    args.work, args.reference, args.internvl = args.work.resolve(), args.reference.resolve(), args.internvl.resolve()
+    if args.side == "reference":
+        return reference_side(args)
+    if args.side == "both":
+        args.work.mkdir(parents=True, exist_ok=True)
+        common = ["--reference", str(args.reference), "--internvl", str(args.internvl), "--work", str(args.work)]
+        run_reference(script, args.reference_python, [*common, "--preset", args.preset], args.work)
+    sys.path.insert(0, str(script.resolve().parents[1]))
+    report = {"preset": args.preset, **ours_side(args)}
+    write_report(args.work / report_name, report)
+    return report

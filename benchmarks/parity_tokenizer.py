@@ -13,13 +13,12 @@ computes the same. fp32, CPU; report in <work>/parity_tokenizer.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from parity_setup import build_inputs, reference_tokenizer, run_reference, write_report  # noqa: E402
+from parity_setup import build_inputs, parity_main, reference_tokenizer  # noqa: E402
 
 RESOLUTIONS = {"224": "stage2", "448": "stage2_448", "256": "stage2_pad"}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -108,25 +107,8 @@ def ours_side(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference", type=Path, required=True, help="checkout of github.com/nnnth/UniLIP")
-    parser.add_argument("--internvl", type=Path, required=True, help="checkout of github.com/OpenGVLab/InternVL")
-    parser.add_argument("--reference-python", default=sys.executable, help="a Python with the reference's pins")
-    parser.add_argument("--work", type=Path, required=True, help="directory for the inputs and tensors")
-    parser.add_argument("--preset", choices=["unilip_1b", "tiny"], default="unilip_1b")
-    parser.add_argument("--side", choices=["both", "reference", "ours"], default="both")
-    args = parser.parse_args(argv)
-    args.work, args.reference, args.internvl = args.work.resolve(), args.reference.resolve(), args.internvl.resolve()
-    if args.side == "reference":
-        return reference_side(args)
-    if args.side == "both":
-        args.work.mkdir(parents=True, exist_ok=True)
-        common = ["--reference", str(args.reference), "--internvl", str(args.internvl), "--work", str(args.work)]
-        run_reference(Path(__file__), args.reference_python, [*common, "--preset", args.preset], args.work)
-    sys.path.insert(0, str(HERE.parent))
-    report = {"preset": args.preset, **ours_side(args)}
-    write_report(args.work / "parity_tokenizer.json", report)
-    return report
+    description = __doc__.split("\n\n")[0]
+    return parity_main(argv, Path(__file__), description, reference_side, ours_side, "parity_tokenizer.json")
 
 
 if __name__ == "__main__":
