@@ -4,6 +4,7 @@
     python .ci/mutation.py                          # every target; incremental: reruns what changed
     python .ci/mutation.py losses nonfinite --max-children 2
     python .ci/mutation.py --report                 # the table from the last results, no new runs
+    python .ci/mutation.py flow --survivors         # after adding tests: run the survivors again
     python .ci/mutation.py --repo /path/to/old/checkout --before --sample 30 --out before.json
 
 Each target is a set of functions and the fast tests that guard them. mutmut (3.x) runs in a scratch
@@ -122,8 +123,13 @@ def prepare(target: str, work: Path, repo: Path, tests: list[str]) -> Path:
         "source_paths": ["unilip"],
         "only_mutate": spec["files"],
         "pytest_add_cli_args_test_selection": tests,
-        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-q", "-x"],
+        # every mutant is a pytest session with its own temporary directory (photo shards, tiny runs: hundreds
+        # of MB each): remove them when the session ends, or a run of hundreds of mutants fills the disk
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-q", "-x", "-o", "tmp_path_retention_policy=none"],
         "process_isolation": "forkserver",  # torch is not fork-safe after use
+        # a mutant's CPU-time limit is 2 x this x (its tests' time + 1 s); at mutmut's 15 a failing test's
+        # fixture set-up (tiny models, configs) could hit it, and a timeout counts as killed
+        "timeout_multiplier": 60.0,
         "also_copy": ["conf", "train.py", "eval.py"],  # tests compose the real configs
     }
     lines = ["", "[tool.mutmut]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
@@ -181,11 +187,11 @@ def sample(scratch: Path, target: str, count: int) -> list[str]:
 
 
 def report(results: dict) -> str:
-    lines = ["| target | mutants | killed | survived | score |", "|---|---|---|---|---|"]
+    lines = ["| target | mutants | killed (of them timed out) | survived | score |", "|---|---|---|---|---|"]
     for target, result in results.items():
         score = "-" if result["score"] is None else f"{100 * result['score']:.1f} %"
-        survived = result["counts"].get("survived", 0)
-        lines.append(f"| {target} | {result['tested']} | {result['killed']} | {survived} | {score} |")
+        survived, timeouts = result["counts"].get("survived", 0), result["counts"].get("timeout", 0)
+        lines.append(f"| {target} | {result['tested']} | {result['killed']} ({timeouts}) | {survived} | {score} |")
     return "\n".join(lines)
 
 
@@ -199,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout to mutate (default: this one)")
     parser.add_argument("--before", action="store_true", help="use the tests of the suite before the unit tests")
     parser.add_argument("--sample", type=int, help="run only this many randomly chosen mutants per target")
+    parser.add_argument("--survivors", action="store_true", help="run the last run's survivors again (new tests)")
     args = parser.parse_args(argv)
     chosen = [t for t in TARGETS if not args.targets or t in args.targets or slug(t) in args.targets]
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -208,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         names = TARGETS[target]["names"]
         if args.sample and not args.report:
             names = sample(scratch, target, args.sample)
+        if args.survivors and not args.report:
+            names = list(collect(target, scratch)["survivors"]) or names
         if not args.report:
             mutmut(scratch, "run", "--max-children", str(args.max_children), *names)
         results[target] = collect(target, scratch)

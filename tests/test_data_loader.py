@@ -196,6 +196,32 @@ def test_all_bad_validation_data_stops_with_one_clear_error(tmp_path):
         list(loader)
 
 
+def test_empty_shard_reads_are_counted_from_the_last_read_that_gave_a_sample(tmp_path, monkeypatch):
+    """max_consecutive_failures=3: a read with a sample, then empty reads; the run stops at the third empty read
+    in a row (the fourth read), not earlier."""
+    import unilip.data.streams as streams
+
+    good = write_shard(tmp_path / "good.tar", ["g0"])
+    sample = list(read_shard(str(good), SkipCounter()))
+    reads = []
+
+    def scripted(url, counter):
+        reads.append(url)
+        return iter(sample if len(reads) == 1 else [])
+
+    monkeypatch.setattr(streams, "read_shard", scripted)
+    with pytest.raises(DataError, match="'a': 3 shard reads in a row gave no sample"):
+        take(train_loader([str(good)], max_consecutive_failures=3), 1)
+    assert len(reads) == 4
+
+
+def test_validation_stops_after_too_many_undecodable_samples_in_a_row(tmp_path):
+    bad = write_shard(tmp_path / "bad.tar", [f"b{i}" for i in range(4)], bad=tuple(f"b{i}" for i in range(4)))
+    loader = EvalLoader([str(bad)], SampleTransform(16, train=False), batch_size=2, max_consecutive_failures=3)
+    with pytest.raises(DataError, match=r"^validation: 3 samples in a row failed to decode"):
+        list(loader)
+
+
 def _roundtrip(state: dict) -> dict:
     """Through torch.save / torch.load(weights_only=True), as a Lightning checkpoint would go."""
     buffer = io.BytesIO()

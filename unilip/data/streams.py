@@ -223,7 +223,6 @@ class EvalStream(IterableDataset):
         slot = self.rank * num_workers + worker
         reads = SkipCounter(verbose=self.rank == 0)
         decodes = SkipCounter(verbose=self.rank == 0)
-        good = 0
 
         def meta(**extra) -> dict:
             last = decodes.last_error or reads.last_error
@@ -234,11 +233,10 @@ class EvalStream(IterableDataset):
             shards = eval_shards(len(self.urls), self.rank, self.world_size, worker, num_workers)
             samples = enumerate(sample for i in shards for sample in read_shard(self.urls[i], reads))
             for batch, _ in _batches(samples, self.transform, self.batch_size, decodes, self.max_failures, None, False):
-                good += len(batch["key"])
                 batch["__meta__"] = meta()
                 yield batch
         except DataError as error:
             yield {"__meta__": {"error": f"validation: {error}"}}
             return
         # A last, image-less item reports skips that came after the last batch (or with no batch).
-        yield {"__meta__": meta(end=True, good=good)}
+        yield {"__meta__": meta(end=True)}
