@@ -31,8 +31,9 @@ def _photo_pairs():
     return x, torch.cat([noisy[:2], shifted[2:]])
 
 
-def test_psnr_and_ssim_equal_scikit_image():
-    x, y = _photo_pairs()
+@pytest.mark.parametrize("contrast", [1.0, 0.3])  # 0.3: pixels in [0.2, 0.5], the data range is still 1
+def test_psnr_and_ssim_equal_scikit_image(contrast):
+    x, y = (0.2 + contrast * t if contrast != 1 else t for t in _photo_pairs())
     ours_psnr, ours_ssim = psnr(x, y), ssim(x, y)
     for i in range(len(x)):
         a, b = x[i].permute(1, 2, 0).double().numpy(), y[i].permute(1, 2, 0).double().numpy()
@@ -269,3 +270,42 @@ def test_encoder_comparison_script_runs_every_encoder_and_stage(photos_dir, tmp_
     assert [row[:2] for row in rows] == [[p, s] for p in ("tiny", "tiny_siglip2", "tiny_dinov2") for s in ("1", "2")]
     assert all(row[4] == "1.0000" for row in rows[::2])  # stage 1 never trains the encoder
     assert all(float(row[2]) > 5 for row in rows)  # PSNR of an actual reconstruction
+
+
+def test_external_features_are_the_cosine_of_the_models_pooled_embeddings(tmp_path):
+    """eval.py's `external_features=<dir>`: images resized to the processor's size and normalised by its mean and
+    std, the model's pooled output compared by cosine; recomputed here with the model and processor directly."""
+    import torch.nn.functional as F
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from unilip.evaluation.metrics import ExternalFeatures
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    CLIPVisionModel(config).save_pretrained(tmp_path / "clip")
+    mean, std = [0.4, 0.45, 0.5], [0.2, 0.25, 0.3]
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=mean, image_std=std
+    )
+    processor.save_pretrained(tmp_path / "clip")
+    external = ExternalFeatures(str(tmp_path / "clip"))
+    images, other = torch.rand(3, 3, 48, 48), torch.rand(3, 3, 48, 48)
+
+    model = CLIPVisionModel.from_pretrained(tmp_path / "clip").eval()
+
+    def pooled(x):
+        x = F.interpolate(x, size=(32, 32), mode="bicubic", antialias=True).clamp(0, 1)
+        x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        return model(pixel_values=x).pooler_output
+
+    with torch.no_grad():
+        expected = F.cosine_similarity(pooled(images), pooled(other), dim=-1)
+        measured = external(images, other)
+        assert measured.shape == (3,)
+        assert torch.allclose(measured, expected, atol=1e-6)
+        assert torch.allclose(external(images, images), torch.ones(3), atol=1e-6)
+    (tmp_path / "clip" / "model.safetensors").unlink()
+    CLIPVisionModel(config).save_pretrained(tmp_path / "clip")  # same config, other random weights
+    assert not torch.equal(ExternalFeatures(str(tmp_path / "clip")).embed(images), external.embed(images))
