@@ -254,6 +254,22 @@ def test_training_stream_resumes_exactly(tmp_path, workers, stop_after):
     assert resumed.state_dict() == uninterrupted.state_dict()
 
 
+def test_a_resumed_stream_does_not_count_the_skips_before_its_resume_point_again(tmp_path):
+    """Unreadable shards met before the resume point (read again while the resumed stream fast-forwards) are
+    reported once, as the uninterrupted stream reports them."""
+    (url,) = shards(tmp_path, 1, per_shard=9)
+    urls = [url, str(tmp_path / "gone.tar")]
+    interrupted = train_loader(urls, seed=3)
+    take(interrupted, 3)
+    assert interrupted.skipped["shards"] > 0
+    resumed = train_loader(urls, seed=3)
+    resumed.load_state_dict(_roundtrip(interrupted.state_dict()))
+    take(resumed, 1)
+    uninterrupted = train_loader(urls, seed=3)
+    take(uninterrupted, 4)
+    assert resumed.skipped == uninterrupted.skipped
+
+
 def test_resume_refuses_a_different_configuration(tmp_path):
     urls = shards(tmp_path, 1, per_shard=8)
     state = train_loader(urls, seed=1).state_dict()
@@ -293,6 +309,16 @@ def test_shuffle_buffer_mixes_within_a_shard_without_touching_global_rngs(tmp_pa
     (batch,) = take(train_loader(urls, shuffle_buffer=20, batch_size=40, batches_per_epoch=1), 1)
     assert batch["key"] != sorted(batch["key"], key=lambda k: int(k.split("_")[1]))
     assert random.getstate() == python_rng and torch.equal(torch.get_rng_state(), torch_rng)
+    # the buffer neither repeats nor loses a sample: the first 21 out of one 40-sample read are distinct
+    assert len(set(batch["key"][:21])) == 21
+
+
+def test_validation_skips_are_logged_and_the_error_names_the_last_bad_sample(tmp_path, caplog):
+    bad = write_shard(tmp_path / "bad.tar", ["b0", "b1"], bad=("b0", "b1"))
+    loader = EvalLoader([str(tmp_path / "gone.tar"), str(bad)], SampleTransform(16, train=False), batch_size=2)
+    with caplog.at_level("WARNING"), pytest.raises(DataError, match=r"\(last: b1 in .*bad.tar"):
+        list(loader)
+    assert "b0" in caplog.text and "b1" in caplog.text  # rank 0 names each skipped sample
 
 
 def _rank_main(rank: int, init_file: str, urls: list[str], out: dict) -> None:
