@@ -262,3 +262,38 @@ def test_validation_runs_on_the_ema_weights_and_restores_the_raw_ones():
     assert param.item() == 3.0
     with Module(None).ema_weights():  # no EMA: the weights as they are
         assert param.item() == 3.0
+
+
+def test_tokenizer_loss_weighs_each_term_and_keeps_the_recipes_defaults():
+    """Perceptual terms exist for any positive weight (here below 1) and are weight x the network's mean; the
+    LeCam term is lecam_weight x the regulariser only when there is one. Defaults: the UniLIP recipe's weights."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(TokenizerLoss).parameters.items()}
+    assert defaults["lecam_weight"] == 1e-3 and defaults["gan_weight"] == 0.1 and defaults["l2_weight"] == 1.0
+    torch.manual_seed(0)
+    loss = TokenizerLoss(perceptual_weight=1.0, lpips_weight=0.5, convnext_weight=0.25)
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        terms = loss.reconstruction(x, y)
+        assert terms["lpips"].item() == pytest.approx(0.5 * loss.lpips(x, y).mean().item(), rel=1e-5)
+        assert terms["convnext"].item() == pytest.approx(0.25 * loss.convnext(x, y).mean().item(), rel=1e-5)
+    assert terms["convnext"].item() > 0
+    real, fake = torch.tensor([0.5, -0.2]), torch.tensor([-0.4, 0.3])
+    with_lecam = loss.discriminator(real, fake, torch.tensor(2.0))
+    assert with_lecam["lecam"].item() == pytest.approx(2e-3)
+    assert "lecam" not in loss.discriminator(real, fake, None)
+
+
+def test_perceptual_weights_that_are_not_a_checkpoint_or_miss_a_tensor_are_refused(tmp_path):
+    from unilip.errors import UserError
+
+    bad = tmp_path / "convnext.pth"
+    bad.write_text("not weights")
+    with pytest.raises(UserError, match=r"perceptual-loss weights .*convnext\.pth"):
+        ConvNeXtLogitLoss(str(bad))
+    state = ConvNeXtLogitLoss(None).net.state_dict()
+    state.pop(next(iter(state)))
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        ConvNeXtLogitLoss(str(tmp_path / "partial.pth"))
