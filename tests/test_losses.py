@@ -297,3 +297,15 @@ def test_perceptual_weights_that_are_not_a_checkpoint_or_miss_a_tensor_are_refus
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(RuntimeError, match="Missing key"):
         ConvNeXtLogitLoss(str(tmp_path / "partial.pth"))
+
+
+def test_the_cached_vgg16_is_torchvisions_own_file(tmp_path, monkeypatch):
+    """LPIPS without a weights file looks for the file torchvision's VGG-16 weights download to."""
+    from unilip.losses.perceptual import _torchvision_vgg16_cached
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert not _torchvision_vgg16_cached()
+    name = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / name).write_bytes(b"")
+    assert _torchvision_vgg16_cached()
