@@ -273,8 +273,9 @@ def test_encoder_comparison_script_runs_every_encoder_and_stage(photos_dir, tmp_
 
 
 def test_external_features_are_the_cosine_of_the_models_pooled_embeddings(tmp_path):
-    """eval.py's `external_features=<dir>`: images resized to the processor's size and normalised by its mean and
-    std, the model's pooled output compared by cosine; recomputed here with the model and processor directly."""
+    """eval.py's `external_features=<dir>`: images clamped to [0, 1], resized to the processor's crop size (or its
+    shortest edge without a centre crop), normalised by its mean and std, the model's pooled output compared by
+    cosine; recomputed here with the model and the processor's numbers directly."""
     import torch.nn.functional as F
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
@@ -282,21 +283,22 @@ def test_external_features_are_the_cosine_of_the_models_pooled_embeddings(tmp_pa
 
     torch.manual_seed(0)
     config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=24, patch_size=8
     )
     CLIPVisionModel(config).save_pretrained(tmp_path / "clip")
     mean, std = [0.4, 0.45, 0.5], [0.2, 0.25, 0.3]
     processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=mean, image_std=std
+        size={"shortest_edge": 32}, crop_size={"height": 24, "width": 24}, image_mean=mean, image_std=std
     )
     processor.save_pretrained(tmp_path / "clip")
     external = ExternalFeatures(str(tmp_path / "clip"))
-    images, other = torch.rand(3, 3, 48, 48), torch.rand(3, 3, 48, 48)
+    assert external.size == 24  # the centre crop's size
+    images, other = torch.rand(3, 3, 48, 48) * 3 - 1, torch.rand(3, 3, 48, 48)  # pixels out of [0, 1]
 
     model = CLIPVisionModel.from_pretrained(tmp_path / "clip").eval()
 
     def pooled(x):
-        x = F.interpolate(x, size=(32, 32), mode="bicubic", antialias=True).clamp(0, 1)
+        x = F.interpolate(x, size=(24, 24), mode="bicubic", antialias=True).clamp(0, 1)
         x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
         return model(pixel_values=x).pooler_output
 
@@ -309,3 +311,5 @@ def test_external_features_are_the_cosine_of_the_models_pooled_embeddings(tmp_pa
     (tmp_path / "clip" / "model.safetensors").unlink()
     CLIPVisionModel(config).save_pretrained(tmp_path / "clip")  # same config, other random weights
     assert not torch.equal(ExternalFeatures(str(tmp_path / "clip")).embed(images), external.embed(images))
+    CLIPImageProcessor(size={"shortest_edge": 32}, do_center_crop=False).save_pretrained(tmp_path / "clip")
+    assert ExternalFeatures(str(tmp_path / "clip")).size == 32  # no crop: the shortest edge
