@@ -29,12 +29,12 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from unilip.logs import quiet_third_party_noise
 from unilip.models.loading import compose_config
+from unilip.models.toy import save_toy_generator
 
 PHOTOS = ("astronaut", "coffee")
 SIZE = 56
@@ -72,29 +72,7 @@ class FixedPhotos(L.LightningDataModule):
 
 def save_tiny_generator(root: Path, seed: int) -> Path:
     """The quick start's generator sizes with random weights (seeded), saved as training saves one."""
-    from unilip.models import UniLIPTokenizer
-    from unilip.models.generator import UniLIPGenerator, build_dit
-    from unilip.models.loading import tokenizer_preset
-    from unilip.models.mllm import build_conditioner
-
-    cfg = compose_config("train", ["task=generate", "experiment=generate/quickstart", "stage=3", "run_dir=unused"])
-    mllm, dit = instantiate(cfg.mllm), instantiate(cfg.dit)
-    torch.manual_seed(seed)
-    tokenizer = UniLIPTokenizer(tokenizer_preset("tiny")).eval()
-    tokenizer.save_pretrained(root / "tokenizer")
-    conditioner = build_conditioner(mllm, tokenizer)
-    generator = UniLIPGenerator.from_language_model(conditioner.language_model, build_dit(dit), 16, 2)
-    meta = {
-        "stage": 3,
-        "mllm": mllm.to_dict(),
-        "dit": dit.to_dict(),
-        "tokenizer": {"source": str(root / "tokenizer"), "config": tokenizer.config.to_dict()},
-        "latents": {"kind": "unilip", "scale": cfg.latent_scale},
-        "sampler": {"flow_shift": 3.0},
-        "init_from": None,
-    }
-    generator.save_pretrained(root / "generator", meta=meta)
-    return root / "generator"
+    return save_toy_generator(root, num_queries=16, seed=seed)
 
 
 def config(out: Path, generator: Path, stage: int, steps: int, seed: int, group: int, extra: list[str]):

@@ -6,38 +6,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-from hydra.utils import instantiate
 from PIL import Image
 
-from tests.conftest import compose_train
+from unilip.models.toy import save_toy_generator
 
 
 def save_tiny_generator(root: Path, tiny_config) -> Path:
-    """The quick-start generator (tiny InternVL, tiny SANA, tiny tokenizer), random weights, saved with the
-    metadata `GenerationTraining.save_result` writes. Returns the generator directory."""
-    from unilip.models import UniLIPTokenizer
-    from unilip.models.generator import UniLIPGenerator, build_dit
-    from unilip.models.mllm import build_conditioner
-
-    cfg = compose_train(["task=generate", "experiment=generate/quickstart", "stage=3", "run_dir=/tmp/unused"])
-    mllm, dit = instantiate(cfg.mllm), instantiate(cfg.dit)
-    torch.manual_seed(0)
-    tokenizer = UniLIPTokenizer(tiny_config).eval()
-    tokenizer.save_pretrained(root / "tokenizer")
-    conditioner = build_conditioner(mllm, tokenizer)
-    generator = UniLIPGenerator.from_language_model(conditioner.language_model, build_dit(dit), 8, 2)
-    meta = {
-        "stage": 3,
-        "mllm": mllm.to_dict(),
-        "dit": dit.to_dict(),
-        "tokenizer": {"source": str(root / "tokenizer"), "config": tokenizer.config.to_dict()},
-        "latents": {"kind": "unilip", "scale": cfg.latent_scale},
-        "sampler": {"flow_shift": 3.0},
-        "init_from": None,
-    }
-    generator.save_pretrained(root / "generator", meta=meta)
-    return root / "generator"
+    """The quick-start generator with random weights (seed 0, 8 queries; its tokenizer is the `tiny` preset,
+    `tiny_config`), saved as training saves one. Returns the generator directory."""
+    return save_toy_generator(root, num_queries=8, seed=0)
 
 
 def photo_files(directory: Path, names: list[str], side: int = 40) -> list[Path]:
