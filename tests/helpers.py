@@ -5,10 +5,26 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+
+def run_tree(command: list, *, cwd, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True)` in a session of its own: on a timeout the whole
+    process tree is killed (the ranks a launcher started, torchrun's workers), not just the launcher, and the
+    test fails with `TimeoutExpired` instead of leaving processes behind."""
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 class KillAfterCheckpoint(L.Callback):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from tests.conftest import compose_eval
+from tests.helpers import run_tree
 from unilip.evaluation.metrics import PSNR_CAP_DB, build_fid, feature_similarity, psnr, ssim
 from unilip.evaluation.run import evaluate
 from unilip.models import UniLIPTokenizer
@@ -200,7 +200,7 @@ def _run_eval(photos_dir, out, *overrides):
         "trainer.enable_progress_bar=false",
         *overrides,
     ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_tree(command, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 

@@ -2,12 +2,13 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from tests.helpers import run_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def run_generate(data_root, runs_dir, stage, *overrides, name="mp"):
         "data.train_batches_per_epoch=2",
         *overrides,
     ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_tree(command, cwd=REPO, env=env)
     assert result.returncode == 0, f"train.py failed ({result.returncode}):\n{result.stderr[-4000:]}"
     assert "transfer_batch_to_device" not in result.stderr  # the module moves its batches on purpose
     return runs_dir / name / "generate" / f"stage{stage}"

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 
 from tests.conftest import compose_train
 from tests.generation_helpers import one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers import run_tree
 from unilip.data import latent_cache
 from unilip.data.cache_latents import main as cache_main
 from unilip.data.shards import DataError, SkipCounter, expand_urls, read_shard
@@ -345,7 +346,6 @@ def test_unpack_refuses_anything_but_a_well_formed_cached_sample():
 def test_two_processes_write_the_cache_one_process_writes(photos_dir, workdir, tokenizer_dir, fp32_caches):
     """torchrun with 2 CPU processes splits the shards and writes byte-identical shards, counts and manifests."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -356,7 +356,7 @@ def test_two_processes_write_the_cache_one_process_writes(photos_dir, workdir, t
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += ["-m", "unilip.data.cache_latents", *args, f"latent_cache.dir={out}", "latent_cache.dtype=float32"]
-    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    result = run_tree(command, cwd=repo, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"cached {summary['samples']} samples (0 skipped)" in result.stdout  # each shard on one rank only
     assert "2 process(es)" in result.stdout

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import run_tree
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600
 # Weights that cannot move (updates of ~1e-30 vanish in fp32): validation then depends only on the
@@ -48,22 +50,7 @@ def _command(script: str, data_root: Path, run_dir: Path, *overrides: str, launc
 
 
 def _run(command: list, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    # a session of its own: on a timeout the whole tree goes (torchrun's workers too), not just the launcher
-    with subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env or _env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    result = run_tree(command, cwd=REPO, env=env or _env(), timeout=TIMEOUT)
     if check and result.returncode != 0:
         raise AssertionError(f"{command[1:3]} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

@@ -1,12 +1,13 @@
 """train.py as users run it, in subprocesses: crash and resume, DDP, FSDP2, config errors, sweeps."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import run_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def run_train(data_root, run_dir, *overrides, check=True, timeout=600):
         "trainer.enable_progress_bar=false",
         *overrides,
     ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = run_tree(command, cwd=REPO, env=env, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

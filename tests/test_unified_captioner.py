@@ -146,3 +146,57 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients_and_keeps_sampl
         grads.append({name: param.grad.clone() for name, param in adapters.items()})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+
+
+def _sample_on_rank(rank: int, preset, store: str, out: str, synced: bool) -> None:
+    """One of two gloo ranks: greedy captions of one image, rank 0's ending after its first token (its stop
+    token set to that token); the LLM's forward passes counted."""
+    from pathlib import Path
+
+    from unilip.models import UniLIPTokenizer
+    from unilip.models.loading import tokenizer_preset
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        captioner = build_captioner(preset, UniLIPTokenizer(tokenizer_preset("tiny")).eval(), max_new_tokens=6)
+        features = captioner.image_features(images(1))
+        if rank == 0:
+            captioner.stop_id = int(captioner.sample(features, greedy=True, max_new_tokens=1).tokens[0, 0])
+        captioner.synced = synced
+        calls = []
+        captioner.language_model.register_forward_hook(lambda *_: calls.append(1))
+        captions = captioner.sample(features, greedy=True)
+        torch.save({"calls": len(calls), **captions._asdict()}, Path(out) / f"{synced}_{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_synced_sampling_runs_as_many_forward_passes_on_every_rank(internvl, tmp_path):
+    """Under FSDP every LLM forward pass gathers the sharded weights on all ranks: a rank whose captions are done
+    must keep stepping (without changing them) while another rank's are not, or the ranks hang."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    _, preset, _ = internvl
+    results = {}
+    for synced in (False, True):
+        store = tmp_path / f"store_{synced}"
+        context = mp.start_processes(
+            _sample_on_rank, args=(preset, str(store), str(tmp_path), synced), nprocs=2, join=False,
+            start_method="spawn",
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"synced={synced}: the ranks did not finish in 300 s")
+        results[synced] = [torch.load(tmp_path / f"{synced}_{r}.pt", weights_only=True) for r in (0, 1)]
+    alone, synced = results[False], results[True]
+    assert [r["calls"] for r in alone] == [1, 6]  # rank 0 stops after its prompt pass, rank 1 runs 6 tokens
+    assert [r["calls"] for r in synced] == [6, 6]
+    assert alone[0]["finished"].tolist() == [True] and alone[0]["mask"].tolist() == [[True]]
+    for rank in (0, 1):  # the extra passes change no caption
+        assert all(torch.equal(alone[rank][k], synced[rank][k]) for k in ("tokens", "mask", "finished", "log_probs"))

@@ -187,7 +187,6 @@ def test_config_mistakes_fail_with_one_clear_error(photos_dir, runs_dir, generat
         (3,): "stage=3 is not a unified stage",
         (1, "module.group_size=1"): "at least 2 outputs",
         (1, "module.sampling.noise_level=0"): "needs noise",
-        (1, "trainer=fsdp"): "runs with DDP",
         (2,): "stage 2 needs captioner_from",
         (1, f"generator_from={tmp_path}"): "holds no saved generator",
         (2, "dit_training.mode=half"): "use lora or full",
@@ -215,3 +214,24 @@ def test_every_unified_experiment_composes_into_a_coherent_loop(experiment, stag
         assert (cfg.module.clip_range, cfg.module.kl_weight, cfg.module.sampling.noise_level) == (0.2, 0.04, 0.7)
         assert cfg.module.sampling.steps == 10 and cfg.module.rendering.guidance_scale == 4.5
         assert [e.name for e in cfg.reward.encoders] == ["clip", "dinov2", "dinov3", "siglip"]
+
+
+def test_fsdp_refuses_trained_parameters_it_would_leave_whole():
+    """A trained parameter outside the sharded modules (e.g. adapters on the LM head) would get no gradient
+    reduction under FSDP and drift apart between the ranks: refused in one line naming it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    from unilip.training.unified.sharding import check_all_sharded
+
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 2), mesh))
+        check_all_sharded({"captioner.model.layers.0.q_proj.lora_A.default.weight": sharded})
+        whole = torch.nn.Parameter(torch.zeros(4, 2))
+        with pytest.raises(ConfigError, match=r"lie outside them: captioner\.lm_head\.lora_A.*trainer=ddp"):
+            check_all_sharded({"captioner.model.layers.0.q": sharded, "captioner.lm_head.lora_A.default.weight": whole})
+    finally:
+        torch.distributed.destroy_process_group()

@@ -124,6 +124,9 @@ class Captioner(nn.Module):
         image_size: side the image is resized to (448: 16 x 16 = 256 image tokens).
         max_new_tokens: captions are cut at this length (and then not `finished`).
         temperature: of the sampling distribution (its log-probabilities are the policy's).
+
+    `synced` (set when the LLM is sharded over ranks, FSDP): sampling runs the same number of LLM forward
+    passes on every rank, until every rank's captions are done, as FSDP's gathers are collective.
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class Captioner(nn.Module):
         self.format = caption_format or CaptionFormat()
         self.image_size, self.max_new_tokens, self.temperature = image_size, max_new_tokens, temperature
         self.gradient_checkpointing = False
+        self.synced = False
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0 (greedy captions: sample(..., greedy=True))")
         fmt = self.format
@@ -239,12 +243,20 @@ class Captioner(nn.Module):
             stopped = live & (token == self.stop_id)
             finished |= stopped
             done |= stopped
-            if bool(done.all()) or step == steps - 1:
+            if step == steps - 1 or self._all_done(done):
                 break
             out = self.language_model(inputs_embeds=table(token[:, None]), past_key_values=cache, use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1]
         used = int(mask.sum(dim=1).max())
         return CaptionBatch(tokens[:, :used], mask[:, :used], finished, log_probs[:, :used])
+
+    def _all_done(self, done: torch.Tensor) -> bool:
+        """Whether every caption is done: this rank's, or with `synced` every rank's (one all-reduce)."""
+        if not self.synced:
+            return bool(done.all())
+        live = (~done).any().float()
+        torch.distributed.all_reduce(live)
+        return not bool(live)
 
     def token_log_probs(self, features: torch.Tensor, captions: CaptionBatch) -> torch.Tensor:
         """(B, T) log-probability of each caption token under the current weights (differentiable; 0 on padding)."""
@@ -297,16 +309,21 @@ def build_captioner(
 
 
 # ---------------------------------------------------------------------------------------------- saved adapters
-def save_captioner(captioner: Captioner, directory: str | Path, lora: LoRASpec | None, meta: dict[str, Any]) -> Path:
+def save_captioner(
+    captioner: Captioner,
+    directory: str | Path,
+    lora: LoRASpec | None,
+    meta: dict[str, Any],
+    adapters: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the captioner's LoRA adapters (`adapter.safetensors`; none without `lora`), its text tokenizer and
-    `captioner.json` (the LoRA spec, caption format and `meta`: the MLLM preset, the tokenizer it reads through)."""
+    `captioner.json` (the LoRA spec, caption format and `meta`: the MLLM preset, the tokenizer it reads through).
+    `adapters`: the adapter tensors by name in the LLM, where they are not the LLM's own (e.g. gathered shards)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        name: param.detach().cpu().contiguous()
-        for name, param in captioner.language_model.named_parameters()
-        if ".lora_" in name
-    }
+    if adapters is None:
+        adapters = {name: p for name, p in captioner.language_model.named_parameters() if ".lora_" in name}
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in adapters.items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     record = {
         "format": FORMAT,

@@ -159,6 +159,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         super()._setup_distributed()  # Lightning's set-up; it keeps a process group that exists
 
 
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The data-parallel axis of a ModelParallelStrategy mesh (the mesh itself when it has one axis)."""
+    return mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+
+
 def shard_tokenizer_training(module: TokenizerTraining, mesh: DeviceMesh) -> None:
     """`fully_shard` per encoder block (`tokenizer.encoder.blocks()`), per decoder stage, and the tokenizer root.
 
@@ -172,7 +177,7 @@ def shard_tokenizer_training(module: TokenizerTraining, mesh: DeviceMesh) -> Non
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    data_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+    data_mesh = data_parallel_mesh(mesh)
     tokenizer = module.tokenizer
     for block in tokenizer.encoder.blocks():
         fully_shard(block, mesh=data_mesh)
@@ -204,13 +209,19 @@ def load_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`module`'s full state dict as CPU copies, FSDP2 shards gathered (a collective: call on every rank).
+def gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` as whole CPU copies, FSDP2 shards (DTensors) gathered: a collective, call on every rank
+    with the same names in the same order.
 
     Copies, not views: on CPU `.cpu()` returns the parameter itself, which a caller may change after.
     """
     state = {}
-    for key, value in module.state_dict().items():
+    for key, value in tensors.items():
         value = value.full_tensor() if hasattr(value, "full_tensor") else value
         state[key] = value.detach().cpu().clone()
     return state
+
+
+def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s full state dict as CPU copies, FSDP2 shards gathered (a collective: call on every rank)."""
+    return gathered(module.state_dict())

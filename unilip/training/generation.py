@@ -35,7 +35,7 @@ from unilip.logs import is_logging_step
 from unilip.models.generator import UniLIPGenerator, from_state
 from unilip.models.mllm import DualConditioner
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR, UniLIPPipeline
-from unilip.training.distributed import GradientLayoutProbe, gathered_state_dict
+from unilip.training.distributed import GradientLayoutProbe, data_parallel_mesh, gathered_state_dict
 from unilip.training.ema import EMA, ValidatesWithEMA
 from unilip.training.flops import flop_counter
 from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
@@ -444,7 +444,7 @@ def shard_generator(generator: UniLIPGenerator, mesh) -> None:
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    data_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+    data_mesh = data_parallel_mesh(mesh)
     for block in generator.dit.transformer_blocks:
         fully_shard(block, mesh=data_mesh)
     fully_shard(generator.dit, mesh=data_mesh)

@@ -12,7 +12,9 @@ alternates by chaining runs: stage 2 reads the captioner of stage 1, a next stag
 
 The networks live outside the module tree (`UnifiedNetworks`, rebuilt from their sources); the parameters
 the stage trains are registered in it (`self.trained`: the same Parameter objects), so only they are
-optimised, synchronised under DDP and checkpointed, and the base weights are never written.
+optimised, synchronised under DDP and checkpointed, and the base weights are never written. Under FSDP2
+(`trainer=fsdp`) the network a stage trains is sharded over the ranks first and its sharded parameters are
+registered instead (`sharding.py`).
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from unilip.data.shards import DataError
 from unilip.logs import is_logging_step
 from unilip.models.captioner import save_captioner
 from unilip.models.generator import from_state
-from unilip.models.lora import LoRASpec, adapters_disabled, has_lora, merged_state_dict
+from unilip.models.lora import LoRASpec, adapters_disabled, add_lora, load_adapters, merged_state_dict
 from unilip.pipelines.flow_sde import step_log_prob
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR
+from unilip.training.distributed import gathered, gathered_state_dict
 from unilip.training.ema import EMA, ValidatesWithEMA
 from unilip.training.frozen import FrozenStaysInEval
 from unilip.training.nonfinite import NonFiniteGuard
@@ -54,6 +57,7 @@ from unilip.training.unified.rollouts import (
     reward,
     velocity_of,
 )
+from unilip.training.unified.sharding import check_all_sharded, shard_unified
 from unilip.training.validation import EpochMeans
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,16 @@ class TrainedParameters(nn.Module):
 
     def named(self) -> dict[str, nn.Parameter]:
         return {name.replace("__", "."): param for name, param in self.named_parameters()}
+
+
+def agreed_rows(images: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """`images` and `keys` padded (the last row repeated) to the largest row count of any rank (one all-reduce)."""
+    rows = torch.tensor([len(images)], device=images.device)
+    torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MAX)
+    extra = int(rows) - len(images)
+    if extra <= 0:
+        return images, keys
+    return torch.cat([images, images[-1:].expand(extra, *images.shape[1:])]), keys + keys[-1:] * extra
 
 
 def as_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -100,6 +114,7 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         grad_clip, ema_decay, max_nonfinite_streak, skip_nonfinite: as in the other tasks.
         captioner_lora: the spec of the captioner's adapters (trained in stage 1, frozen in stage 2; saved with
             the captioner).
+        dit_lora: the spec of the DiT's adapters (stage 2 with `dit_training.mode=lora`; merged into the saved DiT).
         gradient_checkpointing: recompute the captioner's LLM / the DiT's activations in backward.
         sample_dir: where validation grids go. seed: the module's generator (checkpointed, offset by rank).
         metadata: where the networks came from, saved with the result.
@@ -130,6 +145,7 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         max_nonfinite_streak: int = 20,
         skip_nonfinite: bool = True,
         captioner_lora: LoRASpec | None = None,
+        dit_lora: LoRASpec | None = None,
         gradient_checkpointing: bool = False,
         sample_dir: str | None = None,
         seed: int = 0,
@@ -157,6 +173,7 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_streak)
         self.skip_nonfinite = skip_nonfinite
         self.captioner_lora = captioner_lora or LoRASpec()
+        self.dit_lora = dit_lora
         self.gradient_checkpointing = gradient_checkpointing
         self.sample_dir = Path(sample_dir) if sample_dir else None
         self.seed = seed
@@ -166,14 +183,26 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         names = ["val/reward", "val/caption_length", *(f"val/sim/{n}" for n in networks.similarity.names)]
         self.val_means = EpochMeans(names)
         self._grid: dict[str, Any] | None = None
+        self._configured = False
+        self.sharded = False  # FSDP2: the trained network is sharded over the ranks (`sharding.py`)
 
     # ------------------------------------------------------------------ set-up
     def configure_model(self) -> None:
+        if self._configured:
+            return
+        self._configured = True
         if self.gradient_checkpointing:
             if self.stage == 1:
                 self.networks.captioner.enable_gradient_checkpointing()
             else:
                 self.networks.generator.dit.enable_gradient_checkpointing()
+        if getattr(self, "device_mesh", None) is not None:  # ModelParallelStrategy: FSDP2
+            shard_unified(self.networks, self.stage, self.device_mesh)
+            # sharding put new (DTensor) parameters in the networks: register those
+            named = {name: self.networks.trained_parameter(name) for name in self.trained.named()}
+            check_all_sharded(named)
+            self.trained = TrainedParameters(named)
+            self.sharded = True
         if self.ema_decay is not None and self.ema is None:
             self.ema = EMA(self.trained.named(), decay=self.ema_decay)
 
@@ -287,8 +316,11 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
             else:
                 result = self.flow_losses(rollout, advantages)
             params = [p for p in self.trained.parameters() if p.grad is not None]
+            if not params:  # e.g. the registered parameters are not the ones the networks compute with
+                raise RuntimeError("no trained parameter received a gradient; the step would change nothing")
             limit = self.grad_clip if self.grad_clip is not None else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(params, limit)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
             bad = self.nonfinite.flag(result.loss, norm) if self.skip_nonfinite else None
             if self.nonfinite.skip_now(bad, False, self.global_step):
                 continue
@@ -342,10 +374,15 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         return texts, rendered, total, {**parts, "caption_length": captions.lengths.float()}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        images = as_unit_float(batch["image"])
-        texts, rendered, total, parts = self.evaluate(images, list(batch["key"]))
+        images, keys = as_unit_float(batch["image"]), list(batch["key"])
+        count = len(images)
+        if self.sharded:  # the same rows on every rank, so that chunked rendering gathers as often everywhere
+            images, keys = agreed_rows(images, keys)
+        texts, rendered, total, parts = self.evaluate(images, keys)
         if batch.get("padding"):
             return
+        images, texts, rendered, total = images[:count], texts[:count], rendered[:count], total[:count]
+        parts = {name: value[:count] for name, value in parts.items()}
         self.val_means.add("val/reward", total)
         self.val_means.add("val/caption_length", parts["caption_length"])
         for name in self.networks.similarity.names:
@@ -378,22 +415,33 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
 
     # ------------------------------------------------------------------ results and checkpoints
     def save_result(self, run_dir: Path) -> None:
-        """Write `captioner/` (its adapters and record) and, in stage 2, `generator/` (the DiT's adapters merged)."""
+        """Write `captioner/` (its adapters and record) and, in stage 2, `generator/` (the DiT's adapters merged).
+        Call on every rank: under FSDP the trained network's shards are gathered first."""
+        language_model = self.networks.captioner.language_model
+        with self.ema_weights():
+            adapters = gathered({n: p for n, p in language_model.named_parameters() if ".lora_" in n})
+            generator = gathered_state_dict(self.networks.generator) if self.stage == 2 else None
         if self.global_rank != 0:
             return
         run_dir = Path(run_dir)
-        with self.ema_weights():
-            captioner_meta = {**self.metadata["captioner_record"], "unified": self._lineage()}
-            save_captioner(self.networks.captioner, run_dir / "captioner", self.captioner_lora, captioner_meta)
-            if self.stage == 2:
-                self._save_generator(run_dir / "generator")
+        captioner_meta = {**self.metadata["captioner_record"], "unified": self._lineage()}
+        save_captioner(self.networks.captioner, run_dir / "captioner", self.captioner_lora, captioner_meta, adapters)
+        if generator is not None:
+            self._save_generator(run_dir / "generator", generator)
         log.info("saved the unified stage-%d result to %s", self.stage, run_dir)
 
-    def _save_generator(self, out: Path) -> None:
-        """The generator with the trained DiT (adapters merged), in the saved-generator format of generation runs."""
-        generator = self.networks.generator
-        state = merged_state_dict(generator) if has_lora(generator) else generator.state_dict()
-        model = from_state(generator.config.to_dict(), {k: v.cpu() for k, v in state.items()}, "the trained generator")
+    def _save_generator(self, out: Path, state: dict[str, torch.Tensor]) -> None:
+        """The generator of its whole `state` with the trained DiT (adapters merged), in the saved-generator
+        format of generation runs."""
+        config = self.networks.generator.config.to_dict()
+        base = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+        model = from_state(config, base, "the trained generator")
+        adapters = {k.removeprefix("dit."): v for k, v in state.items() if ".lora_" in k}
+        if adapters:  # the same adapters on a whole copy, merged there by peft
+            if self.dit_lora is None:
+                raise ValueError("the DiT has adapters but no dit_lora spec was given")
+            load_adapters(add_lora(model.dit, self.dit_lora), adapters, "the trained DiT")
+            model = from_state(config, merged_state_dict(model), "the trained generator")
         meta = {**self.metadata["generator_record"], "init_from": self.metadata["generator_from"]}
         model.save_pretrained(out, meta=meta | {"unified": self._lineage()})
         self.networks.conditioner.text_tokenizer.save_pretrained(str(out / TEXT_TOKENIZER_DIR))

@@ -80,6 +80,13 @@ class UnifiedNetworks(FrozenNetworks):
     reference_dit: nn.Module | None = None  # the DiT before training, for the KL of a fully trained DiT
     flow_shift: float = 3.0
 
+    def trained_parameter(self, name: str) -> nn.Parameter:
+        """A trained parameter by its name in the task: `captioner.<name in the LLM>` or `dit.<name in the DiT>`
+        (after FSDP sharding: the sharded parameter that now stands there)."""
+        owner, _, rest = name.partition(".")
+        networks = {"captioner": self.captioner.language_model, "dit": self.generator.dit}
+        return networks[owner].get_parameter(rest)
+
     def pipeline(self, scheduler: str = "dpm") -> UniLIPPipeline:
         return UniLIPPipeline(self.generator, self.conditioner, self.latents, scheduler, self.flow_shift)
 

@@ -36,12 +36,6 @@ DIT_TRAINING = ("lora", "full")
 
 def check_unified_config(cfg: DictConfig) -> None:
     """Start-up checks of a `task=unified` config, one clear line per mistake."""
-    strategy = OmegaConf.select(cfg, "trainer.strategy._target_", default="") or ""
-    if "FSDP" in str(strategy) or str(cfg.trainer.get("strategy")) == "fsdp":
-        raise ConfigError(
-            "task=unified runs with DDP (trainer=ddp) or on one device: it trains adapters (or one DiT) that the "
-            "frozen networks around them share, which FSDP would shard away from them"
-        )
     module = cfg.module
     if module.group_size < 2:
         raise ConfigError(f"module.group_size={module.group_size}: GRPO compares at least 2 outputs per input")
@@ -133,7 +127,7 @@ def build_unified_training(cfg: DictConfig) -> UnifiedTraining:
             source, tokenizer, cfg.mllm_weights, caption_format, captioning.max_new_tokens, captioning.temperature
         )
     generator = pipe.generator.requires_grad_(False)
-    reference_dit = None
+    reference_dit = dit_lora = None
     if cfg.stage == 1:
         if captioner_lora is None:
             captioner_lora = LoRASpec(**OmegaConf.to_container(captioning.lora, resolve=True))
@@ -144,8 +138,8 @@ def build_unified_training(cfg: DictConfig) -> UnifiedTraining:
                 param.requires_grad_(True)
         trained = {f"captioner.{name}": param for name, param in adapters.items()}
     elif cfg.dit_training.mode == "lora":
-        spec = LoRASpec(**OmegaConf.to_container(cfg.dit_training.lora, resolve=True))
-        trained = {f"dit.{name}": param for name, param in add_lora(generator.dit, spec).items()}
+        dit_lora = LoRASpec(**OmegaConf.to_container(cfg.dit_training.lora, resolve=True))
+        trained = {f"dit.{name}": param for name, param in add_lora(generator.dit, dit_lora).items()}
     else:
         if cfg.module.kl_weight > 0:
             reference_dit = copy.deepcopy(generator.dit).requires_grad_(False).eval()
@@ -174,4 +168,6 @@ def build_unified_training(cfg: DictConfig) -> UnifiedTraining:
     )
     # objects go in as they are (instantiate's own kwargs would pass through OmegaConf)
     factory = instantiate(cfg.module, _partial_=True)
-    return factory(networks=networks, trained=trained, captioner_lora=captioner_lora, metadata=metadata)
+    return factory(
+        networks=networks, trained=trained, captioner_lora=captioner_lora, dit_lora=dit_lora, metadata=metadata
+    )
