@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         with _staging(out) as staging:
             tokenizer.encoder.export(staging, args.base, DTYPES[args.dtype])
             if not args.no_verify:
-                check = tokenizer.encoder.verify_export(staging)
+                check = tokenizer.encoder.verify_export(staging, args.base)
                 if not check.ok:
                     raise ExportMismatchError(
                         f"the exported model's image features differ from the tokenizer's by {check.difference:.2e} "
@@ -80,9 +80,10 @@ def main(argv: list[str] | None = None) -> None:
             staging.rename(out)
     if not args.no_verify:
         log.info(
-            "verified: transformers loads %s with no missing or unexpected keys; its image features equal the "
-            "tokenizer's with %s weights (max |diff| %.2e, tolerance %.2e); saving in %s moves them by %.2e",
-            *(out, _name(check.dtype), check.difference, check.tolerance, _name(check.dtype), check.rounding),
+            "verified %s: %s; its image features equal the tokenizer's with %s weights (max |diff| %.2e, "
+            "tolerance %.2e); saving in %s moves them by %.2e",
+            *(out, check.how, _name(check.dtype), check.difference, check.tolerance, _name(check.dtype)),
+            check.rounding,
         )
     log.info("wrote %s", out)
 
