@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,6 +33,10 @@ from unilip.models.encoders.base import EXPORT_RTOL, ExportCheck, vision_field
 from unilip.models.encoders.internvit import internvl_features
 from unilip.models.hub import StateDictMismatchError, load_safetensors, load_strict, read_json
 from unilip.models.internvl import PROJECTOR_RENAMES, convert_internvit_key, features_in, internvit_names
+
+if TYPE_CHECKING:
+    from unilip.models.encoders.internvit import InternViTEncoder
+    from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ def _original_vision(raw: dict[str, Any]) -> dict[str, Any]:
     return {name: vision.get(name, default) for name, (_, default) in _VISION_FIELDS.items()}
 
 
-def check_original_base(base_dir: Path, raw: dict[str, Any], config) -> None:
+def check_original_base(base_dir: Path, raw: dict[str, Any], config: TokenizerConfig) -> None:
     """Refuse, before any weight is read, an original-format base whose image-feature path is not the tokenizer's.
 
     The remote code's `extract_feature`: the ViT's layer `select_layer`, CLS dropped, pixel shuffle at
@@ -210,7 +214,9 @@ def _is_vision(key: str) -> bool:
     return key.startswith((_VISION, _PROJECTOR))
 
 
-def export_to_original(tokenizer, base_dir: Path, out_dir: Path, *, dtype: torch.dtype | None = None) -> Path:
+def export_to_original(
+    tokenizer: UniLIPTokenizer | InternViTEncoder, base_dir: Path, out_dir: Path, *, dtype: torch.dtype | None = None
+) -> Path:
     """Write `base_dir` (an original-format InternVL checkpoint) to `out_dir` with the tokenizer's vision tower
     and projector in place of its own. Every other file is copied as it is; the weights stay in the base's
     files and dtype (each vision tensor in the dtype of the one it replaces) unless `dtype` is given, which
@@ -337,7 +343,9 @@ def check_language_model(out_dir: Path, base_dir: Path) -> None:
         raise StateDictMismatchError(f"exported checkpoint '{out_dir}' changed the base's tensors {_listing(differ)}")
 
 
-def verify_original_export(tokenizer, out_dir: Path, base_dir: Path, *, image_size: int | None = None) -> ExportCheck:
+def verify_original_export(
+    tokenizer: UniLIPTokenizer | InternViTEncoder, out_dir: Path, base_dir: Path, *, image_size: int | None = None
+) -> ExportCheck:
     """Check an export into the original format: the language model is the base's bit for bit, and the vision
     weights read back into transformers' InternVL compute the tokenizer's features (see `ExportCheck`)."""
     raw = read_json(Path(out_dir) / "config.json", what="exported config")
