@@ -254,6 +254,17 @@ def _(c):
     return export("--tokenizer", str(tokenizer), "--base", str(tokenizer), "--out", str(c.path("out")))
 
 
+@case("export: an original-format InternVL base with a truncated weight file", "is not a readable safetensors file")
+def _(c):
+    from tests.test_internvl_original import write_original_base
+    from unilip.models import UniLIPTokenizer
+    from unilip.models.loading import tokenizer_preset
+
+    base = write_original_base(UniLIPTokenizer(tokenizer_preset("tiny")), c.path("InternVL3-1B"))
+    truncated(base / "model.safetensors", keep=0.9)
+    return export("--tokenizer", str(saved_tokenizer(c)), "--base", str(base), "--out", str(c.path("out")))
+
+
 @case("export: a released .pth with the wrong preset", "shape mismatches")
 def _(c):
     from tests.test_internvl import to_released_layout

@@ -1,21 +1,27 @@
 """Put a trained encoder back into its home model.
 
     python -m unilip.export --tokenizer runs/stage2/tokenizer --base OpenGVLab/InternVL3-1B-hf --out InternVL3-1B-UniLIP
+    python -m unilip.export --tokenizer runs/stage2/tokenizer --base OpenGVLab/InternVL3-1B --out InternVL3-1B-UniLIP
     python -m unilip.export --tokenizer runs/siglip/tokenizer/stage2/tokenizer --out siglip2-unilip [--base google/...]
 
 `--tokenizer` is a `save_pretrained` directory or a released `.pth` (then give `--preset`).
 Where the encoder goes depends on it:
-- InternViT: a complete transformers InternVL checkpoint (language model, tokenizer and processor
-  files from `--base`, which is required) that `InternVLForConditionalGeneration.from_pretrained`
-  loads directly. A base whose image-feature path differs from the tokenizer's (another projector
-  activation, feature layer, CLS handling, pixel-shuffle ratio or size) is refused before it is loaded.
+- InternViT: a complete InternVL checkpoint in the format of `--base` (required), told apart by its
+  config.json. A transformers (-hf) base (`OpenGVLab/InternVL3-1B-hf`, lmms-eval's `internvl_hf`) gives a
+  checkpoint that `InternVLForConditionalGeneration.from_pretrained` loads directly. An original remote-code
+  base (`OpenGVLab/InternVL3-1B`, model_type internvl_chat; what VLMEvalKit loads) gives a copy of it,
+  file for file, whose `vision_model.*` and `mlp1.*` tensors are the tokenizer's (q, k, v merged into qkv),
+  in the base's safetensors files and dtype; its python files are copied, never run. A base whose
+  image-feature path differs from the tokenizer's (another projector activation, feature layer, CLS
+  handling, pixel-shuffle ratio or version, size) is refused before its weights are read.
 - SigLIP / SigLIP 2 / DINOv2: a `SiglipVisionModel`, `Siglip2VisionModel`, `Dinov2Model` or
   `Dinov2WithRegistersModel` checkpoint. `--base` (optional) is the checkpoint the encoder came from:
   it must be of the same model type and size, and its image processor config is carried over.
-Unless `--no-verify`, the result is reloaded with transformers (no missing or unexpected keys) and
-its features are compared with the tokenizer's; it is written next to `--out` and moved there only
-once it passed, so a failed export leaves nothing that looks like a checkpoint. `--out` must not
-exist (or be empty).
+Unless `--no-verify`, the result is reloaded with transformers (no missing or unexpected keys; an
+original-format export through the original -> transformers key mapping, its language model checked bit
+for bit against the base's) and its features are compared with the tokenizer's; it is written next to
+`--out` and moved there only once it passed, so a failed export leaves nothing that looks like a
+checkpoint. `--out` must not exist (or be empty).
 """
 
 from __future__ import annotations
@@ -48,14 +54,15 @@ def main(argv: list[str] | None = None) -> None:
         "--base",
         default=None,
         help="the home checkpoint the encoder came from (hub id or directory): required for InternViT (InternVL, "
-        "-hf format), optional for SigLIP / DINOv2",
+        "-hf or original format; the export takes its format), optional for SigLIP / DINOv2",
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory (new, or empty)")
     parser.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
         default="auto",
-        help="dtype to save in (auto: InternVL's base's, else the tokenizer's)",
+        help="dtype to save in (auto: InternVL's base's, else the tokenizer's; for an original-format base every "
+        "floating-point tensor is cast, its config.json is not changed)",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip reloading and comparing features")
     args = parser.parse_args(argv)
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         with _staging(out) as staging:
             tokenizer.encoder.export(staging, args.base, DTYPES[args.dtype])
             if not args.no_verify:
-                check = tokenizer.encoder.verify_export(staging)
+                check = tokenizer.encoder.verify_export(staging, args.base)
                 if not check.ok:
                     raise ExportMismatchError(
                         f"the exported model's image features differ from the tokenizer's by {check.difference:.2e} "
@@ -80,9 +87,10 @@ def main(argv: list[str] | None = None) -> None:
             staging.rename(out)
     if not args.no_verify:
         log.info(
-            "verified: transformers loads %s with no missing or unexpected keys; its image features equal the "
-            "tokenizer's with %s weights (max |diff| %.2e, tolerance %.2e); saving in %s moves them by %.2e",
-            *(out, _name(check.dtype), check.difference, check.tolerance, _name(check.dtype), check.rounding),
+            "verified %s: %s; its image features equal the tokenizer's with %s weights (max |diff| %.2e, "
+            "tolerance %.2e); saving in %s moves them by %.2e",
+            *(out, check.how, _name(check.dtype), check.difference, check.tolerance, _name(check.dtype)),
+            check.rounding,
         )
     log.info("wrote %s", out)
 

@@ -39,24 +39,31 @@ _VIT_RENAMES = (
 )
 _QKV = re.compile(r"encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)")
 # InternVL's `mlp1` Sequential(LayerNorm, Linear, GELU, Linear) -> transformers' projector.
-_PROJECTOR_RENAMES = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+PROJECTOR_RENAMES = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
 # Top-level prefixes of a released UniLIP checkpoint -> our module names.
 _DIRECT_PREFIXES = {"down_blocks.": "residual_blocks.", "down_mlp.": "down_mlp.", "decoder.": "decoder."}
 # Training-only heads some released files carry; they are not part of the tokenizer.
 TRAINING_ONLY_PREFIXES = ("regressor.",)
 
 
-def convert_internvit_key(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One original InternViT tensor -> its transformers tensor(s); qkv is split row-wise into q, k, v."""
+def internvit_names(key: str) -> list[str]:
+    """One original InternViT name -> its transformers name(s): [q, k, v] for a fused qkv, else one name.
+
+    A fused qkv tensor is the rows of q, k and v stacked in that order (InternViT's `qkv` Linear).
+    """
     if match := _QKV.fullmatch(key):
         layer, kind = match.groups()
-        q, k, v = tensor.chunk(3, dim=0)
-        prefix = f"encoder.layer.{layer}.attention"
-        return {f"{prefix}.q_proj.{kind}": q, f"{prefix}.k_proj.{kind}": k, f"{prefix}.v_proj.{kind}": v}
+        return [f"encoder.layer.{layer}.attention.{part}_proj.{kind}" for part in "qkv"]
     for pattern, replacement in _VIT_RENAMES:
         if re.fullmatch(pattern, key):
-            return {re.sub(pattern, replacement, key): tensor}
+            return [re.sub(pattern, replacement, key)]
     raise KeyError(key)
+
+
+def convert_internvit_key(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One original InternViT tensor -> its transformers tensor(s); qkv is split row-wise into q, k, v."""
+    names = internvit_names(key)
+    return dict(zip(names, tensor.chunk(len(names), dim=0), strict=True))
 
 
 def convert_unilip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -74,9 +81,9 @@ def convert_unilip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
                     converted[f"vision_tower.{name}"] = value
             except KeyError:
                 unknown.append(key)
-        elif key.startswith("mlp1.") and key.split(".")[1] in _PROJECTOR_RENAMES:
+        elif key.startswith("mlp1.") and key.split(".")[1] in PROJECTOR_RENAMES:
             _, index, rest = key.split(".", 2)
-            converted[f"multi_modal_projector.{_PROJECTOR_RENAMES[index]}.{rest}"] = tensor
+            converted[f"multi_modal_projector.{PROJECTOR_RENAMES[index]}.{rest}"] = tensor
         elif prefix := next((p for p in _DIRECT_PREFIXES if key.startswith(p)), None):
             converted[_DIRECT_PREFIXES[prefix] + key[len(prefix) :]] = tensor
         else:
@@ -130,8 +137,8 @@ def check_internvl_base(base_dir: Path, config: TokenizerConfig) -> None:
     raw = read_json(config_file, what="base config")
     if raw.get("model_type") != "internvl":
         raise ConfigError(
-            f"--base {base_dir} is not a transformers InternVL checkpoint (model_type={raw.get('model_type')!r}); "
-            "give one in the -hf format, e.g. OpenGVLab/InternVL3-1B-hf"
+            f"--base {base_dir} is not a transformers InternVL checkpoint (model_type={raw.get('model_type')!r}) nor "
+            "an original one ('internvl_chat'); give e.g. OpenGVLab/InternVL3-1B-hf or OpenGVLab/InternVL3-1B"
         )
     base = InternVLConfig.from_dict(raw)
     expected = {
@@ -191,7 +198,7 @@ def export_to_internvl(
     return out_dir
 
 
-def _features_in(
+def features_in(
     tokenizer: UniLIPTokenizer | InternViTEncoder, dtype: torch.dtype, pixel_values: torch.Tensor
 ) -> torch.Tensor:
     """The tokenizer's features with its ViT and projector weights rounded to `dtype`, computed in float32."""
@@ -225,12 +232,12 @@ def verify_export(
         torch.tensor(values).view(1, 3, 1, 1) for values in (tokenizer.config.image_mean, tokenizer.config.image_std)
     )
     pixel_values = (images - mean) / std
-    reference = _features_in(tokenizer, saved, pixel_values)
+    reference = features_in(tokenizer, saved, pixel_values)
     with torch.no_grad():
         theirs = model.get_image_features(pixel_values=pixel_values).pooler_output
     return ExportCheck(
         dtype=saved,
         difference=(reference - theirs).abs().max().item(),
         tolerance=EXPORT_RTOL * max(1.0, reference.abs().max().item()),
-        rounding=(reference - _features_in(tokenizer, torch.float32, pixel_values)).abs().max().item(),
+        rounding=(reference - features_in(tokenizer, torch.float32, pixel_values)).abs().max().item(),
     )

@@ -49,6 +49,7 @@ class ExportCheck:
     difference: float  # exported model vs the tokenizer rounded to `dtype`, both computed in float32
     tolerance: float  # EXPORT_RTOL x the largest feature magnitude
     rounding: float  # the tokenizer rounded to `dtype` vs the tokenizer itself: what saving in `dtype` costs
+    how: str = "transformers loads it with no missing or unexpected keys"  # what else was checked, in words
 
     @property
     def ok(self) -> bool:
@@ -148,8 +149,9 @@ class Encoder(nn.Module):
         """Write the encoder back into its home format at `out_dir` (`base`: the home checkpoint it came from)."""
         raise NotImplementedError
 
-    def verify_export(self, out_dir: Path) -> ExportCheck:
-        """Reload what `export` wrote with transformers and compare its features with this encoder's."""
+    def verify_export(self, out_dir: Path, base: str | None = None) -> ExportCheck:
+        """Reload what `export` wrote with transformers and compare its features with this encoder's (`base`: the
+        one given to `export`)."""
         raise NotImplementedError
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:

@@ -96,19 +96,35 @@ class InternViTEncoder(Encoder):
         log.info("loaded InternViT and projector from %s", path)
 
     def export(self, out_dir: Path, base: str | None, dtype: torch.dtype | None) -> Path:
+        """Into `base`'s format: transformers' (-hf, `unilip.models.internvl`) or InternVL's original remote-code
+        one (`unilip.models.internvl_original`), told apart by its config.json."""
         from unilip.models.internvl import export_to_internvl
+        from unilip.models.internvl_original import export_to_original, is_original
 
         if base is None:
             raise ConfigError(
                 "--base is required for an InternViT tokenizer: the InternVL checkpoint it was trained from "
-                "(its language model is kept), e.g. OpenGVLab/InternVL3-1B-hf"
+                "(its language model is kept), e.g. OpenGVLab/InternVL3-1B-hf or OpenGVLab/InternVL3-1B"
             )
-        return export_to_internvl(self, base, out_dir, dtype=dtype)
+        base_dir = _base_dir(base)
+        if is_original(base_dir):
+            return export_to_original(self, base_dir, out_dir, dtype=dtype)
+        return export_to_internvl(self, base_dir, out_dir, dtype=dtype)
 
-    def verify_export(self, out_dir: Path) -> ExportCheck:
+    def verify_export(self, out_dir: Path, base: str | None = None) -> ExportCheck:
         from unilip.models.internvl import verify_export
+        from unilip.models.internvl_original import is_original, verify_original_export
 
+        if is_original(out_dir):
+            if base is None:
+                raise ValueError("verifying an export into the original InternVL format needs its base")
+            return verify_original_export(self, out_dir, _base_dir(base))
         return verify_export(self, out_dir)
+
+
+def _base_dir(base: str | Path) -> Path:
+    # every file: an original-format base's python files and tokenizer are part of the export
+    return resolve_pretrained(base, what="base InternVL checkpoint", option="--base", allow_patterns=None)
 
 
 def check_vision_config(path: Path, config: TokenizerConfig) -> None:

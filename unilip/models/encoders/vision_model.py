@@ -134,7 +134,7 @@ class VisionModelEncoder(Encoder):
         log.info("wrote a %s checkpoint with the trained encoder to %s", self.model_class.__name__, out_dir)
         return out_dir
 
-    def verify_export(self, out_dir: Path) -> ExportCheck:
+    def verify_export(self, out_dir: Path, base: str | None = None) -> ExportCheck:
         """Reload `out_dir` with `model_class.from_pretrained` (no missing or unexpected keys allowed) and compare
         its features, read the tokenizer's way, with this encoder's on one random image at the native size."""
         model, info = self.model_class.from_pretrained(out_dir, dtype="auto", output_loading_info=True)
