@@ -31,34 +31,38 @@ HF_TO_ORIGINAL_LAYER = {
 }
 
 
+def hand_original_names(vision: dict, projector: dict, vit_prefix: str) -> dict[str, torch.Tensor]:
+    """transformers' InternViT tensors (`vision`) and projector tensors under InternVL's original names: the ViT's
+    below `vit_prefix` (q, k, v stacked into qkv), the projector's as `mlp1.{0,1,3}`."""
+    out = {}
+    for name, value in vision.items():
+        if name in HF_TO_ORIGINAL_VIT:
+            out[vit_prefix + HF_TO_ORIGINAL_VIT[name]] = value
+            continue
+        layer, rest = name[len("encoder.layer.") :].split(".", 1)
+        prefix = f"{vit_prefix}encoder.layers.{layer}."
+        if rest.startswith("attention.q_proj"):
+            kind = rest.rsplit(".", 1)[1]
+            qkv = [vision[f"encoder.layer.{layer}.attention.{p}_proj.{kind}"] for p in "qkv"]
+            out[prefix + f"attn.qkv.{kind}"] = torch.cat(qkv, dim=0)
+        elif not rest.startswith(("attention.k_proj", "attention.v_proj")):
+            module, param = rest.rsplit(".", 1) if "." in rest else (rest, None)
+            out[prefix + HF_TO_ORIGINAL_LAYER[module] + (f".{param}" if param else "")] = value
+    for name, value in projector.items():
+        module, param = name.split(".")
+        out[f"mlp1.{ {'layer_norm': 0, 'linear_1': 1, 'linear_2': 3}[module] }.{param}"] = value
+    return out
+
+
 def to_released_layout(model: UniLIPTokenizer) -> dict[str, torch.Tensor]:
     """Write a tokenizer's weights the way the released `1b_unilip.pth` names them."""
-    out = {}
-    state = model.state_dict()
-    for key, value in state.items():
-        if key.startswith("vision_tower."):
-            name = key[len("vision_tower.") :]
-            if name in HF_TO_ORIGINAL_VIT:
-                out["encoder." + HF_TO_ORIGINAL_VIT[name]] = value
-                continue
-            layer, rest = name[len("encoder.layer.") :].split(".", 1)
-            prefix = f"encoder.encoder.layers.{layer}."
-            if rest.startswith("attention.q_proj"):
-                kind = rest.rsplit(".", 1)[1]
-                qkv = [state[f"vision_tower.encoder.layer.{layer}.attention.{p}_proj.{kind}"] for p in "qkv"]
-                out[prefix + f"attn.qkv.{kind}"] = torch.cat(qkv, dim=0)
-            elif rest.startswith(("attention.k_proj", "attention.v_proj")):
-                continue
-            else:
-                module, param = rest.rsplit(".", 1) if "." in rest else (rest, None)
-                original = HF_TO_ORIGINAL_LAYER[module]
-                out[prefix + original + (f".{param}" if param else "")] = value
-        elif key.startswith("multi_modal_projector."):
-            index = {"layer_norm": "0", "linear_1": "1", "linear_2": "3"}[key.split(".")[1]]
-            out[f"mlp1.{index}.{key.split('.')[2]}"] = value
-        elif key.startswith("residual_blocks."):
+    out = hand_original_names(
+        model.vision_tower.state_dict(), model.multi_modal_projector.state_dict(), vit_prefix="encoder."
+    )
+    for key, value in model.state_dict().items():
+        if key.startswith("residual_blocks."):
             out["down_blocks." + key[len("residual_blocks.") :]] = value
-        else:
+        elif not key.startswith(("vision_tower.", "multi_modal_projector.")):
             out[key] = value
     return out
 

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.test_internvl import HF_TO_ORIGINAL_LAYER, HF_TO_ORIGINAL_VIT, tiny_internvl
+from tests.test_internvl import hand_original_names, tiny_internvl
 from unilip.export import main as export_main
 
 VOCAB = 320
@@ -28,24 +28,7 @@ REMOTE_CODE = (
 
 def original_vision_names(vision: dict, projector: dict) -> dict[str, torch.Tensor]:
     """transformers' InternVL vision tower + projector tensors under InternVL's original names (hand-written)."""
-    out = {}
-    for name, value in vision.items():
-        if name in HF_TO_ORIGINAL_VIT:
-            out["vision_model." + HF_TO_ORIGINAL_VIT[name]] = value
-            continue
-        layer, rest = name[len("encoder.layer.") :].split(".", 1)
-        prefix = f"vision_model.encoder.layers.{layer}."
-        if rest.startswith("attention.q_proj"):
-            kind = rest.rsplit(".", 1)[1]
-            qkv = [vision[f"encoder.layer.{layer}.attention.{p}_proj.{kind}"] for p in "qkv"]
-            out[prefix + f"attn.qkv.{kind}"] = torch.cat(qkv, dim=0)
-        elif not rest.startswith(("attention.k_proj", "attention.v_proj")):
-            module, param = rest.rsplit(".", 1) if rest.count(".") else (rest, None)
-            out[prefix + HF_TO_ORIGINAL_LAYER[module] + (f".{param}" if param else "")] = value
-    for name, value in projector.items():
-        module, param = name.split(".")
-        out[f"mlp1.{ {'layer_norm': 0, 'linear_1': 1, 'linear_2': 3}[module] }.{param}"] = value
-    return out
+    return hand_original_names(vision, projector, vit_prefix="vision_model.")
 
 
 def original_config(tokenizer, **changes) -> dict:
