@@ -43,7 +43,7 @@ from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
 from unilip.training.rng import gather_rng_states, restore_rng_states
 from unilip.training.schedules import cosine_with_warmup
 from unilip.training.tokenizer import _decay_groups
-from unilip.training.validation import EpochMeans
+from unilip.training.validation import EpochMeans, log_epoch_means
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         means = self.val_means.compute(self.device)
         if not means:  # the same on every rank: all raise together
             raise DataError("validation: no rank could read a single sample; check data.val_urls (see the warnings)")
-        self.log_dict(means, on_epoch=True)
+        log_epoch_means(self, means)
         rows, self._grid_rows = self._grid_rows, None
         if getattr(self, "device_mesh", None) is not None:
             # FSDP: sampling runs collective forward passes, so every rank samples rank 0's rows

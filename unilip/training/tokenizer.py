@@ -50,7 +50,7 @@ from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
 from unilip.training.rng import gather_rng_states, restore_rng_states
 from unilip.training.schedules import cosine_with_warmup
 from unilip.training.stages import apply_stage, check_stage
-from unilip.training.validation import EpochMeans
+from unilip.training.validation import EpochMeans, log_epoch_means
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         means = self.val_means.compute(self.device)
         if not means:  # the same on every rank: all raise together
             raise DataError("validation: no rank could read a single sample; check data.val_urls (see the warnings)")
-        self.log_dict(means, on_epoch=True)
+        log_epoch_means(self, means)
         super().on_validation_epoch_end()
 
     def _save_grid(self, images: torch.Tensor, recon: torch.Tensor) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,3 +48,9 @@ class EpochMeans:
         sums, counts = totals.tolist()[: len(self.names)], totals.tolist()[len(self.names) :]
         self.reset()
         return {name: s / c for name, s, c in zip(self.names, sums, counts, strict=True) if c > 0}
+
+
+def log_epoch_means(module: Any, means: dict[str, float]) -> None:
+    """Log `EpochMeans.compute()`'s means from a LightningModule. They are already the same on every rank, so
+    Lightning's sync (which it asks for in a warning per metric otherwise) takes their max: the values unchanged."""
+    module.log_dict(means, on_epoch=True, sync_dist=True, reduce_fx="max")

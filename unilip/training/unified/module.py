@@ -58,7 +58,7 @@ from unilip.training.unified.rollouts import (
     velocity_of,
 )
 from unilip.training.unified.sharding import check_all_sharded, shard_unified
-from unilip.training.validation import EpochMeans
+from unilip.training.validation import EpochMeans, log_epoch_means
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         means = self.val_means.compute(self.device)
         if not means:
             raise DataError("validation: no rank could read a single sample; check data.val_urls (see the warnings)")
-        self.log_dict(means, on_epoch=True)
+        log_epoch_means(self, means)
         if self.global_rank == 0 and self._grid is not None and self.sample_dir is not None:
             self._write_grid(self._grid)
         self._grid = None
