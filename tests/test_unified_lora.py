@@ -88,8 +88,8 @@ def test_training_adapters_leaves_the_base_weights_bit_identical(build, run, tar
     assert set(merged) == set(plain.state_dict())  # the base model's own key names
     plain.load_state_dict(merged)
     with torch.no_grad():
-        # folded in: the same function, up to rounding W + s B A once (a few ulps of outputs of size ~1: at most
-        # 4.2e-7 measured under the other-CPU kernels of .ci/numerics; an adapter lost or doubled moves it by 0.3 or more)
+        # folded in: the same function, up to rounding W + s B A once (a few ulps of outputs of size ~1: at
+        # most 4.2e-7 under the other-CPU kernels of .ci/numerics); an adapter lost or doubled moves it by >= 0.3
         assert torch.allclose(run(plain, inputs), adapted, atol=1e-5)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in originals.items())  # merging changed nothing
 
