@@ -48,6 +48,31 @@ def test_32_bit_integer_grayscale_holding_16_bit_values_is_scaled_too():
     np.testing.assert_array_equal(rgb[..., 1], np.rint(ramp / 257.0).astype(np.uint8))
 
 
+def png_chunk(data: bytes, kind: bytes) -> bytes | None:
+    """The payload of the first chunk of type `kind` in PNG bytes, None if there is none."""
+    at = 8  # after the signature
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        if data[at + 4 : at + 8] == kind:
+            return data[at + 8 : at + 8 + length]
+        at += 12 + length  # length, type, payload, CRC
+    return None
+
+
+@pytest.mark.parametrize("transparent", [0, 32896])  # black (the common case), and mid-gray in 16-bit units
+def test_16_bit_grayscale_png_with_a_transparent_level_shows_white_there(transparent):
+    levels = np.array([[transparent, 0, 1, 32896], [32897, 257, 65535, transparent]], np.uint16)
+    data = encoded(Image.fromarray(levels), "PNG", transparency=transparent)
+    assert png_chunk(data, b"IHDR")[8:10] == bytes([16, 0])  # bit depth 16, colour type 0: 16-bit grayscale
+    assert png_chunk(data, b"tRNS") == transparent.to_bytes(2, "big")  # the one fully transparent level
+    # Only the exact 16-bit level is transparent: 1 and 32897 are opaque (8-bit 0 and 128, like 0 and 32896).
+    opaque = {0: 0, 1: 0, 32896: 128, 32897: 128, 257: 1, 65535: 255}
+    expected = np.array([[255 if v == transparent else opaque[v] for v in row] for row in levels.tolist()])
+    rgb = decoded(data)
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel], expected)
+
+
 def test_palette_with_a_transparent_index_shows_white_where_transparent():
     image = Image.new("P", (4, 4))
     image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red, index 1 blue

@@ -71,15 +71,21 @@ def as_rgb(image: Image.Image) -> Image.Image:
 
     - the EXIF orientation is applied (a phone photo stored sideways comes out upright);
     - 16-bit grayscale (PIL modes I;16*, and I as 16-bit PNGs may open) is scaled to 8 bits
-      (value / 257); PIL's own conversion clips it, which turns most of the image white;
+      (value / 257); PIL's own conversion clips it, which turns most of the image white; its transparent
+      level (a PNG's tRNS) becomes white;
     - transparency (RGBA, LA, PA, a palette or RGB with a transparent colour) is composited over white;
     - grayscale, palette, CMYK and YCCK JPEGs (libjpeg undoes YCCK, PIL Adobe's inverted CMYK) convert as PIL does.
     """
     if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode in _HIGH_DEPTH_GRAY:
-        pixels = np.asarray(image).astype(np.float32)
-        return Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8)).convert("RGB")
+        levels = np.asarray(image)
+        gray = np.clip(np.rint(levels.astype(np.float32) / 257.0), 0, 255).astype(np.uint8)
+        rgb = np.repeat(gray[..., None], 3, axis=-1)
+        transparent = image.info.get("transparency")
+        if isinstance(transparent, int):  # a grayscale PNG's tRNS: the one 16-bit level that is fully transparent
+            rgb[levels == transparent] = BACKGROUND
+        return Image.fromarray(rgb)
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
