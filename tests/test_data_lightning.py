@@ -69,6 +69,7 @@ def _fit(urls: list[str], max_steps: int, root, ckpt_path=None, callbacks=()) ->
     return module
 
 
+@pytest.mark.numerics
 @pytest.mark.filterwarnings("ignore:.*(does not have many workers|val_dataloader|limit_val_batches).*")
 def test_lightning_resume_mid_epoch_sees_the_uninterrupted_batches(tmp_path):
     urls = shards(tmp_path, 3, per_shard=7)

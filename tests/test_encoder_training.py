@@ -96,6 +96,7 @@ def test_eval_measures_feature_fidelity_against_the_original_encoder(stages, pho
     assert str(runs / "stage1") in " ".join(results["notes"])  # the teacher found through the lineage
 
 
+@pytest.mark.numerics
 @pytest.mark.slow  # three short runs per encoder; resume itself is tested with InternViT in the default suite
 @pytest.mark.parametrize("preset", PRESETS)
 def test_resume_is_bit_identical(preset, photos_dir, tmp_path):

@@ -232,6 +232,7 @@ def test_the_cli_says_what_is_wrong_in_one_line(stage3, tmp_path):
             main([*argv, "--device", "cpu"])
 
 
+@pytest.mark.numerics
 def test_resume_is_exact(photos_dir, runs_dir, tokenizer_dir):
     steps = ["stages.stage1.max_steps=4", "data.train_batches_per_epoch=2", f"tokenizer_from={tokenizer_dir}"]
     straight = train(_cfg(photos_dir, runs_dir, 1, *steps, name="straight"))

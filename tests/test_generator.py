@@ -218,6 +218,7 @@ def test_real_presets_on_meta(mllm, dit, expected_dit):
     assert generator.projection.out_features == 2304 == generator.dit.config.caption_channels
 
 
+@pytest.mark.numerics
 def test_gradient_checkpointing_gives_the_same_gradients(parts):
     conditioner, generator = parts
     generator.train()

@@ -77,6 +77,7 @@ def stage1_dir(photos_dir, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.numerics
 def test_kill_and_resume_is_bit_identical(photos_dir, stage1_dir, tmp_path):
     straight = tmp_path / "straight"
     run_train(photos_dir, straight, *RESUME, f"init_from={stage1_dir}")

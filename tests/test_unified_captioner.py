@@ -124,6 +124,7 @@ def counted(function, calls: list):
     return wrapper
 
 
+@pytest.mark.numerics
 def test_gradient_checkpointing_gives_the_same_adapter_gradients_and_keeps_sampling_cached(internvl):
     _, preset, tokenizer = internvl
     features = None

@@ -167,6 +167,7 @@ def test_a_fully_trained_dit_keeps_a_frozen_reference_and_several_updates_per_ro
     assert ratios and all(r > 0 for r in ratios)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_is_exact(photos_dir, runs_dir, generator_dir, stage1, stage, tmp_path):
     extra = [f"captioner_from={stage1}"] if stage == 2 else []
