@@ -153,6 +153,8 @@ def train(cfg: DictConfig) -> Path:
     ckpt_path = resume_checkpoint(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
+    if hasattr(datamodule, "prepare"):
+        datamodule.prepare()  # the bundled photos are built (once) before the step plan counts the shards
     plan_steps(cfg, datamodule)  # recipe.epochs -> trainer.max_steps; logs samples, epochs, steps, global batch
     module = TASKS[cfg.task](cfg)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values() if callback]
