@@ -312,6 +312,28 @@ def _(c):
     return generate(*args, "--out", str(c.path("cat.png")))
 
 
+def prompt_file(case: Case, *lines: dict) -> list[str]:
+    """`generate prompts` on a .jsonl file of `lines`; the file is read before the generator is looked at."""
+    text_file(case.path("prompts.jsonl"), "".join(json.dumps(line) + "\n" for line in lines))
+    out = ["--out", str(case.path("samples")), "--device", "cpu"]
+    return generate(
+        "prompts", "--generator", str(case.path("generator")), "--prompts", str(case.path("prompts.jsonl")), *out
+    )
+
+
+@case("generate: a prompt file whose seed is a word", 'prompts.jsonl:2: "seed" must be a whole number')
+def _(c):
+    return prompt_file(c, {"prompt": "a cat"}, {"prompt": "a dog", "seed": "five"})
+
+
+@case(
+    "generate: a prompt file whose seed is a fraction",
+    'prompts.jsonl:1: "seed" must be a whole number in [0, 2^64), got 5.7',
+)
+def _(c):
+    return prompt_file(c, {"prompt": "a cat", "seed": 5.7})
+
+
 @case("make_shards: an input that does not exist", "not a directory or a .jsonl file")
 def _(c):
     return make_shards(str(c.path("photos")), str(c.path("shards")))
@@ -392,6 +414,7 @@ SLOW = {
     "export: an InternViT tokenizer without its InternVL base",
     "train: encoder weights of another encoder",
     "make_shards: an input that does not exist",
+    "generate: a prompt file whose seed is a fraction",
     "train: a latent cache made with another tokenizer",  # tests/test_latent_cache.py checks the refusal in-process
 }
 
