@@ -205,6 +205,21 @@ def _(c):
     return train(c, f"resume={truncated(checkpoint_file(c.path('step.ckpt')))}")
 
 
+@case("train: resume=auto from a truncated last.ckpt", "latest earlier one: resume=")
+def _(c):
+    checkpoints = c.path("runs/default/tokenizer/stage1/checkpoints")
+    checkpoint_file(checkpoints / "step0000100.ckpt")
+    truncated(checkpoint_file(checkpoints / "step0000200.ckpt"))  # killed while written: not the one to name
+    truncated(checkpoint_file(checkpoints / "last.ckpt"))
+    return train(c, "resume=auto")
+
+
+@case("train: resume from a run directory", "is a directory that holds no checkpoint")
+def _(c):
+    checkpoint_file(c.path("runs/old/tokenizer/stage1/checkpoints/last.ckpt"))
+    return train(c, f"resume={c.path('runs/old/tokenizer/stage1')}")
+
+
 @case("eval: no ckpt", "ckpt is required; pass ckpt=<value>")
 def _(c):
     return evaluate(c)
@@ -405,6 +420,7 @@ SLOW = {
     "train: init_from a saved tokenizer with truncated weights",
     "train: init_from a truncated checkpoint",
     "train: resume from a truncated checkpoint",
+    "train: resume from a run directory",
     "eval: a ckpt that does not exist",
     "eval: a text file named .ckpt",
     "eval: a preset that does not exist",
@@ -416,6 +432,12 @@ SLOW = {
     "make_shards: an input that does not exist",
     "generate: a prompt file whose seed is a fraction",
     "train: a latent cache made with another tokenizer",  # tests/test_latent_cache.py checks the refusal in-process
+}
+
+
+# Cases whose error line must end with a path under the case's folder.
+NAMED_PATHS = {
+    "train: resume=auto from a truncated last.ckpt": "runs/default/tokenizer/stage1/checkpoints/step0000100.ckpt"
 }
 
 
@@ -435,5 +457,7 @@ def test_a_users_mistake_is_one_error_line_and_changes_nothing(name, photos_dir,
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert result.returncode != 0, report
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], report
+    if name in NAMED_PATHS:  # the path the line must name, which only exists under this test's folder
+        assert errors[0].endswith(str(c.path(NAMED_PATHS[name]))), report
     assert "Traceback" not in result.stderr + result.stdout, report
     assert tree(tmp_path, photos_dir) == before, report
