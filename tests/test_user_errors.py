@@ -369,6 +369,14 @@ def _(c):
     return make_shards(str(c.path("images")), str(c.path("shards")))
 
 
+@case("make_shards: an output path that is an existing file", "shards.tar is a file, not a folder; give a new")
+def _(c):
+    c.path("images").mkdir()
+    Image.new("RGB", (8, 8)).save(c.path("images/a.png"))
+    text_file(c.path("shards.tar"), "a file the user meant to keep\n")
+    return make_shards(str(c.path("images")), str(c.path("shards.tar")))
+
+
 @case("make_shards: a folder in which no image can be read", "none of the 2 samples could be read")
 def _(c):
     text_file(c.path("images/a.jpg"), "not a JPEG")
