@@ -343,6 +343,7 @@ def _(c):
 
 @case(
     "generate: a prompt file whose seed is a fraction",
+    "make_shards: an output path that is an existing file",
     'prompts.jsonl:1: "seed" must be a whole number in [0, 2^64), got 5.7',
 )
 def _(c):
@@ -439,6 +440,7 @@ SLOW = {
     "train: encoder weights of another encoder",
     "make_shards: an input that does not exist",
     "generate: a prompt file whose seed is a fraction",
+    "make_shards: an output path that is an existing file",
     "train: a latent cache made with another tokenizer",  # tests/test_latent_cache.py checks the refusal in-process
 }
 
