@@ -343,7 +343,6 @@ def _(c):
 
 @case(
     "generate: a prompt file whose seed is a fraction",
-    "make_shards: an output path that is an existing file",
     'prompts.jsonl:1: "seed" must be a whole number in [0, 2^64), got 5.7',
 )
 def _(c):
@@ -430,6 +429,7 @@ SLOW = {
     "train: init_from a truncated checkpoint",
     "train: resume from a truncated checkpoint",
     "train: resume from a run directory",
+    "make_shards: an output path that is an existing file",
     "eval: a ckpt that does not exist",
     "eval: a text file named .ckpt",
     "eval: a preset that does not exist",
@@ -440,7 +440,6 @@ SLOW = {
     "train: encoder weights of another encoder",
     "make_shards: an input that does not exist",
     "generate: a prompt file whose seed is a fraction",
-    "make_shards: an output path that is an existing file",
     "train: a latent cache made with another tokenizer",  # tests/test_latent_cache.py checks the refusal in-process
 }
 
