@@ -186,3 +186,70 @@ def test_loader_benchmark_writes_its_table(tmp_path, caplog):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["size"] == 32 and row["workers"] == 0 and row["images_per_s"] > 0
     assert "images/s" in caplog.text
+
+
+def _copy_of(photos: Path, built: list):
+    """A stand-in for `build_photo_shards` that copies a finished set (seconds faster) and counts its calls."""
+
+    def build(out_dir) -> None:
+        import shutil
+
+        built.append(str(out_dir))
+        shutil.copytree(photos, out_dir, dirs_exist_ok=True)
+
+    return build
+
+
+def test_other_processes_wait_for_the_photos_local_rank_0_builds(photo_dir, tmp_path, monkeypatch):
+    """torchrun and srun start every rank at once: a rank that is not local rank 0 waits for the manifest
+    (moved in last) and then finds the whole set; with nobody building, it stops with one clear error."""
+    import threading
+
+    from unilip.data.samples import ensure_photo_shards
+    from unilip.data.shards import expand_urls
+
+    out = tmp_path / "data" / "photos"
+    with pytest.raises(DataError, match="waited 0 s for local rank 0 to build the bundled photo shards"):
+        ensure_photo_shards(out, builder=False, timeout_s=0.2, poll_s=0.05)
+    seen: list = []
+
+    def other_rank() -> None:
+        ensure_photo_shards(out, builder=False, timeout_s=60, poll_s=0.05)
+        seen.append(sorted(Path(url).name for url in expand_urls(str(out / "*.tar"))))
+
+    waiter = threading.Thread(target=other_rank)
+    waiter.start()
+    built: list = []
+    monkeypatch.setattr("unilip.data.samples.build_photo_shards", _copy_of(photo_dir, built))
+    ensure_photo_shards(out, builder=True)
+    ensure_photo_shards(out, builder=True)  # there now: not built again
+    waiter.join(timeout=60)
+    assert built == [str(out)]
+    assert seen == [sorted(p.name for p in photo_dir.glob("*.tar"))]
+
+
+def test_a_build_appears_whole_and_replaces_what_an_interrupted_one_left(tmp_path, monkeypatch):
+    """The set is written beside the target and moved in, manifest last: a half-written shard is never in
+    data/photos, a stale shard of an earlier build is removed, and a killed build's folder is cleaned up."""
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "train-000009.tar").write_bytes(b"left by an interrupted build")
+    abandoned = tmp_path / f".photos.building-{__import__('socket').gethostname()}-999999999"
+    abandoned.mkdir()
+    moves = []
+    real_replace = __import__("os").replace
+
+    def replace(source, target) -> None:
+        moves.append((Path(source).parent.name, Path(target).name, (out / "manifest.json").exists()))
+        real_replace(source, target)
+
+    monkeypatch.setattr("unilip.data.samples.os.replace", replace)
+    manifest = build_photo_shards(out, crops_per_photo=2, val_crops_per_photo=1, edit_crops_per_photo=1)
+    assert not (out / "train-000009.tar").exists() and not abandoned.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no building folder left
+    assert moves[-1][1] == "manifest.json" and not any(done for _, _, done in moves)  # the manifest comes last
+    assert all(folder.startswith(".photos.building-") for folder, _, _ in moves)
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in out.glob("*.tar")) == [
+        "edit-train-000000.tar", "edit-val-000000.tar", "train-000000.tar", "val-000000.tar"
+    ]  # fmt: skip

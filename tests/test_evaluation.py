@@ -205,20 +205,25 @@ def _run_eval(photos_dir, out, *overrides):
     return json.loads((out / "results.json").read_text())
 
 
-def test_two_process_evaluation_equals_one_process(photos_dir, saved_tokenizer, tmp_path):
+def test_three_process_evaluation_equals_one_process_and_leaves_one_log(photos_dir, saved_tokenizer, tmp_path):
     one = _run_eval(photos_dir, tmp_path / "one", f"ckpt={saved_tokenizer}", "trainer=cpu")
-    two = _run_eval(
+    three = _run_eval(
         photos_dir,
-        tmp_path / "two",
+        tmp_path / "three",
         f"ckpt={saved_tokenizer}",
         "trainer=ddp",
         "trainer.accelerator=cpu",
-        "trainer.devices=2",
+        "trainer.devices=3",
     )
-    assert [r["key"] for r in one["per_image"]] == [r["key"] for r in two["per_image"]]  # each image once
+    assert [r["key"] for r in one["per_image"]] == [r["key"] for r in three["per_image"]]  # each image once
     for name, stats in one["aggregate"].items():
         for stat, value in stats.items():
-            assert two["aggregate"][name][stat] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, stat)
+            assert three["aggregate"][name][stat] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, stat)
+    # the other ranks log to the console only: no train_ddp_process_<rank>.log beside the results
+    written = sorted(p.name for p in (tmp_path / "three").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "one").iterdir()) == [
+        ".hydra", "eval.log", "reconstructions.png", "results.json", "summary.md"
+    ]  # fmt: skip
 
 
 def test_eval_config_errors_are_one_line(photos_dir, tmp_path):

@@ -64,6 +64,12 @@ def test_prompt_files_txt_and_jsonl(tmp_path):
         ('{"text": "x"}\n', r'p.jsonl:1: each line needs a non-empty "prompt"'),
         ('{"prompt": "x", "key": "a"}\n{"prompt": "y", "key": "a"}\n', "appears twice"),
         ('{"prompt": "x", "key": "../up"}\n', "plain file name"),
+        ('{"prompt": "x"}\n{"prompt": "y", "seed": "five"}\n', r'p.jsonl:2: "seed" must be a whole number.*"five"'),
+        ('{"prompt": "x", "seed": 5.7}\n', r'p.jsonl:1: "seed" must be a whole number.*got 5.7$'),
+        ('{"prompt": "x", "seed": true}\n', r'p.jsonl:1: "seed" must be a whole number'),
+        ('{"prompt": "x", "seed": -1}\n', r'p.jsonl:1: "seed" must be a whole number'),
+        ('{"prompt": "x", "image": 3}\n', r'p.jsonl:1: "image" must be the path of an image file, got 3'),
+        ('{"prompt": "x", "key": null}\n', r'p.jsonl:1: "key" must be a string'),
     ]:
         jsonl.write_text(bad)
         with pytest.raises(SamplingError, match=message):
@@ -134,8 +140,12 @@ def test_edits_from_a_prompt_file_and_an_unreadable_source_is_skipped(generator_
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps(line) for line in lines))
     out = tmp_path / "out"
-    generate_main(["prompts", "--generator", str(generator_dir), "--prompts", str(prompts), "--out", str(out),
-                   "--batch-size", "3", *FAST])  # fmt: skip
+    incomplete = (
+        rf"^error: 1 of 3 prompts have no output \(first: broken: source image .*broken.jpg.*{out}/manifest.json"
+    )
+    with pytest.raises(SystemExit, match=incomplete):  # the others are written, but the run is not a success
+        generate_main(["prompts", "--generator", str(generator_dir), "--prompts", str(prompts), "--out", str(out),
+                       "--batch-size", "3", *FAST])  # fmt: skip
     assert sorted(p.name for p in out.glob("*.png")) == ["cat.png", "tree.png"]
     manifest = json.loads((out / "manifest.json").read_text())
     (skipped,) = manifest["runs"][0]["ranks"][0]["skipped"]
@@ -145,10 +155,39 @@ def test_edits_from_a_prompt_file_and_an_unreadable_source_is_skipped(generator_
     moved.mkdir()
     for name in ("p.jsonl", "cat.jpg", "broken.jpg"):
         (tmp_path / name).rename(moved / name)
-    generate_main(["prompts", "--generator", str(generator_dir), "--prompts", str(moved / "p.jsonl"), "--out", str(out),
-                   "--batch-size", "3", *FAST])  # fmt: skip
+    with pytest.raises(SystemExit, match=incomplete):
+        generate_main(["prompts", "--generator", str(generator_dir), "--prompts", str(moved / "p.jsonl"),
+                       "--out", str(out), "--batch-size", "3", *FAST])  # fmt: skip
     rerun = json.loads((out / "manifest.json").read_text())["runs"][1]["ranks"][0]
     assert rerun["generated"] == [] and rerun["skipped"][0]["key"] == "broken"
+
+
+@pytest.mark.slow  # a CLI start-up (~15-30 s here); test_edits_from_a_prompt_file... checks the same in-process
+def test_a_prompt_whose_source_image_is_missing_fails_the_command_after_the_others_are_made(generator_dir, tmp_path):
+    """The real CLI: a missing source image must not end in exit code 0 with an output missing. Every other image
+    is written (a long run never dies on one bad sample), then one error line says how many prompts have no
+    output and names the manifest that lists them."""
+    photo_files(tmp_path, ["cat.jpg"])
+    lines = [
+        {"prompt": "make it blue", "image": "cat.jpg", "key": "cat"},
+        {"prompt": "make it red", "image": "gone.jpg"},
+        {"prompt": "a tree", "key": "tree"},
+    ]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "unilip.pipelines.generate", "prompts", "--generator", str(generator_dir),
+               "--prompts", str(prompts), "--out", str(out), "--device", "cpu", *FAST]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("UNILIP_TRACEBACK", None)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: 1 of 3 prompts have no output (first: 00001: "), errors
+    assert "gone.jpg" in errors[0] and str(out / "manifest.json") in errors[0]
+    assert sorted(p.name for p in out.iterdir()) == ["cat.png", "manifest.json", "tree.png"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is False and manifest["runs"][0]["ranks"][0]["skipped"][0]["key"] == "00001"
 
 
 def test_grid_tiles_four_samples_row_major():

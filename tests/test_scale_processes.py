@@ -272,3 +272,17 @@ def test_torchrun_restarts_a_killed_rank_and_continues_from_the_last_checkpoint(
     a, b = _weights(straight), _weights(restarted)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _logged(restarted, "loss/total") == _logged(straight, "loss/total")
+
+
+@pytest.mark.slow
+def test_torchrun_on_a_fresh_machine_builds_the_photos_once_while_the_other_rank_waits(tmp_path):
+    """torchrun starts both ranks at once, with no data folder: local rank 0 builds the bundled photos before the
+    step plan counts them, rank 1 waits for them (it would stop with "no shard matches" otherwise)."""
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    overrides = [*TOKENIZER, *DDP, "trainer.devices=2", "stage=1", "stages.stage1.max_steps=2", "checkpoint_every=2"]
+    result = _run(_command("train.py", data, run_dir, *overrides, f"paths.runs_dir={tmp_path}", launcher=launcher))
+    output = result.stdout + result.stderr
+    assert output.count("building the bundled photo shards") == 1, output[-3000:]
+    assert (data / "photos" / "manifest.json").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert sorted(p.name for p in data.iterdir()) == ["photos"]  # no building folder left behind

@@ -309,3 +309,21 @@ def test_a_resumed_wandb_run_continues_under_its_id_with_the_resolved_config(pho
             time.sleep(1)
         raw = record.read_bytes()
         assert all(key in raw for key in keys), raw[:200]
+
+
+def test_a_first_run_on_a_fresh_clone_builds_the_photos_before_planning_its_steps(photos_dir, tmp_path, monkeypatch):
+    """No data folder at all, as on a fresh clone: the photos are built once, before the step plan expands the
+    shard globs (which used to stop the README's first command with "no shard matches")."""
+    import shutil
+
+    built = []
+
+    def build(out_dir) -> None:  # a copy of the session's set: the ordering is under test, not the builder
+        built.append(str(out_dir))
+        shutil.copytree(photos_dir / "photos", out_dir)
+
+    monkeypatch.setattr("unilip.data.samples.build_photo_shards", build)
+    fresh = tmp_path / "fresh" / "data"
+    run_dir = _run(fresh, tmp_path / "run", "stage=1", "stages.stage1.max_steps=2", "stages.stage1.image_size=56")
+    assert built == [str(fresh / "photos")]
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()

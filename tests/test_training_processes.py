@@ -206,6 +206,7 @@ def test_ddp_two_processes_equal_one_process(photos_dir, stage1_dir, tmp_path):
     start = module_state(stage1_dir / "checkpoints" / "last.ckpt")
     moved = max((one[k] - start[k]).abs().max().item() for k in one if k.startswith("tokenizer.decoder."))
     assert moved > 100 * worst  # the weights did train
+    assert sorted(p.name for p in (tmp_path / "ddp").glob("*.log")) == ["train.log"]  # rank 1: console only
 
 
 def test_fsdp2_two_processes_equal_one_process(photos_dir, stage1_dir, tmp_path):

@@ -205,6 +205,21 @@ def _(c):
     return train(c, f"resume={truncated(checkpoint_file(c.path('step.ckpt')))}")
 
 
+@case("train: resume=auto from a truncated last.ckpt", "latest earlier one: resume=")
+def _(c):
+    checkpoints = c.path("runs/default/tokenizer/stage1/checkpoints")
+    checkpoint_file(checkpoints / "step0000100.ckpt")
+    truncated(checkpoint_file(checkpoints / "step0000200.ckpt"))  # killed while written: not the one to name
+    truncated(checkpoint_file(checkpoints / "last.ckpt"))
+    return train(c, "resume=auto")
+
+
+@case("train: resume from a run directory", "is a directory that holds no checkpoint")
+def _(c):
+    checkpoint_file(c.path("runs/old/tokenizer/stage1/checkpoints/last.ckpt"))
+    return train(c, f"resume={c.path('runs/old/tokenizer/stage1')}")
+
+
 @case("eval: no ckpt", "ckpt is required; pass ckpt=<value>")
 def _(c):
     return evaluate(c)
@@ -312,6 +327,28 @@ def _(c):
     return generate(*args, "--out", str(c.path("cat.png")))
 
 
+def prompt_file(case: Case, *lines: dict) -> list[str]:
+    """`generate prompts` on a .jsonl file of `lines`; the file is read before the generator is looked at."""
+    text_file(case.path("prompts.jsonl"), "".join(json.dumps(line) + "\n" for line in lines))
+    out = ["--out", str(case.path("samples")), "--device", "cpu"]
+    return generate(
+        "prompts", "--generator", str(case.path("generator")), "--prompts", str(case.path("prompts.jsonl")), *out
+    )
+
+
+@case("generate: a prompt file whose seed is a word", 'prompts.jsonl:2: "seed" must be a whole number')
+def _(c):
+    return prompt_file(c, {"prompt": "a cat"}, {"prompt": "a dog", "seed": "five"})
+
+
+@case(
+    "generate: a prompt file whose seed is a fraction",
+    'prompts.jsonl:1: "seed" must be a whole number in [0, 2^64), got 5.7',
+)
+def _(c):
+    return prompt_file(c, {"prompt": "a cat", "seed": 5.7})
+
+
 @case("make_shards: an input that does not exist", "not a directory or a .jsonl file")
 def _(c):
     return make_shards(str(c.path("photos")), str(c.path("shards")))
@@ -330,6 +367,14 @@ def _(c):
     Image.new("RGB", (8, 8)).save(c.path("images/a.png"))
     text_file(c.path("shards/shard-000000.tar"), "an earlier shard set\n")
     return make_shards(str(c.path("images")), str(c.path("shards")))
+
+
+@case("make_shards: an output path that is an existing file", "shards.tar is a file, not a folder; give a new")
+def _(c):
+    c.path("images").mkdir()
+    Image.new("RGB", (8, 8)).save(c.path("images/a.png"))
+    text_file(c.path("shards.tar"), "a file the user meant to keep\n")
+    return make_shards(str(c.path("images")), str(c.path("shards.tar")))
 
 
 @case("make_shards: a folder in which no image can be read", "none of the 2 samples could be read")
@@ -383,6 +428,8 @@ SLOW = {
     "train: init_from a saved tokenizer with truncated weights",
     "train: init_from a truncated checkpoint",
     "train: resume from a truncated checkpoint",
+    "train: resume from a run directory",
+    "make_shards: an output path that is an existing file",
     "eval: a ckpt that does not exist",
     "eval: a text file named .ckpt",
     "eval: a preset that does not exist",
@@ -392,7 +439,14 @@ SLOW = {
     "export: an InternViT tokenizer without its InternVL base",
     "train: encoder weights of another encoder",
     "make_shards: an input that does not exist",
+    "generate: a prompt file whose seed is a fraction",
     "train: a latent cache made with another tokenizer",  # tests/test_latent_cache.py checks the refusal in-process
+}
+
+
+# Cases whose error line must end with a path under the case's folder.
+NAMED_PATHS = {
+    "train: resume=auto from a truncated last.ckpt": "runs/default/tokenizer/stage1/checkpoints/step0000100.ckpt"
 }
 
 
@@ -412,5 +466,7 @@ def test_a_users_mistake_is_one_error_line_and_changes_nothing(name, photos_dir,
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert result.returncode != 0, report
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], report
+    if name in NAMED_PATHS:  # the path the line must name, which only exists under this test's folder
+        assert errors[0].endswith(str(c.path(NAMED_PATHS[name]))), report
     assert "Traceback" not in result.stderr + result.stdout, report
     assert tree(tmp_path, photos_dir) == before, report

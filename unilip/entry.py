@@ -120,9 +120,11 @@ def hydra_job(cfg: DictConfig, precious: tuple[str, ...] = ()) -> Iterator[None]
 
 
 def start_run(run_dir: str | Path, rank: int = 0) -> None:
-    """The run is accepted: write Hydra's `.hydra/` files (rank 0) and open the job's log file.
+    """The run is accepted: write Hydra's `.hydra/` files and open the job's log file (rank 0).
 
-    Does nothing outside `hydra_job` (a config composed in a test or a notebook).
+    The other ranks log to the console only: Lightning restarts the script for them under the job name
+    `train_ddp_process_<rank>`, whose log files would otherwise lie beside the run's. Does nothing outside
+    `hydra_job` (a config composed in a test or a notebook).
     """
     if _job is None or _job.log_file is not None:
         return
@@ -131,13 +133,15 @@ def start_run(run_dir: str | Path, rank: int = 0) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     hydra = HydraConfig.instance().cfg
-    if rank == 0:
-        out = run_dir / HYDRA_OUTPUT_SUBDIR
-        out.mkdir(exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(_job.config), encoding="utf-8")
-        (out / "hydra.yaml").write_text(OmegaConf.to_yaml(hydra), encoding="utf-8")
-        (out / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra.hydra.overrides.task), encoding="utf-8")
     root = logging.getLogger()
+    if rank != 0:
+        root.removeHandler(_job.buffer)  # what it held went to the console already
+        return
+    out = run_dir / HYDRA_OUTPUT_SUBDIR
+    out.mkdir(exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(_job.config), encoding="utf-8")
+    (out / "hydra.yaml").write_text(OmegaConf.to_yaml(hydra), encoding="utf-8")
+    (out / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra.hydra.overrides.task), encoding="utf-8")
     console = next((h for h in root.handlers if isinstance(h, logging.StreamHandler)), None)
     _job.log_file = logging.FileHandler(run_dir / f"{hydra.hydra.job.name}.log", encoding="utf-8")
     _job.log_file.setFormatter(console.formatter if console is not None else logging.Formatter())

@@ -48,6 +48,7 @@ from unilip.data.latent_cache import (
     source_caches,
     write_manifest,
 )
+from unilip.data.samples import ensure_photo_shards
 from unilip.data.shards import DataError, SkipCounter, read_shard
 from unilip.data.streams import _batches, _worker
 from unilip.data.transforms import SampleTransform, to_float
@@ -214,13 +215,15 @@ def cache_stage(cfg) -> dict[str, Any] | None:
             "not a random crop"
         )
     out_dir = Path(cfg.latent_cache.dir)
+    rank, world_size, local_rank = distributed_env()
+    if cfg.data.get("build_photos"):  # the bundled photos, built once per machine before their globs are expanded
+        ensure_photo_shards(cfg.data.photos_dir, builder=local_rank == 0)
     sources = expand_sources(cfg.data.train_sources or [])
     if not sources:
         raise ConfigError(f"stage {cfg.stage} has no training sources to cache (data.train_sources)")
     if source_caches(sources) is not None:
         raise ConfigError("the stage's sources are cached latents already; point them at the image shards")
     jobs = plan(sources, out_dir)
-    rank, world_size, local_rank = distributed_env()
     device = torch.device(cfg.latent_cache.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     encoders = Encoders(cfg, device)
     expected = cache_fingerprint(cfg, encoders.tokenizer_source, encoders.tokenizer, encoders.dit_preset)

@@ -20,6 +20,7 @@ unreadable or truncated shards) is counted in `datamodule.skipped`, per rank.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -143,17 +144,28 @@ class ShardDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the bundled photo shards once (Lightning calls this on one process per node)."""
-        if self.build_photos:
-            from unilip.data.samples import build_photo_shards, photo_shards_exist
+        self.prepare(local_rank=0)
 
+    def prepare(self, local_rank: int | None = None) -> None:
+        """What must exist before the shard lists are expanded: local rank 0 (of each machine) checks the other
+        sources, then builds the bundled photos if they are missing; the other processes wait for them.
+
+        `train` calls this before the step plan counts the shards, on every process the launcher started
+        (torchrun and SLURM start all of them at once); `local_rank` defaults to the launcher's (`LOCAL_RANK`,
+        `SLURM_LOCALID`, else 0). Lightning's `prepare_data` later finds everything in place.
+        """
+        if not self.build_photos:
+            return
+        from unilip.data.samples import ensure_photo_shards
+
+        builder = (launch_local_rank() if local_rank is None else local_rank) == 0
+        if builder:
             # The other sources first: a run whose own data is missing stops before anything is written.
             for source in with_cache(self.train_sources, self.latent_cache):
                 urls = [source["urls"]] if isinstance(source["urls"], str) else source["urls"]
                 if not all(str(url).startswith(str(self.photos_dir)) for url in urls):
                     expand_urls(source["urls"], f"data.train_sources[{source['name']}].urls")
-            if not photo_shards_exist(self.photos_dir):
-                log.info("building the bundled photo shards in %s", self.photos_dir)
-                build_photo_shards(self.photos_dir)
+        ensure_photo_shards(self.photos_dir, builder)
 
     def setup(self, stage: str | None = None, rank: int | None = None, world_size: int | None = None) -> None:
         """Expand the urls (a glob that matches nothing fails here) and fix this process's rank."""
@@ -258,6 +270,12 @@ class ShardDataModule(L.LightningDataModule):
     def _ensure_setup(self) -> None:
         if not hasattr(self, "_sources"):
             self.setup()
+
+
+def launch_local_rank() -> int:
+    """This process's rank on its machine as the launcher set it, before any trainer exists: `LOCAL_RANK`
+    (torchrun, and the processes Lightning starts), else `SLURM_LOCALID` (srun), else 0 (one process)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
 def _parse_source(index: int, source: Mapping[str, Any]) -> dict[str, Any]:

@@ -208,6 +208,7 @@ def write_shards(
     """
     from tqdm import tqdm
 
+    _check_output_folder(Path(out_dir))
     existing = sorted(Path(out_dir).glob(f"{prefix}-*.tar"))
     if existing:
         raise ConfigError(
@@ -234,6 +235,16 @@ def write_shards(
                 pool.terminate()
         report.shards = list(sink.shards)
     return report
+
+
+def _check_output_folder(out_dir: Path) -> None:
+    """Refuse, before anything is read or written, an output path that is (or lies under) an existing file."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is" if path == out_dir else f"lies under {path}, which is"
+                raise ConfigError(f"out_dir {out_dir} {where} a file, not a folder; give a new or empty folder")
+            return
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,10 @@ writes, split by source photo (a validation photo never appears in training):
 - `edit-val-*.tar`    the same from the validation photos
 - `manifest.json`     what was written; written last, so its presence means the set is complete
 
+The set is written in a private folder beside `out_dir` and moved in file by file, the manifest last:
+a reader never sees half a shard, and two machines that build it onto one shared filesystem at once
+write the same bytes (`ensure_photo_shards` builds it once per machine and makes the other processes wait).
+
 It is the default data of the quick start (`conf/data/photos.yaml`): enough to see a tokenizer's
 loss fall, and a generator learn text-to-image and editing, on real photographs.
 """
@@ -20,13 +24,17 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
-from collections.abc import Callable
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from unilip.data.shards import ShardSink
+from unilip.data.shards import DataError, ShardSink
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +180,32 @@ def build_photo_shards(
     if unknown:
         raise ValueError(f"val_photos: unknown {sorted(unknown)}; choose from {sorted(PHOTOS)}")
     out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    _remove_abandoned_builds(out_dir, host)
+    staging = out_dir.parent / f".{out_dir.name}.building-{host}-{os.getpid()}"
+    try:
+        crops = {"train": crops_per_photo, "val": val_crops_per_photo, "edit": edit_crops_per_photo}
+        manifest = _write_photo_shards(
+            staging, val_photos, crops, min_side, max_side, edit_size, samples_per_shard, seed
+        )
+        _move_into(staging, out_dir, prefixes=manifest["counts"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("photo shards in %s: %s", out_dir, manifest["counts"])
+    return manifest
+
+
+def _write_photo_shards(
+    out_dir: Path,
+    val_photos: tuple[str, ...],
+    crops: dict[str, int],
+    min_side: int,
+    max_side: int,
+    edit_size: int,
+    samples_per_shard: int,
+    seed: int,
+) -> dict:
     splits = {"train": [n for n in PHOTOS if n not in val_photos], "val": list(val_photos)}
     counts: dict[str, int] = {}
     for split, names in splits.items():
@@ -179,18 +213,69 @@ def build_photo_shards(
         edits: list[dict] = []
         for name in names:
             photo = load_photo(name)
-            per_photo = crops_per_photo if split == "train" else val_crops_per_photo
-            images += _caption_samples(photo, name, per_photo, min_side, max_side, seed)
-            edits += _edit_samples(photo, name, edit_crops_per_photo if split == "train" else 1, edit_size, seed)
+            images += _caption_samples(photo, name, crops[split], min_side, max_side, seed)
+            edits += _edit_samples(photo, name, crops["edit"] if split == "train" else 1, edit_size, seed)
         for prefix, samples in ((split, images), (f"edit-{split}", edits)):
             random.Random(f"{seed}/{prefix}").shuffle(samples)  # so that every shard holds a mix of photos
-            for stale in out_dir.glob(f"{prefix}-*.tar"):  # left by an interrupted or different build
-                stale.unlink()
             with ShardSink(out_dir, prefix, samples_per_shard) as sink:
                 for sample in samples:
                     sink.write(sample)
             counts[prefix] = len(samples)
     manifest = {"photos": splits, "captions": {n: c for n, (_, c) in PHOTOS.items()}, "counts": counts, "seed": seed}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    log.info("photo shards in %s: %s", out_dir, counts)
     return manifest
+
+
+def _remove_abandoned_builds(out_dir: Path, host: str) -> None:
+    """Delete the private folders of builds on this machine whose process is gone (killed mid-build)."""
+    for folder in out_dir.parent.glob(f".{out_dir.name}.building-{host}-*"):
+        pid = folder.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _move_into(staging: Path, out_dir: Path, prefixes: Iterable[str]) -> None:
+    """Move a finished build into `out_dir`: the `<prefix>-*.tar` a different or interrupted build left there
+    go, then every file is renamed in (atomic on one filesystem), the manifest last."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    built = {path.name for path in staging.iterdir()}
+    for prefix in prefixes:
+        for stale in out_dir.glob(f"{prefix}-*.tar"):
+            if stale.name not in built:
+                stale.unlink(missing_ok=True)
+    for name in [*sorted(built - {MANIFEST}), MANIFEST]:
+        os.replace(staging / name, out_dir / name)
+
+
+def ensure_photo_shards(out_dir: str | Path, builder: bool, timeout_s: float = 900, poll_s: float = 0.5) -> None:
+    """The photo shards in `out_dir`, built once per machine: the builder (local rank 0) writes them if they
+    are missing; every other process waits until the manifest, moved in last, is there.
+
+    Needed before anything expands the shard globs, which the step plan does before Lightning's
+    `prepare_data` (and its barrier) would run.
+    """
+    if photo_shards_exist(out_dir):
+        return
+    if builder:
+        log.info("building the bundled photo shards in %s", out_dir)
+        build_photo_shards(out_dir)
+        return
+    log.info("waiting for local rank 0 to build the bundled photo shards in %s", out_dir)
+    deadline = time.monotonic() + timeout_s
+    while not photo_shards_exist(out_dir):
+        if time.monotonic() > deadline:
+            raise DataError(
+                f"waited {timeout_s:.0f} s for local rank 0 to build the bundled photo shards in {out_dir}; its "
+                "error (or log) says why they are not there"
+            )
+        time.sleep(poll_s)

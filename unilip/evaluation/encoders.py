@@ -17,7 +17,6 @@ import logging
 import time
 from pathlib import Path
 
-from unilip.data.samples import build_photo_shards, photo_shards_exist
 from unilip.evaluation.run import evaluate
 from unilip.models.loading import compose_config
 from unilip.training.run import train
@@ -74,9 +73,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every training run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    photos = args.data_dir.resolve() / "photos"
-    if not photo_shards_exist(photos):  # written here: the step plan counts the shards before a run would
-        build_photo_shards(photos)
     rows = []
     for preset in args.presets.split(","):
         rows += run_preset(preset, args.runs_dir.resolve(), args.data_dir.resolve(), args.overrides)

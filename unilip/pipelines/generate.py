@@ -16,7 +16,9 @@ A prompt file (`prompts`) is a .txt file (one prompt per line, blank lines skipp
 read from the file's folder), "seed": optional}. Prompt i (0-based) gets seed --seed + i unless it names
 one; its images are OUT/<key>.png (OUT/<key>_<k>.png with several per prompt), key defaulting to i as
 00000, 00001, ... The file is split over the processes torchrun starts; images that exist are kept (a
-restart makes only the missing ones); OUT/manifest.json records the settings and the generator.
+restart makes only the missing ones); OUT/manifest.json records the settings and the generator. A prompt
+whose source image cannot be read is skipped and the others are made; the run then exits non-zero, saying
+how many prompts have no output and naming the manifest that lists them.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from PIL import Image
 
 from unilip.logs import one_line_errors
 from unilip.pipelines.generation import SCHEDULERS, UniLIPPipeline
-from unilip.pipelines.manifest import SamplingError, generator_record, identity
-from unilip.pipelines.sampling import SampleJob, SamplerSettings, run_sampling
+from unilip.pipelines.manifest import MANIFEST, SamplingError, generator_record, identity
+from unilip.pipelines.sampling import RunResult, SampleJob, SamplerSettings, pending_samples, run_sampling
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +113,34 @@ def read_prompt_file(path: Path, images_per_prompt: int = 1, seed: int = 0) -> l
         raise SamplingError(f"--prompts {path}: no prompts in the file")
     jobs, keys = [], set()
     for index, (entry, number) in enumerate(entries):
-        key = str(entry.get("key", f"{index:05d}"))
+        where = f"{path}:{number}"
+        key = entry.get("key", f"{index:05d}")
+        if isinstance(key, bool) or not isinstance(key, str | int):
+            raise SamplingError(f'{where}: "key" must be a string (a file name), got {json.dumps(key)}')
+        key = str(key)
         if not key or "/" in key or "\\" in key or key.startswith("."):
-            raise SamplingError(f"{path}:{number}: key {key!r} must be a plain file name")
+            raise SamplingError(f"{where}: key {key!r} must be a plain file name")
         if key in keys:
-            raise SamplingError(f"{path}:{number}: key {key!r} appears twice")
+            raise SamplingError(f"{where}: key {key!r} appears twice")
         keys.add(key)
         source = entry.get("image")
         if source is not None:
+            if not isinstance(source, str) or not source.strip():
+                raise SamplingError(f'{where}: "image" must be the path of an image file, got {json.dumps(source)}')
             source = str((path.parent / source) if not Path(source).is_absolute() else Path(source))
         names = (f"{key}.png",) if images_per_prompt == 1 else tuple(f"{key}_{k}.png" for k in range(images_per_prompt))
         jobs.append(
-            SampleJob(key, entry["prompt"], int(entry.get("seed", seed + index)), names, images_per_prompt, source)
+            SampleJob(key, entry["prompt"], _seed(entry, seed + index, where), names, images_per_prompt, source)
         )
     return jobs
+
+
+def _seed(entry: dict, default: int, where: str) -> int:
+    """A line's own seed: a JSON integer that torch accepts (5.7 or "5" would silently become another seed)."""
+    value = entry.get("seed", default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise SamplingError(f'{where}: "seed" must be a whole number in [0, 2^64), got {json.dumps(value)}')
+    return value
 
 
 def _sample_prompt_file(args: argparse.Namespace) -> None:
@@ -144,7 +160,21 @@ def _sample_prompt_file(args: argparse.Namespace) -> None:
             scheduler=args.scheduler,
         )
 
-    run_sampling(load, jobs, args.out, settings, run, description, args.batch_size, args.device, args.timeout)
+    result = run_sampling(load, jobs, args.out, settings, run, description, args.batch_size, args.device, args.timeout)
+    if result.manifest is not None and not result.manifest["complete"]:  # rank 0, once every rank is done
+        raise SamplingError(_incomplete(jobs, result, args.out))
+
+
+def _incomplete(jobs: list[SampleJob], result: RunResult, out: Path) -> str:
+    """One line for a run that left prompts without output: how many, the first reason, where the rest is."""
+    missing = [job.key for job in jobs if pending_samples(job, out)]
+    reasons = [skip for report in result.reports or [] for skip in report.skipped]
+    first = f" (first: {reasons[0]['key']}: {reasons[0]['reason']})" if reasons else ""
+    return (
+        f"{len(missing)} of {len(jobs)} prompts have no output{first}; every other image was written. The "
+        f"skipped prompts and why are in {out / MANIFEST} (runs[-1].ranks[].skipped); fix them and run the same "
+        "command again to make only what is missing"
+    )
 
 
 SEED_RULE = (

@@ -4,11 +4,14 @@ ones they average."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from unilip.models.hub import load_torch_file
 from unilip.training.config import ConfigError
@@ -29,6 +32,37 @@ class RunCheckpoint(ModelCheckpoint):
         ending = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
         if ending and self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class BesideTargetCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with the temporary file beside the checkpoint instead of in $TMPDIR.
+
+    Lightning's own (fsspec's transaction) writes a local checkpoint to `tempfile.mkstemp()` and then
+    `shutil.move`s it: a kill during the write leaves a full-size orphan in $TMPDIR, and where $TMPDIR is
+    another filesystem (a node's local disk under a cluster's shared one) the move is a copy, so a kill
+    during it leaves a truncated checkpoint under the real name. Here the file is written as
+    `.<name>.partial` next to the target, flushed to disk, then renamed over it (`os.replace`: atomic on one
+    filesystem); a failed write removes it, and one a kill left behind is replaced by the next write of that
+    name (a resumed run passes the same step again). Remote paths (s3://, ...) keep Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        protocols = get_filesystem(path).protocol  # fsspec's: "file" (and "local") for a local path
+        if storage_options is not None or "file" not in (protocols if isinstance(protocols, tuple) else (protocols,)):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            with open(partial, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())  # on disk before the rename makes it the checkpoint
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
 
 
 def locate(path: str | Path, result: str) -> Path:

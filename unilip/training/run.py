@@ -42,11 +42,11 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     if cfg.resume == "auto":
         if last.exists():
             log.info("resuming from %s", last)
-            return _readable_checkpoint(last)
+            return _readable_checkpoint(last, run_dir)
         log.info("resume=auto: no checkpoint in %s yet, starting from the beginning", run_dir)
         return None
     if cfg.resume is not None:
-        return _readable_checkpoint(Path(cfg.resume))
+        return _readable_checkpoint(Path(cfg.resume), run_dir)
     if last.exists():
         raise ConfigError(
             f"{run_dir} already holds checkpoints; pass resume=auto to continue that run, "
@@ -55,14 +55,32 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return None
 
 
-def _readable_checkpoint(path: Path) -> str:
-    """Refuse, before anything is built, a checkpoint file Lightning could not read (truncated or not one)."""
-    if path.is_file() and not zipfile.is_zipfile(path):
-        raise ConfigError(
-            f"resume: {path} is not a readable checkpoint (truncated, or not a torch.save file); resume from an "
-            f"earlier one (resume={path.parent}/step<N>.ckpt)"
-        )
-    return str(path)
+def _readable_checkpoint(path: Path, run_dir: Path) -> str:
+    """Refuse, before anything is built, a checkpoint Lightning could not read (missing, truncated, not one);
+    the message names the latest earlier checkpoint that can be read, if there is one."""
+    if _is_checkpoint(path):
+        return str(path)
+    if not path.exists():
+        problem = "does not exist"
+    elif path.is_dir():
+        problem = "is a directory that holds no checkpoint (an FSDP2 checkpoint has a .metadata file)"
+    else:
+        problem = "is not a readable checkpoint (truncated, or not a torch.save file)"
+    raise ConfigError(f"resume: {path} {problem}; {_earlier_checkpoint(path, run_dir)}")
+
+
+def _earlier_checkpoint(path: Path, run_dir: Path) -> str:
+    """Where to resume instead: the latest readable step checkpoint beside `path`, else in the run's folder."""
+    for folder in dict.fromkeys([path.parent, run_dir / "checkpoints"]):
+        earlier = sorted(p for p in folder.glob("step*.ckpt") if p != path and _is_checkpoint(p))
+        if earlier:  # step<7 digits>.ckpt: the name order is the step order
+            return f"resume from the latest earlier one: resume={earlier[-1]}"
+    return f"there is no earlier checkpoint in {path.parent}; give another one, or start again with a new name="
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A file torch.save wrote (a zip archive), or an FSDP2 checkpoint directory."""
+    return (path.is_file() and zipfile.is_zipfile(path)) or (path.is_dir() and (path / ".metadata").exists())
 
 
 def _init_source(cfg: DictConfig) -> str | None:
@@ -153,6 +171,8 @@ def train(cfg: DictConfig) -> Path:
     ckpt_path = resume_checkpoint(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
+    if hasattr(datamodule, "prepare"):
+        datamodule.prepare()  # the bundled photos are built (once) before the step plan counts the shards
     plan_steps(cfg, datamodule)  # recipe.epochs -> trainer.max_steps; logs samples, epochs, steps, global batch
     module = TASKS[cfg.task](cfg)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values() if callback]
