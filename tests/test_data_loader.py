@@ -313,6 +313,21 @@ def test_shuffle_buffer_mixes_within_a_shard_without_touching_global_rngs(tmp_pa
     assert len(set(batch["key"][:21])) == 21
 
 
+def test_one_validation_sample_is_read_before_training(tmp_path):
+    """A run reads validation data first at its first validation (1000 steps in the presets): unreadable validation
+    data is found at start instead, by reading samples until one decodes."""
+    good = write_shard(tmp_path / "good.tar", ["g0", "g1"])
+    bad = write_shard(tmp_path / "bad.tar", ["b0", "b1"], bad=("b0", "b1"))
+    gone = str(tmp_path / "gone.tar")
+    ShardDataModule(val_urls=[gone, str(bad), str(good)], image_size=16).read_one_validation_sample()
+    ShardDataModule(val_urls=None).read_one_validation_sample()  # no validation: nothing to read
+    unreadable = ShardDataModule(val_urls=[gone, str(bad)], image_size=16)
+    with pytest.raises(DataError, match=r"data.val_urls: no validation sample could be read from its 2 shard\(s\) "):
+        unreadable.read_one_validation_sample()
+    with pytest.raises(DataError, match=r"\(last: b1 in .*bad.tar: "):  # names the last sample that failed
+        unreadable.read_one_validation_sample()
+
+
 def test_validation_skips_are_logged_and_the_error_names_the_last_bad_sample(tmp_path, caplog):
     bad = write_shard(tmp_path / "bad.tar", ["b0", "b1"], bad=("b0", "b1"))
     loader = EvalLoader([str(tmp_path / "gone.tar"), str(bad)], SampleTransform(16, train=False), batch_size=2)

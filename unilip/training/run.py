@@ -154,6 +154,8 @@ def train(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     plan_steps(cfg, datamodule)  # recipe.epochs -> trainer.max_steps; logs samples, epochs, steps, global batch
+    if hasattr(datamodule, "read_one_validation_sample"):
+        datamodule.read_one_validation_sample()  # unreadable validation data is found now, not at step 1000
     module = TASKS[cfg.task](cfg)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values() if callback]
     logger = (
