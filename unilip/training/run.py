@@ -25,6 +25,7 @@ from unilip.training.generation_setup import build_generation_training
 from unilip.training.lineage import build_teacher, check_same_architecture, load_trained_tokenizer
 from unilip.training.loggers import logger_resume_arguments
 from unilip.training.requeue import SlurmRequeue
+from unilip.training.resume import RecordConfig, check_resume, record_resume
 from unilip.training.tokenizer import TokenizerTraining
 from unilip.training.unified.setup import build_unified_training
 
@@ -154,10 +155,13 @@ def train(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     plan_steps(cfg, datamodule)  # recipe.epochs -> trainer.max_steps; logs samples, epochs, steps, global batch
+    resumed = check_resume(cfg, ckpt_path, world_size(cfg.trainer))  # what it changes: refused, or recorded below
     if hasattr(datamodule, "read_one_validation_sample"):
         datamodule.read_one_validation_sample()  # unreadable validation data is found now, not at step 1000
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     module = TASKS[cfg.task](cfg)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values() if callback]
+    callbacks.append(RecordConfig(resolved))  # checkpoints hold the config they were trained with
     logger = (
         instantiate(cfg.logger, **logger_resume_arguments(cfg.logger.get("_target_"), ckpt_path))
         if cfg.logger
@@ -170,7 +174,8 @@ def train(cfg: DictConfig) -> Path:
             "set trainer.devices (and trainer.num_nodes) explicitly"
         )
     start_run(run_dir, rank=trainer.global_rank)  # every check passed: .hydra/ and the log file
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if trainer.global_rank == 0:
+        record_resume(run_dir, resumed)
     for each in trainer.loggers:
         each.log_hyperparams(resolved)  # the whole resolved config (W&B: the run's config), not only overrides
     if trainer.global_rank == 0:
