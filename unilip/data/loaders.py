@@ -232,7 +232,8 @@ class TrainLoader:
         self.epoch, self.delivered = own["epoch"], own["delivered"]
         kept = min(self._vworkers, len(own["positions"]))
         self.positions = list(own["positions"][:kept]) + [0] * (self._vworkers - kept)
-        self.vworker_skips = [list(s) for s in own["vworker_skips"][:kept]] + [[0, 0] for _ in range(self._vworkers - kept)]
+        self.vworker_skips = [list(s) for s in own["vworker_skips"][:kept]]
+        self.vworker_skips += [[0, 0] for _ in range(self._vworkers - kept)]
         dropped = [sum(s[i] for s in own["vworker_skips"][kept:]) for i in (0, 1)]  # their skips stay counted
         self.skipped_before = [before + extra for before, extra in zip(own["skipped_before"], dropped, strict=True)]
 

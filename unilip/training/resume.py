@@ -159,8 +159,8 @@ def check_resume(cfg, checkpoint: str | None, world_size: int) -> Resume | None:
         changes = ", ".join(f"{key}: {_show(old)} -> {_show(new)}" for key, (old, new) in refused.items())
         raise ConfigError(
             f"resume: {checkpoint} was trained with other settings, which a resumed run cannot change: {changes}; "
-            f"resume with the run's own (its {compared_with or 'config.yaml'}), or start a new run from it "
-            "(name=<new name> init_from=<this run>)"
+            "resume with the settings it was trained with (the run's config.yaml), or start a new run from its "
+            "weights (name=<new name> init_from=<this run>)"
         )
     return resume
 

@@ -210,7 +210,8 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: st
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except NonFiniteStreak as error:
-        raise NonFiniteStreak(f"{error}; {last_good_checkpoint(run_dir / 'checkpoints', error.since)}") from None
+        where = last_good_checkpoint(run_dir / "checkpoints", error.since)
+        raise NonFiniteStreak(f"{error}; {where}", since=error.since) from None
     except SIGTERMException:  # Lightning's own handler, before the run installed its own: stopped, not finished
         log.warning("stopped by SIGTERM before the first step ended: no checkpoint was written")
         raise SystemExit(128 + signal.SIGTERM) from None
@@ -221,5 +222,5 @@ def last_good_checkpoint(directory: Path, before_step: int) -> str:
     steps = sorted((int(p.stem[len("step") :]), p) for p in directory.glob("step*.ckpt") if p.stem[4:].isdigit())
     good = [path for step, path in steps if step <= before_step]
     if not good:
-        return f"no checkpoint was written before step {before_step}; start again with a lower optim.lr"
+        return f"no checkpoint had been written when they began (after step {before_step}): start again"
     return f"the last checkpoint before they began: resume={good[-1]}"
