@@ -266,3 +266,17 @@ def test_the_global_batch_may_be_spread_over_other_hardware_but_not_changed(tmp_
     same_batch = compose_train(["run_dir=/runs/a", "paths.runs_dir=/runs", "data.batch_size=16", "trainer.devices=8"])
     with pytest.raises(ConfigError, match=r"global batch \(data.batch_size x processes\): 64 \(16 x 4\) -> 128"):
         check_resume(same_batch, str(checkpoint), world_size=8)
+
+
+def test_a_sharded_checkpoint_is_resumed_only_by_a_sharded_strategy(tmp_path):
+    """FSDP2 checkpoints are directories of shards (Lightning keeps the rest in meta.pt): DDP cannot read one."""
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.mkdir()
+    fsdp = ["run_dir=/runs/a", "paths.runs_dir=/runs", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    torch.save(
+        {"global_step": 3, CHECKPOINT_KEY: {"config": _resolved(*fsdp[2:]), "world_size": 2}}, checkpoint / "meta.pt"
+    )
+    assert check_resume(compose_train(fsdp), str(checkpoint), world_size=2).step == 3
+    ddp = compose_train([*fsdp, "trainer=ddp"])
+    with pytest.raises(ConfigError, match=r"trainer.strategy: FSDP2 \(a sharded checkpoint directory\) -> "):
+        check_resume(ddp, str(checkpoint), world_size=2)

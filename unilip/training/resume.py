@@ -77,7 +77,7 @@ ALLOWED: dict[str, str] = {
     "trainer.devices": "other hardware (the global batch must stay the same)",
     "trainer.num_nodes": "other hardware (the global batch must stay the same)",
     "trainer.accelerator": "other hardware",
-    "trainer.strategy*": "how the processes are run (DDP, one process)",
+    "trainer.strategy*": "how the processes are run (one, DDP; an FSDP2 checkpoint needs FSDP2 to read it)",
     "data.batch_size": "per device; the global batch (data.batch_size x processes) must stay the same",
     "data.num_workers": "loader processes (the data stream continues; its order is not the uninterrupted run's)",
     "data.val_num_workers": "loader processes",
@@ -155,6 +155,8 @@ def check_resume(cfg, checkpoint: str | None, world_size: int) -> Resume | None:
             f"{old_batch * stored_world} ({old_batch} x {stored_world})",
             f"{new_batch * world_size} ({new_batch} x {world_size})",
         ]
+    if Path(checkpoint).is_dir() and not _sharded(now.get("trainer", {}).get("strategy")):
+        refused["trainer.strategy"] = ["FSDP2 (a sharded checkpoint directory)", "a strategy that reads one file"]
     if refused:
         changes = ", ".join(f"{key}: {_show(old)} -> {_show(new)}" for key, (old, new) in refused.items())
         raise ConfigError(
@@ -229,6 +231,22 @@ def _stored_config(path: Path, state: dict[str, Any]) -> tuple[dict | None, int 
         log.info("resume: %s holds no config record (an older checkpoint); comparing with its run's config.yaml", path)
         return config, None, f"{run / 'config.yaml'}"
     return None, None, ""
+
+
+def _sharded(strategy: Any) -> bool:
+    """Whether a trainer's strategy (its config) reads and writes sharded checkpoint directories (FSDP)."""
+    from hydra.utils import get_class
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    target = strategy.get("_target_") if isinstance(strategy, dict) else strategy
+    if not isinstance(target, str):
+        return False
+    if target.startswith("fsdp"):  # Lightning's own names: "fsdp", "fsdp_cpu_offload"
+        return True
+    try:
+        return issubclass(get_class(target), (FSDPStrategy, ModelParallelStrategy))
+    except Exception:  # a registered name ("ddp", "auto") or a class that cannot be imported
+        return False
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
