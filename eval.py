@@ -16,9 +16,12 @@ from unilip.entry import hydra_job, main_with_one_line_errors
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from unilip.evaluation.run import evaluate
-
     with hydra_job(cfg):  # a failed evaluation leaves no directory behind
+        from unilip.evaluation.config import check_eval_config
+
+        check_eval_config(cfg)  # before the heavy imports: a config mistake is reported at once
+        from unilip.evaluation.run import evaluate
+
         evaluate(cfg)
 
 

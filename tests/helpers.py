@@ -97,6 +97,32 @@ class NonFiniteGradientAt(L.Callback):
         self.seen += 1
 
 
+class NonFiniteGradientFrom(L.Callback):
+    """Make the gradient of one trainable weight NaN in every training batch from the `batch`-th on (0-based): a
+    run that has gone bad for good, which the non-finite guard must stop."""
+
+    def __init__(self, batch: int):
+        self.batch, self.seen = batch, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.seen >= self.batch:
+            param = next(p for p in pl_module.parameters() if p.requires_grad)
+            handle = param.register_hook(lambda grad: (handle.remove(), grad * float("nan"))[1])
+        self.seen += 1
+
+
+class SignalAtStep(L.Callback):
+    """Send `signal_name` to this process once `step` optimizer steps are done (as a scheduler would, from outside)."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM"):
+        self.step, self.signum, self.sent = step, signal.Signals[signal_name], False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
 class RecordTrainingModes(L.Callback):
     """Write, for every training batch, whether each named submodule is in train mode (JSON list to `out`)."""
 

@@ -39,3 +39,51 @@ def test_unilip_recipe_values():
     assert (stage448.stage, stage448.recipe.image_size, stage448.recipe.gan_start_step) == (2, 448, 0)
     assert Path(stage448.init_from).parts[-3:] == ("unilip_1b_224", "tokenizer", "stage2")
     assert compose_train(["experiment=unilip_2b_224", "run_dir=/tmp/x"]).model.config.llm_hidden_size == 1536
+
+
+# every preset with each of its task's stages: what the config schema must accept
+PRESETS = [(e, s, "tokenizer") for e in EXPERIMENTS for s in (1, 2)]
+PRESETS += [
+    (f"generate/{p.stem}", s, "generate")
+    for p in sorted((CONF_DIR / "experiment/generate").glob("*.yaml"))
+    for s in (1, 2, 3)
+]
+PRESETS += [
+    (f"unified/{p.stem}", s, "unified")
+    for p in sorted((CONF_DIR / "experiment/unified").glob("*.yaml"))
+    for s in (1, 2)
+]
+
+
+@pytest.mark.parametrize(("experiment", "stage", "task"), PRESETS)
+def test_every_preset_passes_the_config_check(experiment, stage, task, tmp_path):
+    from unilip.training.config import check_train_config
+
+    overrides = [f"task={task}", f"experiment={experiment}", f"stage={stage}", f"paths.runs_dir={tmp_path}"]
+    cfg = compose_train([*overrides, f"run_dir={tmp_path / 'run'}"])
+    if cfg.init_from is not None:  # a preset that starts from another preset's run (448 px from 224 px)
+        Path(cfg.init_from).mkdir(parents=True)
+    check_train_config(cfg)
+
+
+def test_the_schemas_choices_are_the_ones_the_code_takes():
+    import typing
+
+    from lightning.fabric import connector
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    from unilip.data.transforms import RESIZE_MODES
+    from unilip.evaluation.config import EvalConfig
+    from unilip.evaluation.protocols import RESIZES
+    from unilip.schema import Data, Precision, Trainer
+
+    def choices(schema, name):
+        return set(typing.get_args(typing.get_type_hints(schema)[name]))
+
+    lightning_precisions = [connector._PRECISION_INPUT_STR, connector._PRECISION_INPUT_INT]
+    assert set(typing.get_args(Precision)) == {p for kind in lightning_precisions for p in typing.get_args(kind)} | set(
+        typing.get_args(connector._PRECISION_INPUT_STR_ALIAS)
+    )
+    assert choices(Trainer, "accelerator") == set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu"}
+    assert choices(Data, "resize") == set(RESIZE_MODES)
+    assert choices(EvalConfig, "protocol_resize") == set(RESIZES)

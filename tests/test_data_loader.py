@@ -275,8 +275,29 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     state = train_loader(urls, seed=1).state_dict()
     with pytest.raises(ValueError, match="seed=1 in the checkpoint but 2 now"):
         train_loader(urls, seed=2).load_state_dict(state)
-    with pytest.raises(ValueError, match="num_workers=1 in the checkpoint but 2 now"):
-        train_loader(urls, num_workers=2, seed=1).load_state_dict(state)
+
+
+def test_resume_on_other_hardware_continues_every_stream_that_existed(tmp_path, caplog):
+    """One rank, one worker saved; resumed on two ranks (or with two workers): rank 0's stream continues exactly
+    where it was (each rank and worker draws its own stream), a new rank's starts at its beginning, and every
+    rank stays in step with the others (the rest of the epoch, then whole epochs)."""
+    urls = shards(tmp_path, 3, per_shard=9)
+    saved = train_loader(urls, seed=5)
+    take(saved, 3)
+    state = _roundtrip(saved.state_dict())
+    expected = [b["key"] for b in take(saved, 4)]  # 2 to the end of epoch 0, 2 of epoch 1
+    rank0, rank1 = train_loader(urls, seed=5, rank=0, world_size=2), train_loader(urls, seed=5, rank=1, world_size=2)
+    with caplog.at_level("WARNING"):
+        rank0.load_state_dict(state)
+        rank1.load_state_dict(state)
+    assert "the data order is not the uninterrupted run's" in caplog.text
+    assert [b["key"] for b in take(rank0, 4)] == expected
+    fresh = train_loader(urls, seed=5, rank=1, world_size=2)
+    assert [b["key"] for b in rank1] == [b["key"] for b in take(fresh, 2)]  # the rest of epoch 0: 2 batches
+    assert (rank1.epoch, rank1.delivered) == (0, 5)
+    more_workers = train_loader(urls, seed=5, num_workers=2)
+    more_workers.load_state_dict(state)
+    assert len(list(more_workers)) == 2 and more_workers.skipped == {"samples": 0, "shards": 0}
 
 
 def test_rank_and_world_size_come_from_the_trainer(tmp_path):
@@ -311,6 +332,21 @@ def test_shuffle_buffer_mixes_within_a_shard_without_touching_global_rngs(tmp_pa
     assert random.getstate() == python_rng and torch.equal(torch.get_rng_state(), torch_rng)
     # the buffer neither repeats nor loses a sample: the first 21 out of one 40-sample read are distinct
     assert len(set(batch["key"][:21])) == 21
+
+
+def test_one_validation_sample_is_read_before_training(tmp_path):
+    """A run reads validation data first at its first validation (1000 steps in the presets): unreadable validation
+    data is found at start instead, by reading samples until one decodes."""
+    good = write_shard(tmp_path / "good.tar", ["g0", "g1"])
+    bad = write_shard(tmp_path / "bad.tar", ["b0", "b1"], bad=("b0", "b1"))
+    gone = str(tmp_path / "gone.tar")
+    ShardDataModule(val_urls=[gone, str(bad), str(good)], image_size=16).read_one_validation_sample()
+    ShardDataModule(val_urls=None).read_one_validation_sample()  # no validation: nothing to read
+    unreadable = ShardDataModule(val_urls=[gone, str(bad)], image_size=16)
+    with pytest.raises(DataError, match=r"data.val_urls: no validation sample could be read from its 2 shard\(s\) "):
+        unreadable.read_one_validation_sample()
+    with pytest.raises(DataError, match=r"\(last: b1 in .*bad.tar: "):  # names the last sample that failed
+        unreadable.read_one_validation_sample()
 
 
 def test_validation_skips_are_logged_and_the_error_names_the_last_bad_sample(tmp_path, caplog):

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import compose_train, quick_overrides
+from unilip.errors import UserError
 from unilip.training.run import train
 
 
@@ -119,7 +120,8 @@ def test_a_non_finite_step_is_skipped_and_counted(photos_dir, tmp_path):
 
 def test_too_many_non_finite_steps_stop_the_run(photos_dir, tmp_path):
     images = torch.full((12, 3, 56, 56), float("nan"))
-    with pytest.raises(RuntimeError, match="not finite for 3 steps in a row"):
+    # a user's error (one line in the CLI) that says where the run can go on from: here, nowhere
+    with pytest.raises(UserError, match=r"not finite for 3 steps in a row.*no checkpoint had been written when they"):
         _run(photos_dir, tmp_path / "run", *_fixed_batches(tmp_path, images), "module.max_nonfinite_streak=3")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import run_tree
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,9 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 class Case:
     root: Path  # everything the case reads or writes lives here (the command also runs here)
     photos: Path  # the bundled photo shards (paths.data_dir), read-only
+    trained: Callable[[], Path] = lambda: Path()  # a finished tiny run's `runs/` folder (built once, on demand)
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+    def trained_run(self) -> Path:
+        """A copy of the tiny trained run under this case's `runs/`; its folder (default/tokenizer/stage1)."""
+        shutil.copytree(self.trained(), self.path("runs"), dirs_exist_ok=True)
+        return self.path("runs/default/tokenizer/stage1")
 
 
 def tree(*roots: Path) -> dict[str, str]:
@@ -116,6 +124,16 @@ def evaluate(case: Case, *overrides: str) -> list[str]:
         "trainer.enable_progress_bar=false",
         *overrides,
     ]
+
+
+# A run of two steps: what the cases that train (before the fix, or to resume) need.
+SHORT = [
+    "stages.stage1.max_steps=2",
+    "stages.stage1.image_size=56",
+    "data.batch_size=2",
+    "data.train_batches_per_epoch=2",
+    "loss.perceptual_weight=0",
+]
 
 
 def export(*args: str) -> list[str]:
@@ -218,6 +236,132 @@ def _(c):
 def _(c):
     checkpoint_file(c.path("runs/old/tokenizer/stage1/checkpoints/last.ckpt"))
     return train(c, f"resume={c.path('runs/old/tokenizer/stage1')}")
+
+
+@case("train: the learning rate as a word", "optim.lr='fast': must be a number > 0")
+def _(c):
+    return train(c, *SHORT, "optim.lr=fast")
+
+
+@case("train: a negative learning rate", "optim.lr=-0.0001: must be a number > 0")
+def _(c):
+    return train(c, *SHORT, "optim.lr=-1e-4")
+
+
+@case("train: a learning rate that is not a number", "optim.lr=nan: must be a number > 0")
+def _(c):
+    return train(c, *SHORT, "optim.lr=nan")
+
+
+# README's own example on the quick start, whose schedule ends at 1e-4
+@case("train: a learning rate below where its schedule ends", "optim.lr=5e-05 is below optim.final_lr=0.0001")
+def _(c):
+    return train(c, "experiment=quickstart", *SHORT, "optim.lr=5e-5")
+
+
+@case("train: an image size that is a word", "stages.stage1.image_size='big': must be an integer >= 1")
+def _(c):
+    return train(c, *SHORT, "stages.stage1.image_size=big")
+
+
+@case("train: a checkpoint every 0 steps", "checkpoint_every=0: must be an integer >= 1")
+def _(c):
+    return train(c, *SHORT, "checkpoint_every=0")
+
+
+@case("train: an EMA decay above 1", "optim.ema_decay=2: must be a number in [0, 1)")
+def _(c):
+    return train(c, *SHORT, "optim.ema_decay=2")
+
+
+@case("train: a negative validation batch size", "data.val_batch_size=-1: must be an integer >= 1 or null")
+def _(c):
+    return train(c, *SHORT, "data.val_batch_size=-1")
+
+
+@case("train: a negative number of steps", "stages.stage1.max_steps=-5: must be an integer >= 1")
+def _(c):
+    return train(c, *SHORT, "stages.stage1.max_steps=-5")
+
+
+@case("train: zero devices", "trainer.devices=0: must be a count >= 1")
+def _(c):
+    return train(c, *SHORT, "trainer.devices=0")
+
+
+@case("train: several mistakes, one line", "optim.lr=-1: must be a number > 0; checkpoint_every=0: must be")
+def _(c):
+    return train(c, *SHORT, "optim.lr=-1", "checkpoint_every=0")
+
+
+@case("train: generation, a prompt dropout above 1", "module.cfg_dropout=1.5: must be a number in [0, 1]")
+def _(c):
+    short = ["stages.stage1.max_steps=2", "data.train_batches_per_epoch=2"]
+    return train(c, "task=generate", "stage=1", "experiment=generate/quickstart", *short, "module.cfg_dropout=1.5")
+
+
+@case("train: unified, a learning rate of 0", "stages.stage1.lr=0: must be a number > 0")
+def _(c):
+    return train(c, "task=unified", "stage=1", "experiment=unified/quickstart", "stages.stage1.lr=0")
+
+
+@case("train: validation shards in which nothing can be read", "data.val_urls: no validation sample could be read")
+def _(c):
+    return train(c, *SHORT, f"data.val_urls={text_file(c.path('val-000000.tar'), 'not a tar')}")
+
+
+# resume=auto with what a resumed run cannot change: refused before anything of the run is rewritten
+# (.hydra/, config.yaml, logs/hparams.yaml, train.log, checkpoints)
+@case("train: resume with another model", "model.config.encoder: internvit -> dinov2_with_registers")
+def _(c):
+    c.trained_run()
+    return train(c, *SHORT, "resume=auto", "model=tiny_dinov2")
+
+
+@case("train: resume with another batch size", "global batch (data.batch_size x processes): 2 (2 x 1) -> 4 (4 x 1)")
+def _(c):
+    c.trained_run()
+    return train(c, *SHORT, "resume=auto", "data.batch_size=4")
+
+
+@case("train: resume at another image size", "data.image_size: 56 -> 112")
+def _(c):
+    c.trained_run()
+    return train(c, *SHORT, "resume=auto", "stages.stage1.image_size=112")
+
+
+@case("train: resume with another loss", "loss.l2_weight: 1.0 -> 2")
+def _(c):
+    c.trained_run()
+    return train(c, *SHORT, "resume=auto", "loss.l2_weight=2")
+
+
+@case("train: resume with another optimiser", "optim.lr: 0.0001 -> 0.0002")
+def _(c):
+    c.trained_run()
+    return train(c, *SHORT, "resume=auto", "optim.lr=2e-4")
+
+
+@case("train: resume a stage-1 checkpoint as stage 2", "stage: 1 -> 2")
+def _(c):
+    run = c.trained_run()
+    return train(c, *SHORT, "stage=2", f"resume={run / 'checkpoints' / 'last.ckpt'}")
+
+
+@case("train: resume a tokenizer checkpoint as a generation run", "task: tokenizer -> generate")
+def _(c):
+    run = c.trained_run()
+    return train(c, "task=generate", "experiment=generate/quickstart", f"resume={run / 'checkpoints' / 'last.ckpt'}")
+
+
+@case("eval: a batch size of 0", "batch_size=0: must be an integer >= 1")
+def _(c):
+    return evaluate(c, f"ckpt={c.path('nowhere')}", "batch_size=0")
+
+
+@case("eval: a protocol that is a word", "protocol='big': must be an integer >= 1")
+def _(c):
+    return evaluate(c, f"ckpt={c.path('nowhere')}", "protocol=big")
 
 
 @case("eval: no ckpt", "ckpt is required; pass ckpt=<value>")
@@ -441,6 +585,14 @@ SLOW = {
     "make_shards: an input that does not exist",
     "generate: a prompt file whose seed is a fraction",
     "train: a latent cache made with another tokenizer",  # tests/test_latent_cache.py checks the refusal in-process
+    # resume (~15 s each: the training imports): another model by default, the others read the same comparison
+    # (tests/test_stops_and_resumes.py checks it in-process). Config values are refused before those imports (~2 s).
+    "train: resume with another batch size",
+    "train: resume at another image size",
+    "train: resume with another loss",
+    "train: resume with another optimiser",
+    "train: resume a stage-1 checkpoint as stage 2",
+    "train: resume a tokenizer checkpoint as a generation run",
 }
 
 
@@ -450,18 +602,29 @@ NAMED_PATHS = {
 }
 
 
+@pytest.fixture(scope="module")
+def trained_runs(photos_dir, tmp_path_factory) -> Path:
+    """A finished two-step run (`runs/default/tokenizer/stage1`), made by the CLI the cases use."""
+    root = tmp_path_factory.mktemp("trained")
+    c = Case(root=root, photos=photos_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    result = run_tree([sys.executable, *train(c, *SHORT)], cwd=root, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs"
+
+
 @pytest.mark.parametrize(
     "name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in CASES]
 )
-def test_a_users_mistake_is_one_error_line_and_changes_nothing(name, photos_dir, tmp_path):
+def test_a_users_mistake_is_one_error_line_and_changes_nothing(name, photos_dir, tmp_path, request):
     setup, message = CASES[name]
-    c = Case(root=tmp_path, photos=photos_dir)
+    c = Case(root=tmp_path, photos=photos_dir, trained=lambda: request.getfixturevalue("trained_runs"))
     command = [sys.executable, *setup(c)]
     before = tree(tmp_path, photos_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     for variable in ("UNILIP_TRACEBACK", "HYDRA_FULL_ERROR"):
         env.pop(variable, None)
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = run_tree(command, cwd=tmp_path, env=env, timeout=300)
     report = f"{name}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}"
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert result.returncode != 0, report

@@ -19,6 +19,7 @@ unreadable or truncated shards) is counted in `datamodule.skipped`, per rank.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,7 @@ import lightning as L
 from unilip.data.index import shard_counts
 from unilip.data.latent_cache import expand_sources, source_caches, with_cache
 from unilip.data.loaders import EvalLoader, TrainLoader
-from unilip.data.shards import DataError, expand_urls
+from unilip.data.shards import DataError, SkipCounter, expand_urls, read_shard
 from unilip.data.streams import TrainSource
 from unilip.data.transforms import SampleTransform
 from unilip.errors import ConfigError
@@ -211,6 +212,32 @@ class ShardDataModule(L.LightningDataModule):
             urls = {name: tuple(shards) for name, shards in expand_sources(sources).items()}
             self._expanded = urls, {name: _count(shards) for name, shards in urls.items()}
         return self._expanded
+
+    def read_one_validation_sample(self) -> None:
+        """Read validation samples until one decodes (normally the first): a validation set in which nothing can
+        be read fails now, in one line, instead of at the first validation, thousands of steps into the run."""
+        if not self.val_urls:
+            return
+        urls = expand_urls(self.val_urls, "data.val_urls")
+        counter, transform = SkipCounter(verbose=False), self._transform(train=False)
+        for url in urls:
+            samples = read_shard(url, counter)
+            try:
+                for raw in samples:
+                    try:
+                        transform(raw, None)
+                    except Exception as error:  # an undecodable sample: try the next, as validation would
+                        counter.sample_failed(raw.get("__key__", "?"), url, error)
+                        continue
+                    return
+            finally:
+                with contextlib.suppress(Exception):  # stop reading (a `pipe:` download ends; its complaint is moot)
+                    samples.close()
+        raise DataError(
+            f"data.val_urls: no validation sample could be read from its {len(urls)} shard(s) "
+            f"(last: {counter.last_error or 'no samples'}); fix the shards, or set data.val_urls=null to train "
+            "without validation"
+        )
 
     def _transform(self, train: bool) -> SampleTransform:
         return SampleTransform(self.image_size, train, self.random_flip, self.flip_edits, self.with_source, self.resize)

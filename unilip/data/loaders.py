@@ -63,7 +63,7 @@ class TrainLoader:
         transform: a training `SampleTransform`.
         batch_size: samples per batch (per rank).
         batches_per_epoch: batches per epoch, per rank.
-        num_workers: DataLoader worker processes; resuming needs the same number.
+        num_workers: DataLoader worker processes (resuming with another number continues in another order).
         seed: base seed of every stream.
         rank, world_size: this process's data-parallel rank and the number of ranks.
         shuffle_buffer, max_consecutive_failures: see `TrainStream`.
@@ -159,12 +159,13 @@ class TrainLoader:
 
     def _fingerprint(self) -> dict[str, Any]:
         # What must not change between save and resume for the stream to be the same.
-        return {
-            "seed": self.seed,
-            "num_workers": self._vworkers,
-            "world_size": self.world_size,
-            "sources": [[s.name, s.weight] for s in self.sources],
-        }
+        return {"seed": self.seed, "sources": [[s.name, s.weight] for s in self.sources]}
+
+    def _layout(self) -> dict[str, int]:
+        # What may change (other hardware): every rank's and virtual worker's stream is drawn on its own
+        # (shards with replacement, seeded by rank and worker), so the streams that existed continue where
+        # they were, new ones start, dropped ones end: the same data distribution, another order.
+        return {"num_workers": self._vworkers, "world_size": self.world_size}
 
     def state_dict(self) -> dict[str, Any]:
         """Position of this loader, and of every rank's loader when torch.distributed is running.
@@ -190,6 +191,7 @@ class TrainLoader:
         return {
             "version": STATE_VERSION,
             **self._fingerprint(),
+            **self._layout(),
             "batches_per_epoch": self.batches_per_epoch,
             "num_shards": [len(s.urls) for s in self.sources],
             "ranks": ranks,
@@ -214,13 +216,26 @@ class TrainLoader:
                 state["num_shards"],
                 now,
             )
+        saved = {name: state[name] for name in self._layout()}
+        if saved != self._layout():
+            log.warning(
+                "train loader: saved with %s, resumed with %s; every stream continues (or starts), but the data "
+                "order is not the uninterrupted run's",
+                saved,
+                self._layout(),
+            )
         own = state["ranks"].get(self.rank)
-        if own is None:
-            raise ValueError(f"train loader state has ranks {sorted(state['ranks'])}, not rank {self.rank}")
+        if own is None:  # a rank the saved run did not have: its stream starts, in step with the others
+            first = next(iter(state["ranks"].values()))
+            own = {"epoch": first["epoch"], "delivered": first["delivered"], "positions": [], "vworker_skips": []}
+            own["skipped_before"] = [0, 0]
         self.epoch, self.delivered = own["epoch"], own["delivered"]
-        self.positions = list(own["positions"])
-        self.vworker_skips = [list(s) for s in own["vworker_skips"]]
-        self.skipped_before = list(own["skipped_before"])
+        kept = min(self._vworkers, len(own["positions"]))
+        self.positions = list(own["positions"][:kept]) + [0] * (self._vworkers - kept)
+        self.vworker_skips = [list(s) for s in own["vworker_skips"][:kept]]
+        self.vworker_skips += [[0, 0] for _ in range(self._vworkers - kept)]
+        dropped = [sum(s[i] for s in own["vworker_skips"][kept:]) for i in (0, 1)]  # their skips stay counted
+        self.skipped_before = [before + extra for before, extra in zip(own["skipped_before"], dropped, strict=True)]
 
 
 class _TrainIterator:

@@ -12,10 +12,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from unilip.entry import start_run
+from unilip.evaluation.config import check_eval_config
 from unilip.evaluation.fid_reference import ReferenceStatistics
 from unilip.evaluation.metrics import ExternalFeatures, build_fid
 from unilip.evaluation.module import ReconstructionEvaluation
-from unilip.evaluation.protocols import RESIZES
 from unilip.evaluation.report import describe_protocol, incomplete_warning, write_report
 from unilip.logs import quiet_third_party_noise
 from unilip.models.loading import tokenizer_preset
@@ -61,11 +61,8 @@ def build_lpips(weights: str | None, notes: list[str]) -> torch.nn.Module | None
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt` on `cfg.data`'s validation shards; returns the results written to `cfg.out_dir`."""
     quiet_third_party_noise()
-    if cfg.protocol not in (256, 448) and not isinstance(cfg.protocol, int):
-        raise ConfigError(f"protocol={cfg.protocol!r}: use 256 (pad to 280, crop back), 448, or an image size")
+    check_eval_config(cfg)
     resize = cfg.get("protocol_resize", "project")
-    if resize not in RESIZES:
-        raise ConfigError(f"protocol_resize={resize!r}: use project (default) or reference (the UniLIP code's 256 px)")
     evaluated = load_evaluated(str(cfg.ckpt), cfg.preset)
     tokenizer = evaluated.tokenizer
     tokenizer.config.pad_to_multiple = True  # the paper's 256 px protocol: reflect-pad to 280, crop back

@@ -25,7 +25,14 @@ class RunCheckpoint(ModelCheckpoint):
     resume logic expects them: a checkpoint written after `fit` returns, at an epoch boundary,
     resumes with the logged step numbers shifted by one. Lightning runs checkpoint callbacks after
     all others, so a stop requested in the same step is seen here.
+
+    `last.ckpt` is always the newest state, the file `resume=auto` reads: Lightning would write `last-v1.ckpt`
+    beside an existing `last.ckpt` whenever it cannot restore this callback's own state (its key holds the
+    checkpoint interval, which a resume may change), so the version counter is off.
     """
+
+    def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -8,7 +8,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unilip.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class NonFiniteStreak(UserError, RuntimeError):
+    """Too many non-finite steps in a row: the run stops (one line in the CLI; what it wrote before is kept).
+    `since`: the optimizer step after which the steps went bad (checkpoints up to it are good)."""
+
+    def __init__(self, message: str, since: int):
+        super().__init__(message)
+        self.since = since
 
 
 class NonFiniteGuard(nn.Module):
@@ -41,14 +52,18 @@ class NonFiniteGuard(nn.Module):
             dist.all_reduce(bad)  # every rank must skip together
         return bad.clamp(max=1.0)
 
-    def count(self, bad: torch.Tensor, step: int, check: bool) -> None:
-        """Add one step's flag; with `check`, raise (a host sync) when the streak reached `max_streak`."""
+    def count(self, bad: torch.Tensor, step: int, check: bool, steps_advanced: bool = True) -> None:
+        """Add one step's flag; with `check`, raise (a host sync) when the streak reached `max_streak`.
+        `steps_advanced`: the bad steps were counted as optimizer steps (sync-free), so the last good one is
+        `step - streak`; otherwise (synced skips) the step count stood still at the last good step."""
         self.total += bad
         self.streak.mul_(bad).add_(bad)  # +1 while bad, back to 0 on a good step
         if check and self.streak.item() >= self.max_streak:
-            raise RuntimeError(
-                f"the loss or its gradients were not finite for {int(self.streak)} steps in a row (up to step "
-                f"{step}); lower the learning rate, check the data, or resume from an earlier checkpoint"
+            streak = int(self.streak)
+            raise NonFiniteStreak(
+                f"the loss or its gradients were not finite for {streak} steps in a row (up to step "
+                f"{step}); lower the learning rate, check the data, or resume from an earlier checkpoint",
+                since=step - streak if steps_advanced else step,
             )
 
     def skip_now(self, bad: torch.Tensor | None, sync_free: bool, step: int) -> bool:
@@ -56,7 +71,7 @@ class NonFiniteGuard(nn.Module):
         Nothing to do (False, no sync) when unchecked (`bad` None) or sync-free."""
         if bad is None or sync_free or not bad.item():  # the one host sync of a step
             return False
-        self.count(bad, step, check=True)
+        self.count(bad, step, check=True, steps_advanced=False)
         log.warning("non-finite loss or gradients at step %d: step skipped (%d in a row)", step, int(self.streak))
         return True
 

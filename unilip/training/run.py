@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,9 @@ from unilip.training.epochs import plan_steps, world_size
 from unilip.training.generation_setup import build_generation_training
 from unilip.training.lineage import build_teacher, check_same_architecture, load_trained_tokenizer
 from unilip.training.loggers import logger_resume_arguments
-from unilip.training.requeue import SlurmRequeue
+from unilip.training.nonfinite import NonFiniteStreak
+from unilip.training.requeue import SlurmRequeue, StopOnSignal
+from unilip.training.resume import RecordConfig, check_resume, record_resume
 from unilip.training.tokenizer import TokenizerTraining
 from unilip.training.unified.setup import build_unified_training
 
@@ -174,8 +177,13 @@ def train(cfg: DictConfig) -> Path:
     if hasattr(datamodule, "prepare"):
         datamodule.prepare()  # the bundled photos are built (once) before the step plan counts the shards
     plan_steps(cfg, datamodule)  # recipe.epochs -> trainer.max_steps; logs samples, epochs, steps, global batch
+    resumed = check_resume(cfg, ckpt_path, world_size(cfg.trainer))  # what it changes: refused, or recorded below
+    if hasattr(datamodule, "read_one_validation_sample"):
+        datamodule.read_one_validation_sample()  # unreadable validation data is found now, not at step 1000
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     module = TASKS[cfg.task](cfg)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values() if callback]
+    callbacks.append(RecordConfig(resolved))  # checkpoints hold the config they were trained with
     logger = (
         instantiate(cfg.logger, **logger_resume_arguments(cfg.logger.get("_target_"), ckpt_path))
         if cfg.logger
@@ -188,18 +196,51 @@ def train(cfg: DictConfig) -> Path:
             "set trainer.devices (and trainer.num_nodes) explicitly"
         )
     start_run(run_dir, rank=trainer.global_rank)  # every check passed: .hydra/ and the log file
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if trainer.global_rank == 0:
+        record_resume(run_dir, resumed)
     for each in trainer.loggers:
         each.log_hyperparams(resolved)  # the whole resolved config (W&B: the run's config), not only overrides
     if trainer.global_rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit(trainer, module, datamodule, ckpt_path, run_dir)
     if not isinstance(trainer.checkpoint_callback, RunCheckpoint):  # RunCheckpoint wrote it at the last step
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    if any(isinstance(c, SlurmRequeue) and c.stopped for c in trainer.callbacks):  # not finished: continues later
+    stop = next((c for c in trainer.callbacks if isinstance(c, StopOnSignal) and c.stopped), None)
+    if isinstance(stop, SlurmRequeue):  # not finished: the requeued job continues it
         if trainer.is_global_zero:
             SlurmRequeue.requeue()
         return run_dir
+    if stop is not None:  # not finished, and the exit code says so (a scheduler must not record success)
+        log.warning(
+            "stopped by %s at step %d; %s holds it: continue with resume=auto",
+            stop.signum.name,
+            trainer.global_step,
+            run_dir / "checkpoints" / "last.ckpt",
+        )
+        raise SystemExit(stop.exit_code)
     module.save_result(run_dir)
     return run_dir
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: str | None, run_dir: Path) -> None:
+    """`trainer.fit`, with a run of non-finite steps reported as one line naming the last good checkpoint."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except NonFiniteStreak as error:
+        where = last_good_checkpoint(run_dir / "checkpoints", error.since)
+        raise NonFiniteStreak(f"{error}; {where}", since=error.since) from None
+    except SIGTERMException:  # Lightning's own handler, before the run installed its own: stopped, not finished
+        log.warning("stopped by SIGTERM before the first step ended: no checkpoint was written")
+        raise SystemExit(128 + signal.SIGTERM) from None
+
+
+def last_good_checkpoint(directory: Path, before_step: int) -> str:
+    """Where to resume a run whose steps went bad after `before_step`: its newest periodic checkpoint up to there."""
+    steps = sorted((int(p.stem[len("step") :]), p) for p in directory.glob("step*.ckpt") if p.stem[4:].isdigit())
+    good = [path for step, path in steps if step <= before_step]
+    if not good:
+        return f"no checkpoint had been written when they began (after step {before_step}): start again"
+    return f"the last checkpoint before they began: resume={good[-1]}"
