@@ -54,7 +54,7 @@ def current_outputs() -> dict[str, torch.Tensor]:
 
 def _outputs() -> dict[str, torch.Tensor]:
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
     from unilip.models.tokenizer import FrozenEncoder
 
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ import torch
 from unilip.errors import ConfigError
 from unilip.logs import one_line_errors
 from unilip.models.encoders import ExportMismatchError
-from unilip.models.loading import load_tokenizer
+from unilip.models.presets import load_tokenizer
 
 log = logging.getLogger("unilip.export")
 

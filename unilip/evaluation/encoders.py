@@ -19,7 +19,7 @@ from pathlib import Path
 
 from unilip.data.samples import build_photo_shards, photo_shards_exist
 from unilip.evaluation.run import evaluate
-from unilip.models.loading import compose_config
+from unilip.models.presets import compose_config
 from unilip.training.run import train
 
 log = logging.getLogger("unilip.encoders")

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
 if TYPE_CHECKING:
-    from unilip.training.tokenizer import TokenizerTraining
+    from unilip.tasks.tokenizer.module import TokenizerTraining
 
 
 def join_elastic_attempt(backend: str, timeout: timedelta, device: torch.device) -> None:

@@ -80,7 +80,7 @@ def load_any_tokenizer(source: str | Path, config: TokenizerConfig | None = None
         return load_trained_tokenizer(path)
     if config is None:
         raise ConfigError(f"'{path}' is a released UniLIP checkpoint; give its preset (unilip_1b or unilip_2b)")
-    from unilip.models.internvl import load_unilip_checkpoint
+    from unilip.pretrained.internvl import load_unilip_checkpoint
 
     return TrainedTokenizer(load_unilip_checkpoint(path, config), str(path), {"encoder_trained": True})
 

@@ -18,15 +18,15 @@ from unilip.entry import start_run
 from unilip.logs import quiet_third_party_noise
 from unilip.models.hub import load_strict
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
+from unilip.tasks.generation.setup import build_generation_training
+from unilip.tasks.tokenizer.module import TokenizerTraining
+from unilip.tasks.unified.setup import build_unified_training
 from unilip.training.checkpoints import RunCheckpoint, read_checkpoint
 from unilip.training.config import ConfigError, check_train_config
 from unilip.training.epochs import plan_steps, world_size
-from unilip.training.generation_setup import build_generation_training
 from unilip.training.lineage import build_teacher, check_same_architecture, load_trained_tokenizer
 from unilip.training.loggers import logger_resume_arguments
 from unilip.training.requeue import SlurmRequeue
-from unilip.training.tokenizer import TokenizerTraining
-from unilip.training.unified.setup import build_unified_training
 
 log = logging.getLogger(__name__)
 

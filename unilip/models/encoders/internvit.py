@@ -1,7 +1,7 @@
 """InternViT + InternVL's pixel shuffle and projector `mlp1`: the UniLIP encoder (REFERENCE section 1).
 
 The vision tower, projector and pixel shuffle are transformers' own InternVL code, so the trained
-encoder drops back into `InternVLForConditionalGeneration` unchanged (`unilip.models.internvl`).
+encoder drops back into `InternVLForConditionalGeneration` unchanged (`unilip.pretrained.internvl`).
 """
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ class InternViTEncoder(Encoder):
         log.info("loaded InternViT and projector from %s", path)
 
     def export(self, out_dir: Path, base: str | None, dtype: torch.dtype | None) -> Path:
-        """Into `base`'s format: transformers' (-hf, `unilip.models.internvl`) or InternVL's original remote-code
-        one (`unilip.models.internvl_original`), told apart by its config.json."""
-        from unilip.models.internvl import export_to_internvl
-        from unilip.models.internvl_original import export_to_original, is_original
+        """Into `base`'s format: transformers' (-hf, `unilip.pretrained.internvl`) or InternVL's original remote-code
+        one (`unilip.pretrained.internvl_original`), told apart by its config.json."""
+        from unilip.pretrained.internvl import export_to_internvl
+        from unilip.pretrained.internvl_original import export_to_original, is_original
 
         if base is None:
             raise ConfigError(
@@ -112,8 +112,8 @@ class InternViTEncoder(Encoder):
         return export_to_internvl(self, base_dir, out_dir, dtype=dtype)
 
     def verify_export(self, out_dir: Path, base: str | None = None) -> ExportCheck:
-        from unilip.models.internvl import verify_export
-        from unilip.models.internvl_original import is_original, verify_original_export
+        from unilip.pretrained.internvl import verify_export
+        from unilip.pretrained.internvl_original import is_original, verify_original_export
 
         if is_original(out_dir):
             if base is None:

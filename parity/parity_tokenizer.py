@@ -1,13 +1,13 @@
 """Tokenizer parity with the authors' code: their released format imported by ours, at 224, 448 and 256 px.
 
-    python benchmarks/parity_tokenizer.py --reference /path/to/UniLIP --internvl /path/to/InternVL \\
+    python parity/parity_tokenizer.py --reference /path/to/UniLIP --internvl /path/to/InternVL \\
         --reference-python /path/to/venv-with-their-pins/bin/python --work /tmp/parity [--preset unilip_1b|tiny]
 
 The reference's side builds the inputs of `parity_setup.py` (the `.pth` is their DC_AE_ViT_Stage2's
 state dict, random weights) and loads it into their three evaluation classes, each built by its own
 constructor: DC_AE_ViT_Stage2 (224 px), DC_AE_ViT_Stage2_448 (448 px) and DC_AE_ViT_Stage2_Pad (256 px:
 reflect-pad to 280, reconstruct, crop back). On two photos it records the post-`mlp1` features, the
-latent and the reconstruction. Our side loads the same `.pth` with `unilip.models.internvl` (strict) and
+latent and the reconstruction. Our side loads the same `.pth` with `unilip.pretrained.internvl` (strict) and
 computes the same. fp32, CPU; report in <work>/parity_tokenizer.json.
 """
 
@@ -69,7 +69,7 @@ def ours_side(args) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from unilip.models.loading import load_tokenizer
+    from unilip.models.presets import load_tokenizer
 
     ref = load_file(str(args.work / "reference_tokenizer.safetensors"))
     preset = "unilip_1b" if args.preset == "unilip_1b" else str(args.work / "tiny_preset.yaml")

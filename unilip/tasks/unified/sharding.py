@@ -21,9 +21,9 @@ from torch.distributed.tensor import DTensor
 
 from unilip.errors import ConfigError
 from unilip.models.captioner import Captioner
+from unilip.tasks.generation.module import shard_generator
+from unilip.tasks.unified.rollouts import UnifiedNetworks
 from unilip.training.distributed import data_parallel_mesh
-from unilip.training.generation import shard_generator
-from unilip.training.unified.rollouts import UnifiedNetworks
 
 
 def shard_captioner(captioner: Captioner, mesh: DeviceMesh) -> None:

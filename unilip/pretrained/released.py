@@ -1,6 +1,6 @@
 """The authors' released generation models (UniLIP-1B, UniLIP-3B) as a `UniLIPGenerator`.
 
-    python -m unilip.models.released UniLIP-1B/ --preset unilip_1b --tokenizer 1b_unilip.pth --out unilip-1b-gen
+    python -m unilip.pretrained.released UniLIP-1B/ --preset unilip_1b --tokenizer 1b_unilip.pth --out unilip-1b-gen
     # then: UniLIPPipeline.from_pretrained("unilip-1b-gen") or python -m unilip.pipelines.generate ...
 
 A released checkpoint is the state dict of the reference's `UniLIP_InternVLForCausalLM` (safetensors,
@@ -17,7 +17,7 @@ The frozen parts come from their own files, as in training: the LLM from the Int
 in the checkpoint (`model.language_model.*`, `lm_head.*`, `model.vision_tower.*`,
 `model.multi_modal_projector.*`, `model.vae_decoder.*`) are recognised and not read. Any other key,
 and any generator tensor the checkpoint lacks, is an error that lists them (strict, like the tokenizer
-import in `unilip.models.internvl`).
+import in `unilip.pretrained.internvl`).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> Path:
     from hydra.utils import instantiate
 
     from unilip.logs import one_line_errors
-    from unilip.models.loading import compose_config
+    from unilip.models.presets import compose_config
 
     with one_line_errors(OSError, ValueError, StateDictMismatchError):
         cfg = compose_config("train", [f"experiment={PRESETS[args.preset]}", "stage=3", "run_dir=unused"])

@@ -1,6 +1,6 @@
 """The unified loop optimises: both steps raise the mean reward on the bundled photos (tiny models, CPU).
 
-    python benchmarks/unified_demo.py [--steps 200] [--seed 0] [--out runs/unified_demo] [--json out.json]
+    python -m unilip.tasks.unified.demo [--steps 200] [--seed 0] [--out runs/unified_demo] [--json out.json]
         [--threads 1] [--stages 1 2] [key=value ...]
 
 A tiny generator with random weights (the quick start's sizes) is the decoder, the tiny InternVL LLM over the
@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from unilip.logs import quiet_third_party_noise
-from unilip.models.loading import compose_config
+from unilip.models.presets import compose_config
 from unilip.models.toy import save_toy_generator
 
 PHOTOS = ("astronaut", "coffee")
@@ -108,7 +108,7 @@ def config(out: Path, generator: Path, stage: int, steps: int, seed: int, group:
 def mean_rewards(cfg, images: torch.Tensor, seeds: list[int], checkpoint: Path | None = None) -> list[float]:
     """The stage's mean rollout reward under each seed's randomness (before training, or with `checkpoint`'s
     weights): one number per seed, so that start and end pair up."""
-    from unilip.training.unified.setup import build_unified_training
+    from unilip.tasks.unified.setup import build_unified_training
 
     module = build_unified_training(cfg)
     if checkpoint is not None:

@@ -36,6 +36,7 @@ from unilip.logs import is_logging_step
 from unilip.losses import LeCamRegularizer, TokenizerLoss
 from unilip.models.hub import enable_activation_checkpointing
 from unilip.models.tokenizer import FrozenEncoder, UniLIPTokenizer
+from unilip.tasks.tokenizer.stages import apply_stage, check_stage
 from unilip.training.distributed import (
     GradientLayoutProbe,
     average_gradients,
@@ -49,7 +50,6 @@ from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
 from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
 from unilip.training.rng import gather_rng_states, restore_rng_states
 from unilip.training.schedules import cosine_with_warmup
-from unilip.training.stages import apply_stage, check_stage
 from unilip.training.validation import EpochMeans, log_epoch_means
 
 log = logging.getLogger(__name__)

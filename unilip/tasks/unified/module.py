@@ -37,14 +37,8 @@ from unilip.models.generator import from_state
 from unilip.models.lora import LoRASpec, adapters_disabled, add_lora, load_adapters, merged_state_dict
 from unilip.pipelines.flow_sde import step_log_prob
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR
-from unilip.training.distributed import gathered, gathered_state_dict
-from unilip.training.ema import EMA, ValidatesWithEMA
-from unilip.training.frozen import FrozenStaysInEval
-from unilip.training.nonfinite import NonFiniteGuard
-from unilip.training.rng import gather_rng_states, restore_rng_states
-from unilip.training.schedules import cosine_with_warmup
-from unilip.training.unified.grpo import GRPOLoss, group_advantages, grpo_loss, token_kl
-from unilip.training.unified.rollouts import (
+from unilip.tasks.unified.grpo import GRPOLoss, group_advantages, grpo_loss, token_kl
+from unilip.tasks.unified.rollouts import (
     Rendering,
     RewardTerms,
     Rollout,
@@ -57,7 +51,13 @@ from unilip.training.unified.rollouts import (
     reward,
     velocity_of,
 )
-from unilip.training.unified.sharding import check_all_sharded, shard_unified
+from unilip.tasks.unified.sharding import check_all_sharded, shard_unified
+from unilip.training.distributed import gathered, gathered_state_dict
+from unilip.training.ema import EMA, ValidatesWithEMA
+from unilip.training.frozen import FrozenStaysInEval
+from unilip.training.nonfinite import NonFiniteGuard
+from unilip.training.rng import gather_rng_states, restore_rng_states
+from unilip.training.schedules import cosine_with_warmup
 from unilip.training.validation import EpochMeans, log_epoch_means
 
 log = logging.getLogger(__name__)

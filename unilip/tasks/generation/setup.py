@@ -26,11 +26,8 @@ from unilip.models.latents import DCAELatents, UniLIPLatents, build_dcae, latent
 from unilip.models.mllm import MLLMPreset, build_conditioner
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
 from unilip.pipelines.generation import SCHEDULERS
-from unilip.training.checkpoints import ema_state, locate, read_checkpoint
-from unilip.training.config import ConfigError
-from unilip.training.generation import GenerationTraining
-from unilip.training.lineage import load_any_tokenizer
-from unilip.training.target_cache import (
+from unilip.tasks.generation.module import GenerationTraining
+from unilip.tasks.generation.target_cache import (
     TokenizerNotLoaded,
     check_caches,
     dcae_identity,
@@ -40,6 +37,9 @@ from unilip.training.target_cache import (
     tokenizer_digest,
     validates,
 )
+from unilip.training.checkpoints import ema_state, locate, read_checkpoint
+from unilip.training.config import ConfigError
+from unilip.training.lineage import load_any_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def target_latents(cfg: DictConfig, tokenizer, tokenizer_source: str, dit_preset
 
 
 def cache_fingerprint(cfg: DictConfig, tokenizer_source: str, tokenizer, dit_preset: DiTPreset) -> dict[str, Any]:
-    """The fingerprint of this stage's cached targets (`unilip.training.target_cache.fingerprint`)."""
+    """The fingerprint of this stage's cached targets (`unilip.tasks.generation.target_cache.fingerprint`)."""
     _, record = target_latents(cfg, tokenizer, tokenizer_source, dit_preset, load=False)
     dcae = dcae_identity(dit_preset) if cfg.recipe.latent_space == "dcae" else None
     return fingerprint(cfg, tokenizer_digest(tokenizer_source), record["scale"], dcae)

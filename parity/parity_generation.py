@@ -1,6 +1,6 @@
 """Generation parity with the authors' code: their model, saved in their format, imported by ours.
 
-    python benchmarks/parity_generation.py --reference /path/to/UniLIP --internvl /path/to/InternVL \\
+    python parity/parity_generation.py --reference /path/to/UniLIP --internvl /path/to/InternVL \\
         --reference-python /path/to/venv-with-their-pins/bin/python --work /tmp/parity [--preset unilip_1b|tiny]
 
 The reference's side (`--side reference`, their Python) builds the inputs of `parity_setup.py`, then the
@@ -8,7 +8,7 @@ model exactly as their training scripts do (`UniLIP_InternVLForCausalLM.from_pre
 `initialize_vision_modules(...)`, random weights), saves it with `save_pretrained` (their release format)
 and runs their `generate_image` on a text-to-image and an edit prompt, recording from inside their code:
 the token ids, the condition (`sample_images`' input), the first DiT velocity and the first sampling step
-on their fixed noise. Our side imports the saved checkpoint with `unilip.models.released` (strict), builds
+on their fixed noise. Our side imports the saved checkpoint with `unilip.pretrained.released` (strict), builds
 the conditioner from the same InternVL and tokenizer files, and computes the same tensors. Everything in
 fp32 on CPU. The report (max abs differences) goes to <work>/parity_generation.json.
 """
@@ -140,10 +140,10 @@ def ours_side(args) -> dict:
     from safetensors.torch import load_file
 
     from unilip.models.latents import UniLIPLatents
-    from unilip.models.loading import compose_config
     from unilip.models.mllm import build_conditioner
-    from unilip.models.released import load_released_generator
+    from unilip.models.presets import compose_config
     from unilip.pipelines.generation import UniLIPPipeline, make_scheduler
+    from unilip.pretrained.released import load_released_generator
     from unilip.training.lineage import load_any_tokenizer
 
     ref = load_file(str(args.work / "reference_generation.safetensors"))

@@ -53,7 +53,7 @@ def load_tokenizer(source: str | Path, *, preset: str | None = None) -> UniLIPTo
     if path.suffix in (".pth", ".pt"):
         if preset is None:
             raise ConfigError(f"'{path}' is a released UniLIP checkpoint; pass its preset (unilip_1b or unilip_2b)")
-        from unilip.models.internvl import load_unilip_checkpoint
+        from unilip.pretrained.internvl import load_unilip_checkpoint
 
         return load_unilip_checkpoint(path, tokenizer_preset(preset))
     if path.is_dir() and not (path / CONFIG_NAME).exists():

@@ -24,10 +24,10 @@ from unilip.models.generator import CONFIG_NAME, read_meta
 from unilip.models.lora import LoRASpec, add_lora
 from unilip.models.mllm import MLLMPreset
 from unilip.pipelines.generation import SCHEDULERS, UniLIPPipeline
+from unilip.tasks.unified.module import UnifiedTraining
+from unilip.tasks.unified.rollouts import UnifiedNetworks
 from unilip.training.checkpoints import locate
 from unilip.training.config import ConfigError
-from unilip.training.unified.module import UnifiedTraining
-from unilip.training.unified.rollouts import UnifiedNetworks
 
 log = logging.getLogger(__name__)
 

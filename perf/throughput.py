@@ -1,7 +1,7 @@
 """Step throughput, peak memory and model FLOPs utilisation of tokenizer and generation training.
 
-    python benchmarks/throughput.py                                   # tiny presets, CPU (runs anywhere)
-    python benchmarks/throughput.py --preset unilip_1b --device cuda --stages 1 2 g2 --sizes 224 448 \\
+    python perf/throughput.py                                   # tiny presets, CPU (runs anywhere)
+    python perf/throughput.py --preset unilip_1b --device cuda --stages 1 2 g2 --sizes 224 448 \\
         --batch 224=32 448=16 --precision bf16-mixed [--compile true] [--json throughput.json]
 
 Random weights and synthetic batches (no downloads, no data loading: `python -m unilip.data.bench`
@@ -10,7 +10,7 @@ tokenizer stages 1 and 2 (`TokenizerTraining`, the full recipe objective: L2, LP
 logits, distillation and the GAN in stage 2) at every `--sizes`, and generation stage 2 (`g2`,
 `GenerationTraining`: frozen InternVL LLM, connector, SANA DiT, UniLIP latents) at the recipe's
 448 px (56 px for `tiny`), one third of each batch edits (the recipe's mix), 128-token prompts;
-`g2c` is the same step on cached targets (`python -m unilip.data.cache_latents`: the batch holds the
+`g2c` is the same step on cached targets (`python -m unilip.tasks.generation.cache_latents`: the batch holds the
 latents and the edits' source features, and the step runs no encoder).
 Model FLOPs per step (forward + backward, the frozen networks' forwards included) are counted once
 with `torch.utils.flop_counter` on the first step; MFU = FLOPs per step / time per step / peak
@@ -31,8 +31,8 @@ from hydra.utils import instantiate
 from unilip.logs import quiet_third_party_noise
 from unilip.models.generator import UniLIPGenerator, build_dit
 from unilip.models.latents import UniLIPLatents, latent_grid
-from unilip.models.loading import compose_config
 from unilip.models.mllm import build_conditioner
+from unilip.models.presets import compose_config
 from unilip.models.tokenizer import FrozenEncoder
 
 # tokenizer preset -> (mllm preset, dit preset, generation image size) of the same UniLIP model

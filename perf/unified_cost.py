@@ -1,6 +1,6 @@
 """What one step of the unified task costs at real size, estimated from counted FLOPs (no weights, no GPU).
 
-    python benchmarks/unified_cost.py [--preset unilip_1b] [--images 4] [--group 8] [--caption-tokens 256]
+    python perf/unified_cost.py [--preset unilip_1b] [--images 4] [--group 8] [--caption-tokens 256]
         [--render-steps 20] [--sde-steps 10] [--peak-tflops 989] [--mfu 0.4] [--json out.json]
 
 Every network of the step is built at its real size on PyTorch's `meta` device (shapes only) and each piece of
@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
 from unilip.logs import quiet_third_party_noise
-from unilip.models.loading import compose_config, tokenizer_preset
+from unilip.models.presets import compose_config, tokenizer_preset
 
 META = torch.device("meta")
 PRESETS = {"unilip_1b": ("internvl3_1b", "sana_600m"), "unilip_2b": ("internvl3_2b", "sana_1600m")}

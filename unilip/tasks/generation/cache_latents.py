@@ -1,7 +1,8 @@
 """Cache a generation stage's targets: every image of the stage's data encoded once, for all its epochs.
 
-    python -m unilip.data.cache_latents experiment=generate/unilip_1b stage=2 latent_cache.dir=data/latents/1b-s2
-    torchrun --nproc-per-node 8 -m unilip.data.cache_latents ...       # the shards split over 8 GPUs
+    python -m unilip.tasks.generation.cache_latents experiment=generate/unilip_1b stage=2 \
+        latent_cache.dir=data/latents/1b-s2
+    torchrun --nproc-per-node 8 -m unilip.tasks.generation.cache_latents ...       # the shards split over 8 GPUs
     python train.py task=generate experiment=generate/unilip_1b stage=2 latent_cache.dir=data/latents/1b-s2
 
 The overrides are train.py's (task=generate is implied), so the cache holds what the run's steps would
@@ -161,8 +162,8 @@ class Encoders:
         from hydra.utils import instantiate
 
         from unilip.models.generator import DiTPreset
-        from unilip.training.generation_setup import _load_tokenizer, run_tokenizer_source, target_latents
-        from unilip.training.target_cache import compute_dtype
+        from unilip.tasks.generation.setup import _load_tokenizer, run_tokenizer_source, target_latents
+        from unilip.tasks.generation.target_cache import compute_dtype
 
         dit_preset: DiTPreset = instantiate(cfg.dit)
         self.tokenizer_source = run_tokenizer_source(cfg)
@@ -199,8 +200,8 @@ def cache_stage(cfg) -> dict[str, Any] | None:
     Returns the summary on rank 0 (None on the others).
     """
     from unilip.pipelines.sampling import distributed_env
+    from unilip.tasks.generation.setup import cache_fingerprint, check_generation_config
     from unilip.training.config import check_train_config
-    from unilip.training.generation_setup import cache_fingerprint, check_generation_config
 
     check_train_config(cfg)
     if cfg.task != "generate":
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     from omegaconf.errors import OmegaConfBaseException
 
     from unilip.logs import one_line_errors, quiet_third_party_noise
-    from unilip.models.loading import compose_config
+    from unilip.models.presets import compose_config
 
     quiet_third_party_noise()
     with one_line_errors(HydraException, OmegaConfBaseException):

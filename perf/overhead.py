@@ -1,6 +1,6 @@
 """Framework overhead: our Lightning training step vs a bare PyTorch loop doing the identical computation.
 
-    python benchmarks/overhead.py [--steps 40] [--repeats 5] [--json overhead.json]
+    python perf/overhead.py [--steps 40] [--repeats 5] [--json overhead.json]
 
 Both run the tiny preset, stage 2 with the GAN on (the full step: reconstruction, distillation
 against the frozen teacher, generator and discriminator hinge terms, LeCam, one backward,
@@ -23,9 +23,9 @@ import torch
 
 from unilip.logs import quiet_third_party_noise
 from unilip.models import UniLIPTokenizer
-from unilip.models.loading import compose_config, tokenizer_preset
+from unilip.models.presets import compose_config, tokenizer_preset
+from unilip.tasks.tokenizer.module import frozen_parameters
 from unilip.training.run import build_tokenizer_training
-from unilip.training.tokenizer import frozen_parameters
 
 
 def build(root: Path, steps: int):

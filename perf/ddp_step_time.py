@@ -1,7 +1,7 @@
 """Step time of tokenizer stage 2 (GAN on) under DDP with CPU processes, for any checkout of the project.
 
-    python benchmarks/ddp_step_time.py --repo . --processes 2 --repeat 3
-    python benchmarks/ddp_step_time.py --repo /path/to/older/checkout      # the same, before a change
+    python perf/ddp_step_time.py --repo . --processes 2 --repeat 3
+    python perf/ddp_step_time.py --repo /path/to/older/checkout      # the same, before a change
 
 Runs that checkout's `train.py` (tiny preset, bundled photos, gloo) and reports the median time per
 step over the steps after `--warmup`, from the ThroughputMonitor's `train/time` column: what a
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(repos[0]))
     from unilip.data import build_photo_shards
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     samples: dict[str, list[float]] = {str(repo): [] for repo in repos}
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,6 +35,7 @@ from unilip.logs import is_logging_step
 from unilip.models.generator import UniLIPGenerator, from_state
 from unilip.models.mllm import DualConditioner
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR, UniLIPPipeline
+from unilip.tasks.tokenizer.module import _decay_groups
 from unilip.training.distributed import GradientLayoutProbe, data_parallel_mesh, gathered_state_dict
 from unilip.training.ema import EMA, ValidatesWithEMA
 from unilip.training.flops import flop_counter
@@ -42,7 +43,6 @@ from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
 from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
 from unilip.training.rng import gather_rng_states, restore_rng_states
 from unilip.training.schedules import cosine_with_warmup
-from unilip.training.tokenizer import _decay_groups
 from unilip.training.validation import EpochMeans, log_epoch_means
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """A generation stage's cached targets: the fingerprint they must match, and what the stage then loads.
 
-`python -m unilip.data.cache_latents` stores, for every source of a stage, the DiT's targets x0 and the
+`python -m unilip.tasks.generation.cache_latents` stores, for every source of a stage, the DiT's targets x0 and the
 edits' source features (`unilip.data.latent_cache`); training reads them in place of the images when
 `data.latent_cache` names the cache (or the sources' urls point at cached shards). The fingerprint of
 a cache is the one this module computes from the run's config, the same function for writing and for
@@ -143,7 +143,7 @@ def check_caches(caches: dict[str, dict[str, Any]], expected: dict[str, Any]) ->
             raise ConfigError(
                 f"the cached latents of source {name!r} were made differently from this run ("
                 + "; ".join(diffs[:4])
-                + "); cache them again with this run's overrides (python -m unilip.data.cache_latents ...) "
+                + "); cache them again with this run's overrides (python -m unilip.tasks.generation.cache_latents ...) "
                 f"into another latent_cache.dir, or run with the settings in their {MANIFEST}"
             )
 

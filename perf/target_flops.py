@@ -1,7 +1,7 @@
 """What cached targets save at real size: FLOPs of the frozen encoders per sample against the training step's,
 and the disk a cached sample takes.
 
-    python benchmarks/target_flops.py [--presets unilip_1b unilip_2b] [--json docs/benchmarks/target_flops.json]
+    python perf/target_flops.py [--presets unilip_1b unilip_2b] [--json docs/measurements/target_flops.json]
 
 FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` with grouped convolutions' weight
 gradients corrected, as the training modules count them for MFU (`unilip.training.flops`: matrix
@@ -34,11 +34,11 @@ from hydra.utils import instantiate
 
 from unilip.data.latent_cache import MEMBER, pack
 from unilip.models.generator import UniLIPGenerator, build_dit
-from unilip.models.loading import compose_config
 from unilip.models.mllm import DualConditioner, PromptBatch, build_language_model, byte_level_tokenizer
+from unilip.models.presets import compose_config
 from unilip.models.tokenizer import build_tokenizer
+from unilip.tasks.generation.module import GenerationTraining
 from unilip.training.flops import flop_counter
-from unilip.training.generation import GenerationTraining
 
 PRESETS = {"unilip_1b": ("internvl3_1b", "sana_600m"), "unilip_2b": ("internvl3_2b", "sana_1600m")}
 PROMPT_TOKENS, IMAGE_TOKENS = 128, 256
