@@ -58,9 +58,9 @@ TARGETS: dict[str, dict[str, list[str]]] = {
         "tests": ["tests/test_losses.py"],
     },
     "optimizer set-up (tasks/tokenizer/module.py)": {
-        "files": ["unilip/tasks/tokenizer/module.py"],
+        "files": ["unilip/tasks/tokenizer/module.py", "unilip/training/param_groups.py"],
         "names": [
-            "unilip.tasks.tokenizer.module.x__decay_groups*",
+            "unilip.training.param_groups.x_decay_groups*",
             "unilip.tasks.tokenizer.module.x*configure_optimizers*",
         ],
         "tests": ["tests/test_recipe.py", "-k", "parameter_groups or learning_rate_schedule"],

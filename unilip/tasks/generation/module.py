@@ -35,14 +35,15 @@ from unilip.logs import is_logging_step
 from unilip.models.generator import UniLIPGenerator, from_state
 from unilip.models.mllm import DualConditioner
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR, UniLIPPipeline
-from unilip.tasks.tokenizer.module import _decay_groups
-from unilip.training.distributed import GradientLayoutProbe, data_parallel_mesh, gathered_state_dict
+from unilip.training.distributed import GradientLayoutProbe, gathered_state_dict
 from unilip.training.ema import EMA, ValidatesWithEMA
 from unilip.training.flops import flop_counter
 from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
 from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
+from unilip.training.param_groups import decay_groups
 from unilip.training.rng import gather_rng_states, restore_rng_states
 from unilip.training.schedules import cosine_with_warmup
+from unilip.training.sharding import shard_generator
 from unilip.training.validation import EpochMeans, log_epoch_means
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         groups = [
             g
             for part, ps in self.trainable_parameters().items()
-            for g in _decay_groups(ps, lr=self.lr, weight_decay=self.weight_decay, name=part)
+            for g in decay_groups(ps, lr=self.lr, weight_decay=self.weight_decay, name=part)
         ]
         optimizer = self.optimizer_factory(groups)
         warmup = math.ceil(self.warmup_ratio * self.max_steps)
@@ -434,21 +435,3 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         rng = restore_rng_states(state.get("rng"), self.global_rank)
         if "generation" in rng:
             self.rng.set_state(rng["generation"])
-
-
-def shard_generator(generator: UniLIPGenerator, mesh) -> None:
-    """FSDP2: `fully_shard` per DiT block, per connector layer, the DiT, and the generator root.
-
-    The frozen LLM and tokenizer stay whole on every rank, outside FSDP. `condition` is an entry
-    point besides `forward` (it uses the root's queries and projection), so FSDP must gather for it too.
-    """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    data_mesh = data_parallel_mesh(mesh)
-    for block in generator.dit.transformer_blocks:
-        fully_shard(block, mesh=data_mesh)
-    fully_shard(generator.dit, mesh=data_mesh)
-    for layer in generator.connector.layers:
-        fully_shard(layer, mesh=data_mesh)
-    fully_shard(generator, mesh=data_mesh)
-    register_fsdp_forward_method(generator, "condition")

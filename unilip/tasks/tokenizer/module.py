@@ -36,18 +36,14 @@ from unilip.logs import is_logging_step
 from unilip.losses import LeCamRegularizer, TokenizerLoss
 from unilip.models.hub import enable_activation_checkpointing
 from unilip.models.tokenizer import FrozenEncoder, UniLIPTokenizer
+from unilip.tasks.tokenizer.sharding import shard_tokenizer
 from unilip.tasks.tokenizer.stages import apply_stage, check_stage
-from unilip.training.distributed import (
-    GradientLayoutProbe,
-    average_gradients,
-    exclude_from_ddp,
-    gathered_state_dict,
-    shard_tokenizer_training,
-)
+from unilip.training.distributed import GradientLayoutProbe, average_gradients, exclude_from_ddp, gathered_state_dict
 from unilip.training.ema import EMA, ValidatesWithEMA
 from unilip.training.flops import flop_counter
 from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
 from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
+from unilip.training.param_groups import decay_groups
 from unilip.training.rng import gather_rng_states, restore_rng_states
 from unilip.training.schedules import cosine_with_warmup
 from unilip.training.validation import EpochMeans, log_epoch_means
@@ -73,13 +69,6 @@ def frozen_parameters(module: nn.Module):
     finally:
         for param, flag in zip(module.parameters(), flags, strict=True):
             param.requires_grad_(flag)
-
-
-def _decay_groups(params: list[nn.Parameter], **group: Any) -> list[dict[str, Any]]:
-    """Weight decay on matrices and convolutions only; norms, biases and LayerScale vectors are exempt."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return [g for g in ({"params": decay, **group}, {"params": no_decay, **group, "weight_decay": 0.0}) if g["params"]]
 
 
 class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
@@ -183,7 +172,7 @@ class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
             enable_activation_checkpointing(self.tokenizer.vision_tower)
         fsdp = getattr(self, "device_mesh", None) is not None  # ModelParallelStrategy: FSDP2
         if fsdp:
-            shard_tokenizer_training(self, self.device_mesh)
+            shard_tokenizer(self.tokenizer, self.device_mesh)
             self.groups = {part: self.tokenizer.part_parameters(part) for part in self.groups}
         if self._trainer is not None and self.trainer.world_size > 1:
             if self.discriminator is not None:
@@ -209,9 +198,9 @@ class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         groups = []
         for part, params in self.groups.items():
             lr = self.lr * (self.encoder_lr_multiplier if part == "encoder" else 1.0)
-            groups += _decay_groups(params, lr=lr, name=part)
+            groups += decay_groups(params, lr=lr, name=part)
         if self.discriminator is not None:
-            groups += _decay_groups(
+            groups += decay_groups(
                 list(self.discriminator.parameters()), lr=self.discriminator_lr, name="discriminator"
             )
         optimizer = self.optimizer_factory(groups)

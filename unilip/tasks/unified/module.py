@@ -43,6 +43,7 @@ from unilip.tasks.unified.rollouts import (
     RewardTerms,
     Rollout,
     SDESampling,
+    TrainedParameters,
     UnifiedNetworks,
     caption_rollout,
     image_rollout,
@@ -51,7 +52,7 @@ from unilip.tasks.unified.rollouts import (
     reward,
     velocity_of,
 )
-from unilip.tasks.unified.sharding import check_all_sharded, shard_unified
+from unilip.tasks.unified.sharding import agreed_rows, check_all_sharded, shard_unified
 from unilip.training.distributed import gathered, gathered_state_dict
 from unilip.training.ema import EMA, ValidatesWithEMA
 from unilip.training.frozen import FrozenStaysInEval
@@ -63,30 +64,6 @@ from unilip.training.validation import EpochMeans, log_epoch_means
 log = logging.getLogger(__name__)
 
 STAGES = {1: "captioner", 2: "generator"}
-
-
-class TrainedParameters(nn.Module):
-    """The parameters a stage trains, registered under their names in the network that uses them ('.' -> '__')."""
-
-    def __init__(self, named: dict[str, nn.Parameter]):
-        super().__init__()
-        if not named:
-            raise ValueError("nothing to train")
-        for name, param in named.items():
-            self.register_parameter(name.replace(".", "__"), param)
-
-    def named(self) -> dict[str, nn.Parameter]:
-        return {name.replace("__", "."): param for name, param in self.named_parameters()}
-
-
-def agreed_rows(images: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, list[str]]:
-    """`images` and `keys` padded (the last row repeated) to the largest row count of any rank (one all-reduce)."""
-    rows = torch.tensor([len(images)], device=images.device)
-    torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MAX)
-    extra = int(rows) - len(images)
-    if extra <= 0:
-        return images, keys
-    return torch.cat([images, images[-1:].expand(extra, *images.shape[1:])]), keys + keys[-1:] * extra
 
 
 def as_unit_float(images: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,20 @@ class UnifiedNetworks(FrozenNetworks):
         return UniLIPPipeline(self.generator, self.conditioner, self.latents, scheduler, self.flow_shift)
 
 
+class TrainedParameters(nn.Module):
+    """The parameters a stage trains, registered under their names in the network that uses them ('.' -> '__')."""
+
+    def __init__(self, named: dict[str, nn.Parameter]):
+        super().__init__()
+        if not named:
+            raise ValueError("nothing to train")
+        for name, param in named.items():
+            self.register_parameter(name.replace(".", "__"), param)
+
+    def named(self) -> dict[str, nn.Parameter]:
+        return {name.replace("__", "."): param for name, param in self.named_parameters()}
+
+
 @dataclass
 class Rollout:
     """What one rollout produced, for the loss and the logs. N = B x G rows, each image's G consecutive."""

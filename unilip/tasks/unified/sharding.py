@@ -15,15 +15,16 @@ batches are padded to the same number of rows on every rank before they are rend
 
 from __future__ import annotations
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from unilip.errors import ConfigError
 from unilip.models.captioner import Captioner
-from unilip.tasks.generation.module import shard_generator
 from unilip.tasks.unified.rollouts import UnifiedNetworks
 from unilip.training.distributed import data_parallel_mesh
+from unilip.training.sharding import shard_generator
 
 
 def shard_captioner(captioner: Captioner, mesh: DeviceMesh) -> None:
@@ -53,6 +54,16 @@ def shard_unified(networks: UnifiedNetworks, stage: int, mesh: DeviceMesh) -> No
         for block in reference.transformer_blocks:
             fully_shard(block, mesh=data_mesh)
         fully_shard(reference, mesh=data_mesh)
+
+
+def agreed_rows(images: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """`images` and `keys` padded (the last row repeated) to the largest row count of any rank (one all-reduce)."""
+    rows = torch.tensor([len(images)], device=images.device)
+    torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MAX)
+    extra = int(rows) - len(images)
+    if extra <= 0:
+        return images, keys
+    return torch.cat([images, images[-1:].expand(extra, *images.shape[1:])]), keys + keys[-1:] * extra
 
 
 def check_all_sharded(trained: dict) -> None:
