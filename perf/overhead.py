@@ -25,7 +25,7 @@ from unilip.logs import quiet_third_party_noise
 from unilip.models import UniLIPTokenizer
 from unilip.models.presets import compose_config, tokenizer_preset
 from unilip.tasks.tokenizer.module import frozen_parameters
-from unilip.training.run import build_tokenizer_training
+from unilip.tasks.tokenizer.setup import build_tokenizer_training
 
 
 def build(root: Path, steps: int):

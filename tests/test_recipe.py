@@ -10,7 +10,8 @@ import torch
 
 from tests.conftest import compose_train, quick_overrides
 from unilip.models import UniLIPTokenizer
-from unilip.training.run import build_tokenizer_training, train
+from unilip.tasks.tokenizer.setup import build_tokenizer_training
+from unilip.training.run import train
 
 
 @pytest.fixture(scope="module")
