@@ -69,7 +69,7 @@ def ours_side(args) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from unilip.models.presets import load_tokenizer
+    from unilip.pretrained import load_tokenizer
 
     ref = load_file(str(args.work / "reference_tokenizer.safetensors"))
     preset = "unilip_1b" if args.preset == "unilip_1b" else str(args.work / "tiny_preset.yaml")

@@ -36,7 +36,7 @@ from unilip.data.latent_cache import MEMBER, pack
 from unilip.models.generator import UniLIPGenerator, build_dit
 from unilip.models.mllm import DualConditioner, PromptBatch, build_language_model, byte_level_tokenizer
 from unilip.models.presets import compose_config
-from unilip.models.tokenizer import build_tokenizer
+from unilip.pretrained import build_tokenizer
 from unilip.tasks.generation.module import GenerationTraining
 from unilip.training.flops import flop_counter
 

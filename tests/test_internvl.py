@@ -8,9 +8,9 @@ from diffusers import AutoencoderDC
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from unilip.export import main as export_main
-from unilip.models import UniLIPTokenizer, build_tokenizer
+from unilip.models import UniLIPTokenizer
 from unilip.models.hub import StateDictMismatchError
-from unilip.models.presets import load_tokenizer
+from unilip.pretrained import build_tokenizer, load_tokenizer
 
 # The original InternVL names, written out independently of unilip's converter
 # (transformers/models/internvl/convert_internvl_weights_to_hf.py, in reverse).

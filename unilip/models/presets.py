@@ -1,4 +1,5 @@
-"""One entry point for every form a trained tokenizer comes in."""
+"""The presets: where the Hydra configs are (`CONF_DIR`), composing them as train.py and eval.py do, and the
+tokenizer presets of conf/model/. (A trained tokenizer in any form: `unilip.pretrained.load_tokenizer`.)"""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from unilip.errors import ConfigError
-from unilip.models.tokenizer import CONFIG_NAME, TokenizerConfig, UniLIPTokenizer
+from unilip.models.tokenizer import TokenizerConfig
 
 
 def _conf_dir() -> Path:
@@ -42,20 +42,3 @@ def tokenizer_preset(name: str) -> TokenizerConfig:
     node.pop("_target_", None)
     node.pop("_convert_", None)
     return TokenizerConfig(**node)
-
-
-def load_tokenizer(source: str | Path, *, preset: str | None = None) -> UniLIPTokenizer:
-    """Load a tokenizer from a `save_pretrained` directory or hub id, or a released UniLIP `.pth`.
-
-    A released `.pth` holds weights only, so it needs `preset` (`unilip_1b` or `unilip_2b`).
-    """
-    path = Path(source)
-    if path.suffix in (".pth", ".pt"):
-        if preset is None:
-            raise ConfigError(f"'{path}' is a released UniLIP checkpoint; pass its preset (unilip_1b or unilip_2b)")
-        from unilip.pretrained.internvl import load_unilip_checkpoint
-
-        return load_unilip_checkpoint(path, tokenizer_preset(preset))
-    if path.is_dir() and not (path / CONFIG_NAME).exists():
-        raise FileNotFoundError(f"'{path}' is a directory without {CONFIG_NAME}: not a saved tokenizer")
-    return UniLIPTokenizer.from_pretrained(source)

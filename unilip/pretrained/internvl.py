@@ -15,13 +15,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import InternVLConfig
+from transformers import InternVLConfig, InternVLVisionConfig
 
 from unilip.errors import ConfigError
-from unilip.models.encoders.base import EXPORT_RTOL, ExportCheck
-from unilip.models.encoders.internvit import InternViTEncoder, check_vision_config, internvl_features
+from unilip.models.encoders.internvit import InternViTEncoder, internvl_features
 from unilip.models.hub import StateDictMismatchError, load_strict, load_torch_file, read_json, resolve_pretrained
 from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
+from unilip.pretrained.base import EXPORT_RTOL, ExportCheck, vision_field
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,42 @@ def load_unilip_checkpoint(path: str | Path, config: TokenizerConfig) -> UniLIPT
     return model
 
 
+def check_vision_config(path: Path, config: TokenizerConfig) -> None:
+    """Refuse an InternVL checkpoint whose ViT or projector differs from the preset."""
+    config_file = path / "config.json" if path.is_dir() else None
+    if config_file is None or not config_file.exists():
+        return  # shapes are still checked key by key
+    theirs = read_json(config_file, what="InternVL config")
+    vision = InternVLVisionConfig(**{k: v for k, v in theirs.get("vision_config", {}).items() if k != "model_type"})
+    ours = config.vision_config()
+    fields = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "patch_size",
+        "layer_norm_eps",
+        "norm_type",
+        "use_qk_norm",
+        "attention_bias",
+        "hidden_act",
+        "use_mean_pooling",
+    )
+    diffs = [
+        f"{name}: {vision_field(vision, name)} != {vision_field(ours, name)}"
+        for name in fields
+        if vision_field(vision, name) != vision_field(ours, name)
+    ]
+    text_hidden = theirs.get("text_config", {}).get("hidden_size")
+    if text_hidden is not None and text_hidden != config.llm_hidden_size:
+        diffs.append(f"llm_hidden_size: {text_hidden} != {config.llm_hidden_size}")
+    if diffs:
+        raise ConfigError(
+            f"InternVL checkpoint '{path}' does not fit the tokenizer preset ({'; '.join(diffs)}); "
+            "pick the preset that matches the checkpoint"
+        )
+
+
 # Files of a transformers checkpoint that `save_pretrained` rewrites; everything else is copied.
 _REWRITTEN = re.compile(r"(config\.json|generation_config\.json|model.*\.safetensors(\.index\.json)?|.*\.bin)")
 
@@ -129,7 +165,7 @@ def check_internvl_base(base_dir: Path, config: TokenizerConfig) -> None:
     `tokenizer.features` is: last ViT layer, CLS dropped, pixel shuffle at `downsample_ratio`, the
     projector with `projector_hidden_act`. A base that is not a transformers InternVL checkpoint at
     all, or that configures any of these differently, would give other features (or load with a
-    default LLM of several GB); the ViT and projector sizes are checked as `load_internvl` checks them.
+    default LLM of several GB); the ViT and projector sizes are checked as loading checks them (`check_vision_config`).
     """
     config_file = base_dir / "config.json"
     if not config_file.is_file():

@@ -29,9 +29,9 @@ from transformers import InternVLConfig, InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
 from unilip.errors import ConfigError, UnreadableFileError
-from unilip.models.encoders.base import EXPORT_RTOL, ExportCheck, vision_field
 from unilip.models.encoders.internvit import internvl_features
 from unilip.models.hub import StateDictMismatchError, load_safetensors, load_strict, read_json
+from unilip.pretrained.base import EXPORT_RTOL, ExportCheck, vision_field
 from unilip.pretrained.internvl import PROJECTOR_RENAMES, convert_internvit_key, features_in, internvit_names
 
 if TYPE_CHECKING:
