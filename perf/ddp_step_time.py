@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(repos[0]))
     from unilip.data import build_photo_shards
     from unilip.models import UniLIPTokenizer
-    from unilip.models.presets import tokenizer_preset
+
+    try:
+        from unilip.models.presets import tokenizer_preset
+    except ImportError:  # a checkout from before unilip.models.loading became unilip.models.presets
+        from unilip.models.loading import tokenizer_preset
 
     samples: dict[str, list[float]] = {str(repo): [] for repo in repos}
     with tempfile.TemporaryDirectory() as tmp:
