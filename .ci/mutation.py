@@ -10,7 +10,7 @@
 Each target is a set of functions and the fast tests that guard them. mutmut (3.x) runs in a scratch
 copy of the repository per target (`--work`, default /tmp/unilip-mutation/<target>), so nothing is
 written into the checkout; results accumulate there across runs. The per-target counts and every
-surviving mutant's diff go to docs/benchmarks/mutation.json; docs/testing.md explains the survivors.
+surviving mutant's diff go to docs/measurements/mutation.json; docs/testing.md explains the survivors.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ TARGETS: dict[str, dict[str, list[str]]] = {
         ],
     },
     "stages": {
-        "files": ["unilip/training/stages.py"],
-        "names": ["unilip.training.stages.*"],
+        "files": ["unilip/tasks/tokenizer/stages.py"],
+        "names": ["unilip.tasks.tokenizer.stages.*"],
         "tests": ["tests/test_recipe.py", "-k", "parameter_groups or isolated or does_not_have"],
     },
     "ema": {
@@ -57,17 +57,20 @@ TARGETS: dict[str, dict[str, list[str]]] = {
         "names": ["unilip.training.schedules.*"],
         "tests": ["tests/test_losses.py"],
     },
-    "optimizer set-up (training/tokenizer.py)": {
-        "files": ["unilip/training/tokenizer.py"],
-        "names": ["unilip.training.tokenizer.x__decay_groups*", "unilip.training.tokenizer.x*configure_optimizers*"],
+    "optimizer set-up (tasks/tokenizer/module.py)": {
+        "files": ["unilip/tasks/tokenizer/module.py", "unilip/training/param_groups.py"],
+        "names": [
+            "unilip.training.param_groups.x_decay_groups*",
+            "unilip.tasks.tokenizer.module.x*configure_optimizers*",
+        ],
         "tests": ["tests/test_recipe.py", "-k", "parameter_groups or learning_rate_schedule"],
     },
-    "flow objective and CFG dropout (training/generation.py)": {
-        "files": ["unilip/training/generation.py"],
+    "flow objective and CFG dropout (tasks/generation/module.py)": {
+        "files": ["unilip/tasks/generation/module.py"],
         "names": [
-            "unilip.training.generation.x*flow_loss*",
-            "unilip.training.generation.x*inputs*",
-            "unilip.training.generation.x*sample_timesteps*",
+            "unilip.tasks.generation.module.x*flow_loss*",
+            "unilip.tasks.generation.module.x*inputs*",
+            "unilip.tasks.generation.module.x*sample_timesteps*",
         ],
         "tests": ["tests/test_generation_objective.py"],
     },
@@ -96,8 +99,8 @@ BEFORE_TESTS: dict[str, list[str]] = {
     "ema": ["tests/test_losses.py", "tests/test_training.py"],
     "nonfinite": ["tests/test_training.py", "-k", "non_finite"],
     "schedules": ["tests/test_losses.py"],
-    "optimizer set-up (training/tokenizer.py)": ["tests/test_training.py"],
-    "flow objective and CFG dropout (training/generation.py)": ["tests/test_generation_training.py"],
+    "optimizer set-up (tasks/tokenizer/module.py)": ["tests/test_training.py"],
+    "flow objective and CFG dropout (tasks/generation/module.py)": ["tests/test_generation_training.py"],
     "metrics": ["tests/test_evaluation.py", "-k", "not process"],
     "split logic (data/streams.py)": ["tests/test_data_loader.py"],
 }
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("targets", nargs="*", help=f"slugs or names (default: all): {[slug(t) for t in TARGETS]}")
     parser.add_argument("--work", type=Path, default=Path("/tmp/unilip-mutation"))
     parser.add_argument("--max-children", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "mutation.json")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "mutation.json")
     parser.add_argument("--report", action="store_true", help="only collect and print the last results")
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout to mutate (default: this one)")
     parser.add_argument("--before", action="store_true", help="use the tests of the suite before the unit tests")

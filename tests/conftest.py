@@ -21,7 +21,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def tiny_config():
     """The `tiny` tokenizer preset from conf/model/tiny.yaml (the config users compose)."""
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     return tokenizer_preset("tiny")
 
@@ -57,7 +57,7 @@ def photos_dir(tmp_path_factory):
 
 def compose_train(overrides: list[str]):
     """Compose conf/train.yaml as `python train.py <overrides>` would (without Hydra's run-time keys)."""
-    from unilip.models.loading import compose_config
+    from unilip.models.presets import compose_config
 
     return compose_config("train", overrides)
 
@@ -80,7 +80,7 @@ def quick_overrides(data_root, run_dir, *extra: str) -> list[str]:
 
 def compose_eval(data_root, out_dir, *overrides: str):
     """Compose conf/eval.yaml for the bundled photos on CPU."""
-    from unilip.models.loading import compose_config
+    from unilip.models.presets import compose_config
 
     return compose_config(
         "eval",

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import compose_train
-from unilip.models.loading import CONF_DIR
+from unilip.models.presets import CONF_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 

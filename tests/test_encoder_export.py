@@ -20,7 +20,8 @@ from transformers import (
 from tests.test_encoders import home_features, tiny
 from unilip.errors import ConfigError
 from unilip.export import main as export_main
-from unilip.models import UniLIPTokenizer, build_tokenizer
+from unilip.models import UniLIPTokenizer
+from unilip.pretrained import build_tokenizer, home_of
 from unilip.training.lineage import TrainedTokenizer, build_teacher
 
 HOME = {
@@ -121,9 +122,9 @@ def _tokenizer_internvit():
 
 def test_a_failed_verification_exits_without_a_checkpoint(tmp_path, monkeypatch):
     """An export whose config computes other features (here: another LayerNorm epsilon) is caught by the check."""
-    from unilip.models.encoders.vision_model import VisionModelEncoder
+    from unilip.pretrained.vision_models import VisionModelHome
 
-    write = VisionModelEncoder.export
+    write = VisionModelHome.export
 
     def tampered(self, out_dir, base, dtype):
         written = write(self, out_dir, base, dtype)
@@ -131,7 +132,7 @@ def test_a_failed_verification_exits_without_a_checkpoint(tmp_path, monkeypatch)
         (written / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 0.5}))
         return written
 
-    monkeypatch.setattr(VisionModelEncoder, "export", tampered)
+    monkeypatch.setattr(VisionModelHome, "export", tampered)
     tokenizer = _saved(_tokenizer("dinov2_with_registers"), tmp_path / "tok")
     with pytest.raises(SystemExit, match=r"^error: the exported model's image features differ .* by \S+ \(tolerance"):
         export_main(["--tokenizer", str(tokenizer), "--out", str(tmp_path / "new" / "out")])
@@ -139,10 +140,10 @@ def test_a_failed_verification_exits_without_a_checkpoint(tmp_path, monkeypatch)
 
 
 def test_a_bfloat16_export_is_checked_as_tightly_as_float32(tmp_path):
-    encoder = _tokenizer("siglip").encoder
+    home = home_of(_tokenizer("siglip").encoder)
     for dtype in (torch.float32, torch.bfloat16):
-        out = encoder.export(tmp_path / str(dtype), None, dtype)
-        check = encoder.verify_export(out)
+        out = home.export(tmp_path / str(dtype), None, dtype)
+        check = home.verify_export(out)
         assert check.dtype == dtype and check.ok and check.difference <= 1e-5
         if dtype == torch.float32:
             assert check.rounding == 0
@@ -203,3 +204,17 @@ def test_a_teacher_of_another_encoder_is_refused(tmp_path):
     trained = TrainedTokenizer(_tokenizer("dinov2"), "run", {"encoder_trained": True, "teacher": None})
     with pytest.raises(ConfigError, match=r"holds another encoder than the chosen model preset \(differs in encoder"):
         build_teacher(str(tmp_path / "siglip"), trained, tiny("dinov2"))
+
+
+def test_every_encoder_has_a_home_and_a_home_serves_only_its_own_kind():
+    """The networks (`ENCODERS`) and their homes (`HOMES`, in the package the networks never import) are two
+    registries: an encoder added to one and forgotten in the other could be trained but never loaded or exported."""
+    from unilip.models.encoders import ENCODERS
+    from unilip.pretrained import HOMES
+
+    assert HOMES.keys() == ENCODERS.keys()
+    assert all(home.kind == kind for kind, home in HOMES.items())
+    siglip = _tokenizer("siglip").encoder
+    assert home_of(siglip).encoder is siglip
+    with pytest.raises(TypeError, match="home of dinov2 encoders, not of siglip"):
+        HOMES["dinov2"](siglip)

@@ -73,7 +73,7 @@ def test_stage2_trains_the_encoder_and_distillation_keeps_its_features(stages):
     second = load_file(runs / "stage2" / "tokenizer" / "model.safetensors")
     state = torch.load(runs / "stage2" / "checkpoints" / "last.ckpt", weights_only=True)
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     unused = UniLIPTokenizer(tokenizer_preset(preset)).encoder.unused_parameters()  # pooling head / mask token
     encoder = [k for k in first if k.startswith("vision_tower.")]

@@ -25,9 +25,10 @@ from transformers.models.siglip2.image_processing_siglip2 import convert_image_t
 
 from unilip.errors import ConfigError
 from unilip.models import TokenizerConfig, UniLIPTokenizer
-from unilip.models.loading import CONF_DIR, load_tokenizer, tokenizer_preset
+from unilip.models.presets import CONF_DIR, tokenizer_preset
 from unilip.models.tokenizer import FrozenEncoder
-from unilip.training.stages import apply_stage
+from unilip.pretrained import load_tokenizer
+from unilip.tasks.tokenizer.stages import apply_stage
 
 KINDS = ("internvit", "siglip", "siglip2", "dinov2", "dinov2_with_registers", "dinov2 unmerged")
 HALF = (0.5, 0.5, 0.5)

@@ -21,10 +21,10 @@ from unilip.data.index import count_samples, read_index
 from unilip.data.index import main as index_main
 from unilip.data.make_shards import folder_records
 from unilip.data.transforms import SampleTransform
-from unilip.models.loading import CONF_DIR
+from unilip.models.presets import CONF_DIR
+from unilip.tasks.generation.setup import check_generation_config
 from unilip.training.config import ConfigError
 from unilip.training.epochs import plan_steps
-from unilip.training.generation_setup import check_generation_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment" / "generate").glob("*.yaml"))
 

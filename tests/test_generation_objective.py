@@ -13,7 +13,7 @@ from tests.generation_helpers import one_thread  # noqa: F401  (autouse: one int
 @pytest.fixture(scope="module")
 def module(tmp_path_factory, tiny_config, photos_dir):
     from unilip.models import UniLIPTokenizer
-    from unilip.training.generation_setup import build_generation_training
+    from unilip.tasks.generation.setup import build_generation_training
 
     root = tmp_path_factory.mktemp("objective")
     torch.manual_seed(0)

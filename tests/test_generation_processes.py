@@ -65,7 +65,7 @@ def test_ddp_stage1_then_fsdp2_stage2(photos_dir, tmp_path, tiny_config):
     assert not any(torch.equal(first[k], second[k]) for k in dit)  # FSDP2 trained the DiT (frozen in stage 1)
     assert json.loads((stage2 / "generator" / "config.json").read_text())["init_from"] == str(stage1)
 
-    from unilip.training.generation_setup import load_trained_generator
+    from unilip.tasks.generation.setup import load_trained_generator
 
     from_dcp, _ = load_trained_generator(checkpoint)  # the sharded checkpoint reads back to the same weights
     assert all(torch.equal(from_dcp.state_dict()[k], second[k]) for k in second)

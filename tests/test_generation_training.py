@@ -16,7 +16,7 @@ from tests.generation_helpers import (
     fingerprint,
     one_thread,  # noqa: F401  (autouse fixture)
 )
-from unilip.models.loading import CONF_DIR as REPO_CONF
+from unilip.models.presets import CONF_DIR as REPO_CONF
 from unilip.training.config import ConfigError
 from unilip.training.run import train
 
@@ -89,7 +89,7 @@ def handful(photos_dir, runs_dir):
 @pytest.fixture(scope="module")
 def stage2(photos_dir, runs_dir, stage1, handful):
     """Stage 2 from stage 1 (found by run name), overfitting the handful: flow loss before and after."""
-    from unilip.training.generation_setup import build_generation_training, load_trained_generator
+    from unilip.tasks.generation.setup import build_generation_training, load_trained_generator
 
     steps = 60
     cfg = _cfg(
@@ -177,7 +177,7 @@ def test_stage3_starts_from_stage2_and_trains_everything(photos_dir, runs_dir, s
     assert all(torch.equal(initial[k], stage2_weights[k]) for k in stage2_weights)
     changes = _changes(stage3, runs_dir / f"snapshot3-{NAME}")
     assert all(changed == total for changed, total in changes.values()), changes
-    from unilip.training.generation_setup import load_trained_generator
+    from unilip.tasks.generation.setup import load_trained_generator
 
     # with an EMA, the result is the EMA: the same weights a later stage reads from the checkpoint
     checkpoint = torch.load(stage3 / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

@@ -56,8 +56,8 @@ def test_uint8_batches_of_real_photos_equal_the_float_path(photos_dir, size, res
 
 def _module_classes():
     from unilip.evaluation.module import ReconstructionEvaluation
-    from unilip.training.generation import GenerationTraining
-    from unilip.training.tokenizer import TokenizerTraining
+    from unilip.tasks.generation.module import GenerationTraining
+    from unilip.tasks.tokenizer.module import TokenizerTraining
 
     return [TokenizerTraining, GenerationTraining, ReconstructionEvaluation]
 

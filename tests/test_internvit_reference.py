@@ -56,7 +56,7 @@ def _platform() -> str:
 
 def _tokenizer(dtype: torch.dtype = torch.float32):
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     torch.manual_seed(0)
     return UniLIPTokenizer(tokenizer_preset("tiny")).eval().to(dtype)

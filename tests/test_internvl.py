@@ -8,9 +8,9 @@ from diffusers import AutoencoderDC
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from unilip.export import main as export_main
-from unilip.models import UniLIPTokenizer, build_tokenizer
+from unilip.models import UniLIPTokenizer
 from unilip.models.hub import StateDictMismatchError
-from unilip.models.loading import load_tokenizer
+from unilip.pretrained import build_tokenizer, load_tokenizer
 
 # The original InternVL names, written out independently of unilip's converter
 # (transformers/models/internvl/convert_internvl_weights_to_hf.py, in reverse).
@@ -240,7 +240,7 @@ def test_export_refuses_a_base_that_is_not_an_internvl_checkpoint(tiny_tokenizer
 def test_a_failed_verification_exits_without_a_checkpoint(tiny_tokenizer, tmp_path, monkeypatch):
     """Past the config check (switched off here), the feature comparison itself refuses the relu base."""
     tiny_internvl(tiny_tokenizer, projector_hidden_act="relu").save_pretrained(tmp_path / "base")
-    monkeypatch.setattr("unilip.models.internvl.check_internvl_base", lambda *args: None)
+    monkeypatch.setattr("unilip.pretrained.internvl.check_internvl_base", lambda *args: None)
     out = tmp_path / "new" / "out"
     args = ["--tokenizer", str(_saved(tiny_tokenizer, tmp_path)), "--base", str(tmp_path / "base")]
     with pytest.raises(SystemExit, match=r"^error: the exported model's image features differ .* by \S+ \(tolerance"):
@@ -249,7 +249,7 @@ def test_a_failed_verification_exits_without_a_checkpoint(tiny_tokenizer, tmp_pa
 
 
 def test_a_bfloat16_export_is_checked_as_tightly_as_float32(tiny_tokenizer, internvl_dir, tmp_path, caplog):
-    from unilip.models.internvl import export_to_internvl, verify_export
+    from unilip.pretrained.internvl import export_to_internvl, verify_export
 
     base, _ = internvl_dir
     for dtype in (torch.float32, torch.bfloat16):

@@ -304,7 +304,7 @@ def test_every_tensor_of_the_vision_part_is_accounted_for(tiny_tokenizer, saved_
 
 
 def test_the_verification_catches_a_changed_language_model(tiny_tokenizer, saved_tokenizer, tmp_path, monkeypatch):
-    import unilip.models.internvl_original as original
+    import unilip.pretrained.internvl_original as original
 
     write = original.export_to_original
 
@@ -324,7 +324,7 @@ def test_the_verification_catches_a_changed_language_model(tiny_tokenizer, saved
 
 def test_the_verification_catches_wrong_vision_weights(tiny_tokenizer, saved_tokenizer, tmp_path, monkeypatch):
     """Past the key and shape checks, the feature comparison: here k and v of one layer swapped."""
-    import unilip.models.internvl_original as original
+    import unilip.pretrained.internvl_original as original
 
     write = original.export_to_original
 

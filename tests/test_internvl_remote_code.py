@@ -43,7 +43,7 @@ def exported(tmp_path_factory):
     float32 (InternVL's code runs on the CPU in float32 here)."""
     pytest.importorskip("einops", reason="InternVL's modeling_intern_vit.py imports einops (pip install einops)")
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     root = tmp_path_factory.mktemp("remote")
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
-"""Cached generation targets: `python -m unilip.data.cache_latents` writes what the training step would compute,
-training reads it in place of the images (same loss, no encoder run, the tokenizer not even loaded), a cache made
-otherwise is refused, an interrupted caching run resumes without duplicates or gaps, and a corrupt cached sample
-is skipped and counted like an undecodable image."""
+"""Cached generation targets: `python -m unilip.tasks.generation.cache_latents` writes what the training step would
+compute, training reads it in place of the images (same loss, no encoder run, the tokenizer not even loaded), a
+cache made otherwise is refused, an interrupted caching run resumes without duplicates or gaps, and a corrupt cached
+sample is skipped and counted like an undecodable image."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from tests.conftest import compose_train
 from tests.generation_helpers import one_thread  # noqa: F401  (autouse fixture)
 from tests.helpers import run_tree
 from unilip.data import latent_cache
-from unilip.data.cache_latents import main as cache_main
 from unilip.data.shards import DataError, SkipCounter, expand_urls, read_shard
 from unilip.data.transforms import batch_to_float
+from unilip.tasks.generation.cache_latents import main as cache_main
 from unilip.training.config import ConfigError
 
 
@@ -54,7 +54,7 @@ def compose(photos_dir, workdir, tokenizer_dir, stage, *extra):
 @pytest.fixture(scope="module")
 def stage1_generator(photos_dir, workdir, tokenizer_dir):
     """A saved stage-1 generator (untrained), so that stage 2 has its init_from."""
-    from unilip.training.generation_setup import build_generation_training
+    from unilip.tasks.generation.setup import build_generation_training
 
     module = build_generation_training(compose(photos_dir, workdir, tokenizer_dir, 1, "run_dir=unused"))
     directory = workdir / "stage1_generator"
@@ -87,7 +87,7 @@ def test_training_from_the_cache_gives_the_loss_of_encoding_on_the_fly(
 ):
     """The same training stream (same seed: the same samples in the same order), once as images encoded in the
     step and once as cached fp32 latents: the same targets, edit features and flow loss on every batch."""
-    from unilip.training.generation_setup import build_generation_training
+    from unilip.tasks.generation.setup import build_generation_training
 
     directory, extra, summary = fp32_caches[stage]
     images_cfg = compose(photos_dir, workdir, tokenizer_dir, stage, *extra, "run_dir=unused")
@@ -189,7 +189,7 @@ def test_a_cache_made_otherwise_is_refused_with_the_fields_that_differ(
     photos_dir, workdir, tokenizer_dir, fp32_caches, tiny_config
 ):
     from unilip.models import UniLIPTokenizer
-    from unilip.training.generation_setup import build_generation_training
+    from unilip.tasks.generation.setup import build_generation_training
 
     directory, extra, _ = fp32_caches[2]
     cache = [f"latent_cache.dir={directory}", "latent_cache.dtype=float32", "data.val_urls=null"]
@@ -235,7 +235,7 @@ def test_an_interrupted_cache_resumes_without_duplicates_or_gaps(
 ):
     """Interrupted while writing its second shard, the cache is incomplete (training refuses it); run again, it
     keeps the finished shard as it was, writes the rest, and holds every input sample exactly once."""
-    from unilip.data import cache_latents
+    from unilip.tasks.generation import cache_latents
 
     directory = workdir / "resumed"
     args = [*overrides(photos_dir, workdir, tokenizer_dir, 1), f"latent_cache.dir={directory}"]
@@ -355,7 +355,13 @@ def test_two_processes_write_the_cache_one_process_writes(photos_dir, workdir, t
     args = overrides(photos_dir, workdir, tokenizer_dir, 2, *extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command += ["-m", "unilip.data.cache_latents", *args, f"latent_cache.dir={out}", "latent_cache.dtype=float32"]
+    command += [
+        "-m",
+        "unilip.tasks.generation.cache_latents",
+        *args,
+        f"latent_cache.dir={out}",
+        "latent_cache.dtype=float32",
+    ]
     result = run_tree(command, cwd=repo, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"cached {summary['samples']} samples (0 skipped)" in result.stdout  # each shard on one rank only

@@ -69,7 +69,7 @@ def test_the_command_says_what_is_wrong_in_one_line(tmp_path, tiny_tokenizer, ph
 def test_trained_tokenizers_do_not_inherit_the_released_scale(tmp_path, photos_dir):
     """A tokenizer trained from the unilip presets (10.6 for the released weights) must be measured again."""
     from tests.conftest import compose_train, quick_overrides
-    from unilip.training.run import build_tokenizer_training
+    from unilip.tasks.tokenizer.setup import build_tokenizer_training
 
     run = tmp_path / "tok" / "tokenizer" / "stage1"
     cfg = compose_train(quick_overrides(photos_dir, run, "stage=1", "+model.config.latent_scale=10.6"))

@@ -20,12 +20,12 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (REFERENCE and INTERNVL), reason="set UNILIP_REFERENCE and UNILIP_INTERNVL to checkouts"),
 ]
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+PARITY = Path(__file__).resolve().parents[1] / "parity"
 TOLERANCE = 1e-5  # fp32
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, PARITY / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

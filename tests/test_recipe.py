@@ -10,7 +10,8 @@ import torch
 
 from tests.conftest import compose_train, quick_overrides
 from unilip.models import UniLIPTokenizer
-from unilip.training.run import build_tokenizer_training, train
+from unilip.tasks.tokenizer.setup import build_tokenizer_training
+from unilip.training.run import train
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_the_discriminator_starts_at_the_gan_start_step(photos_dir, saved_init, 
 @pytest.mark.parametrize("stage", [0, 3, "1"])
 def test_a_stage_the_tokenizer_does_not_have_is_a_user_error_naming_both_stages(stage):
     from unilip.errors import ConfigError
-    from unilip.training.stages import check_stage
+    from unilip.tasks.tokenizer.stages import check_stage
 
     assert check_stage(1) == 1 and check_stage(2) == 2
     with pytest.raises(ConfigError, match=r"stage=.* is not a tokenizer stage; use stage=1 .* or stage=2"):

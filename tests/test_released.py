@@ -15,8 +15,8 @@ from tests.generation_helpers import one_thread  # noqa: F401  (autouse fixture)
 from unilip.models.generator import UniLIPGenerator, build_dit
 from unilip.models.hub import StateDictMismatchError
 from unilip.models.mllm import build_conditioner
-from unilip.models.released import import_released, load_released_generator
 from unilip.pipelines import UniLIPPipeline
+from unilip.pretrained.released import import_released, load_released_generator
 
 
 @pytest.fixture(scope="module")

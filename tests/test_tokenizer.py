@@ -7,10 +7,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from unilip.models import UniLIPTokenizer, build_tokenizer
+from unilip.models import UniLIPTokenizer
 from unilip.models.hub import StateDictMismatchError, WeightsNotFoundError
-from unilip.models.loading import CONF_DIR, load_tokenizer
-from unilip.training.stages import apply_stage
+from unilip.models.presets import CONF_DIR
+from unilip.pretrained import build_tokenizer, load_tokenizer
+from unilip.tasks.tokenizer.stages import apply_stage
 
 
 @pytest.mark.parametrize(("size", "grid"), [(224, 8), (448, 16), (256, 10)])

@@ -245,7 +245,7 @@ def test_stage2_can_carry_the_discriminator_over(photos_dir, tmp_path):
         *gan,
     )
     trained = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    from unilip.training.run import build_tokenizer_training
+    from unilip.tasks.tokenizer.setup import build_tokenizer_training
 
     def module(*extra):
         overrides = ["stage=2", f"init_from={first}", "stages.stage2.max_steps=4", "stages.stage2.gan_start_step=0"]

@@ -23,7 +23,7 @@ def internvl(tmp_path_factory):
     """A tiny InternVL checkpoint in transformers' format whose vision tower and projector are a UniLIP
     tokenizer's, and the MLLM preset that reads its language model."""
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     torch.manual_seed(0)
     tokenizer = UniLIPTokenizer(tokenizer_preset("tiny")).eval()
@@ -155,7 +155,7 @@ def _sample_on_rank(rank: int, preset, store: str, out: str, synced: bool) -> No
     from pathlib import Path
 
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unilip.pipelines.flow_sde import gaussian_log_prob, sample_sde, sde_times, step_log_prob, step_mean, step_std
-from unilip.training.unified.grpo import group_advantages, grpo_loss, token_kl
+from unilip.tasks.unified.grpo import group_advantages, grpo_loss, token_kl
 
 
 def test_advantages_of_a_fixed_group_equal_a_hand_computation():

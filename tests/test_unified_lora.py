@@ -18,8 +18,8 @@ from diffusers import SanaTransformer2DModel
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from unilip.models.loading import CONF_DIR
 from unilip.models.lora import LoRASpec, adapters_disabled, add_lora, merged_state_dict
+from unilip.models.presets import CONF_DIR
 
 
 def tiny_llm():

@@ -16,7 +16,7 @@ from tests.generation_helpers import (
     fingerprint,
     one_thread,  # noqa: F401  (autouse fixture)
 )
-from unilip.models.loading import CONF_DIR
+from unilip.models.presets import CONF_DIR
 from unilip.training.config import ConfigError
 from unilip.training.run import train
 
@@ -223,7 +223,7 @@ def test_fsdp_refuses_trained_parameters_it_would_leave_whole():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor
 
-    from unilip.training.unified.sharding import check_all_sharded
+    from unilip.tasks.unified.sharding import check_all_sharded
 
     store = torch.distributed.HashStore()
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)

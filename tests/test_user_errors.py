@@ -53,7 +53,7 @@ def tree(*roots: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------- inputs the cases break
 def saved_tokenizer(case: Case, name: str = "tokenizer") -> Path:
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     torch.manual_seed(0)
     UniLIPTokenizer(tokenizer_preset("tiny")).save_pretrained(case.path(name), training={"stage": 1})
@@ -62,7 +62,7 @@ def saved_tokenizer(case: Case, name: str = "tokenizer") -> Path:
 
 def encoder_tokenizer(case: Case, preset: str, name: str = "tokenizer") -> Path:
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     torch.manual_seed(0)
     UniLIPTokenizer(tokenizer_preset(preset)).save_pretrained(case.path(name), training={"stage": 1})
@@ -90,7 +90,7 @@ def text_file(path: Path, text: str = "these are notes, not a checkpoint\n") -> 
 def internvl_base(case: Case, name: str, **options) -> Path:
     from tests.test_internvl import tiny_internvl
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     hidden = options.pop("llm_hidden_size", None)
     tokenizer = UniLIPTokenizer(tokenizer_preset("tiny"))
@@ -417,7 +417,7 @@ def _(c):
 def _(c):
     from tests.test_internvl_original import write_original_base
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     base = write_original_base(UniLIPTokenizer(tokenizer_preset("tiny")), c.path("InternVL3-1B"))
     truncated(base / "model.safetensors", keep=0.9)
@@ -428,7 +428,7 @@ def _(c):
 def _(c):
     from tests.test_internvl import to_released_layout
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     torch.save(to_released_layout(UniLIPTokenizer(tokenizer_preset("tiny"))), c.path("tiny_unilip.pth"))
     base = internvl_base(c, "base")
@@ -530,12 +530,17 @@ def _(c):
 
 @case("cache_latents: no cache directory", "latent_cache.dir=<directory> is required")
 def _(c):
-    return ["-m", "unilip.data.cache_latents", "experiment=generate/quickstart", f"paths.data_dir={c.photos}"]
+    return [
+        "-m",
+        "unilip.tasks.generation.cache_latents",
+        "experiment=generate/quickstart",
+        f"paths.data_dir={c.photos}",
+    ]
 
 
 @case("train: a latent cache made with another tokenizer", "were made differently from this run (source_encoder")
 def _(c):
-    from unilip.data.cache_latents import main as cache_latents
+    from unilip.tasks.generation.cache_latents import main as cache_latents
 
     common = ["experiment=generate/quickstart", f"paths.data_dir={c.photos}", "stage=1", "data.num_workers=0"]
     threads = torch.get_num_threads()
@@ -545,7 +550,7 @@ def _(c):
     finally:
         torch.set_num_threads(threads)
     from unilip.models import UniLIPTokenizer
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
 
     torch.manual_seed(1)
     UniLIPTokenizer(tokenizer_preset("tiny")).save_pretrained(other := c.path("other"))

@@ -38,8 +38,7 @@ import torch
 
 from unilip.errors import ConfigError
 from unilip.logs import one_line_errors
-from unilip.models.encoders import ExportMismatchError
-from unilip.models.loading import load_tokenizer
+from unilip.pretrained import ExportMismatchError, home_of, load_tokenizer
 
 log = logging.getLogger("unilip.export")
 
@@ -73,10 +72,11 @@ def main(argv: list[str] | None = None) -> None:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ConfigError(f"--out {out} already exists and is not empty; choose a new directory")
         tokenizer = load_tokenizer(args.tokenizer, preset=args.preset)
+        home = home_of(tokenizer.encoder)
         with _staging(out) as staging:
-            tokenizer.encoder.export(staging, args.base, DTYPES[args.dtype])
+            home.export(staging, args.base, DTYPES[args.dtype])
             if not args.no_verify:
-                check = tokenizer.encoder.verify_export(staging, args.base)
+                check = home.verify_export(staging, args.base)
                 if not check.ok:
                     raise ExportMismatchError(
                         f"the exported model's image features differ from the tokenizer's by {check.difference:.2e} "

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     from omegaconf.errors import OmegaConfBaseException
 
     from unilip.benchmarks.run import run_benchmark
-    from unilip.models.loading import compose_config
+    from unilip.models.presets import compose_config
 
     with one_line_errors(OSError, ValueError, HydraException, OmegaConfBaseException):
         if name not in BENCHMARKS:

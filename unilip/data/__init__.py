@@ -2,6 +2,9 @@
 
 `ShardDataModule` is what the configs in `conf/data/` build; `build_photo_shards` writes the
 bundled photo set; `write_shards` (CLI: `unilip-make-shards`) turns folders and JSONL into shards.
+Cached generation targets are read here (`latent_cache.py`); the generation task writes them.
+
+May import the foundation (`unilip.errors`, `unilip.logs`) only: no networks, weights, training or tasks.
 """
 
 from __future__ import annotations

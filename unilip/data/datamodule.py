@@ -67,7 +67,7 @@ class ShardDataModule(L.LightningDataModule):
         with_source: add `source_image` / `has_source` to batches (generation and editing).
         resize: "shorter_edge" (resize, crop, flip: the tokenizer recipe) or "square" (the whole image
             to S x S, never cropped or flipped: generation, whose captions name places and objects).
-        latent_cache: a directory of cached generation targets (`python -m unilip.data.cache_latents`):
+        latent_cache: a directory of cached generation targets (`python -m unilip.tasks.generation.cache_latents`):
             each training source is read from `<latent_cache>/<name>/` and batches hold latents instead
             of images. Sources whose urls point at cached shards are read as such without it. Validation
             always reads images.

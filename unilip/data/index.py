@@ -18,7 +18,7 @@ import tarfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from unilip.data.shards import _KEY_EXT
+from unilip.data.members import KEY_EXT
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def count_samples(path: str | Path) -> int:
     count, last = 0, None
     with tarfile.open(path, "r:*") as tar:  # a seekable file: headers only, contents are skipped
         for member in tar:
-            match = _KEY_EXT.match(member.name)
+            match = KEY_EXT.match(member.name)
             if not member.isfile() or match is None or member.name.split("/")[-1].startswith("__"):
                 continue
             if match.group(1) != last:

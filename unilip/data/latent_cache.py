@@ -1,7 +1,7 @@
 """Cached generation targets: shards whose samples hold latents instead of images.
 
 The frozen encoders' output never changes between epochs (the reference trains 5 per stage), so
-`python -m unilip.data.cache_latents` computes it once. A cached sample has two members:
+`python -m unilip.tasks.generation.cache_latents` computes it once. A cached sample has two members:
 
     <key>.latents.safetensors   "latent": (C, h, w), the DiT's target x0 (latents x the latent scale);
                                 "source_features": (N, D), an edit's source-image encoder features
@@ -133,7 +133,7 @@ def differences(expected: Mapping[str, Any], found: Mapping[str, Any], prefix: s
 
 
 def cache_urls(latent_cache: str | Path, name: str) -> str:
-    """The shards of source `name` in a cache directory made by `python -m unilip.data.cache_latents`."""
+    """The shards of source `name` in a cache directory made by `python -m unilip.tasks.generation.cache_latents`."""
     return str(Path(latent_cache) / name / "*.tar")
 
 
@@ -145,8 +145,8 @@ def with_cache(sources: Sequence[Mapping[str, Any]], latent_cache: str | Path | 
     if missing:
         raise DataError(
             f"data.latent_cache={latent_cache} holds no cache of source(s) {missing} (no {MANIFEST} in "
-            f"{Path(latent_cache) / missing[0]}); make it with `python -m unilip.data.cache_latents` and the "
-            "overrides of this run"
+            f"{Path(latent_cache) / missing[0]}); make it with `python -m unilip.tasks.generation.cache_latents` and "
+            "the overrides of this run"
         )
     return [{**s, "urls": cache_urls(latent_cache, s["name"])} for s in sources]
 
@@ -172,7 +172,7 @@ def source_caches(sources: Mapping[str, Sequence[str]]) -> dict[str, dict[str, A
             done, total = len(found[name].get("shards", {})), found[name].get("inputs", "?")
             raise DataError(
                 f"the latent cache {cached[0]} is incomplete ({done} of {total} shards); finish it by running the "
-                "same `python -m unilip.data.cache_latents` command again"
+                "same `python -m unilip.tasks.generation.cache_latents` command again"
             )
     if not any(m is not None for m in found.values()):
         return None
@@ -180,7 +180,7 @@ def source_caches(sources: Mapping[str, Sequence[str]]) -> dict[str, dict[str, A
     if images:
         raise DataError(
             f"data sources {images} are images while {sorted(set(found) - set(images))} are cached latents; "
-            "cache every source of the stage (python -m unilip.data.cache_latents) or none"
+            "cache every source of the stage (python -m unilip.tasks.generation.cache_latents) or none"
         )
     return found  # type: ignore[return-value]
 

@@ -23,12 +23,11 @@ import braceexpand
 import webdataset as wds
 from webdataset.gopen import gopen
 
+from unilip.data.members import KEY_EXT
 from unilip.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# webdataset's own key/extension split: key up to the first dot of the file name, extension after it.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]+):")  # pipe:, s3:, https: ... (two letters at least: not C:)
 # At most this many skips are logged one by one per worker; the rest only count.
@@ -143,7 +142,7 @@ def read_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
             for member in tar:
                 if not member.isfile():
                     continue
-                match = _KEY_EXT.match(member.name)
+                match = KEY_EXT.match(member.name)
                 if match is None or member.name.split("/")[-1].startswith("__"):
                     continue  # not a sample member (webdataset skips these too)
                 key, ext = match.group(1), match.group(2).lower()

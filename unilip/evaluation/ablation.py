@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from unilip.evaluation.run import evaluate
-from unilip.models.loading import compose_config
+from unilip.models.presets import compose_config
 from unilip.training.run import train
 
 log = logging.getLogger("unilip.ablation")

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> LatentStats:
     from unilip.data.shards import DataError
     from unilip.data.transforms import to_float
     from unilip.logs import one_line_errors
-    from unilip.models.loading import tokenizer_preset
+    from unilip.models.presets import tokenizer_preset
     from unilip.training.checkpoints import locate
     from unilip.training.config import ConfigError
     from unilip.training.lineage import load_any_tokenizer

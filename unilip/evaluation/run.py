@@ -18,7 +18,7 @@ from unilip.evaluation.metrics import ExternalFeatures, build_fid
 from unilip.evaluation.module import ReconstructionEvaluation
 from unilip.evaluation.report import describe_protocol, incomplete_warning, write_report
 from unilip.logs import quiet_third_party_noise
-from unilip.models.loading import tokenizer_preset
+from unilip.models.presets import tokenizer_preset
 from unilip.models.tokenizer import FrozenEncoder
 from unilip.training.config import ConfigError
 from unilip.training.lineage import TrainedTokenizer, build_teacher, load_any_tokenizer

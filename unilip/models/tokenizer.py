@@ -15,7 +15,6 @@ transformers' own model classes, so the trained encoder drops back into its home
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -37,7 +36,6 @@ from unilip.models.hub import (
     load_safetensors,
     load_strict,
     read_json,
-    read_tensors,
     resolve_pretrained,
 )
 
@@ -289,27 +287,7 @@ class UniLIPTokenizer(nn.Module):
         """(B, 3, H, W) in [0, 1] -> reconstruction (B, 3, H, W), nominally in [0, 1]."""
         return self.reconstruct(images).images
 
-    # ------------------------------------------------------------------ weights in and out
-    def load_encoder(self, name_or_path: str | Path) -> None:
-        """Load the encoder from its home checkpoint (hub id or directory), every key matched: an InternVL
-        checkpoint for InternViT, a SigLIP / SigLIP 2 / DINOv2 checkpoint for those."""
-        self.encoder.load_pretrained(name_or_path)
-
-    def load_internvl(self, name_or_path: str | Path) -> None:
-        """Load the vision tower and projector from an InternVL checkpoint (transformers format)."""
-        if self.config.encoder != "internvit":
-            raise ConfigError(f"InternVL weights for a {self.config.encoder} encoder; use model.encoder_weights")
-        self.load_encoder(name_or_path)
-
-    def load_dcae_decoder(self, name_or_path: str | Path) -> None:
-        """Load the pixel decoder from a diffusers `AutoencoderDC` checkpoint (e.g. dc-ae-f32c32-sana-1.1)."""
-        path = resolve_pretrained(name_or_path, what="DC-AE weights", option="model.decoder_weights")
-        if (path / "vae").is_dir() and not list(path.glob("*.safetensors")):
-            path = path / "vae"  # a full SANA pipeline directory
-        prefix, tensors = read_tensors(path, ("decoder.",))
-        load_strict(self.decoder, tensors, what=f"'{path}' ({prefix}*)")
-        log.info("loaded DC-AE decoder from %s", path)
-
+    # ------------------------------------------------------------------ weights in and out (its own format)
     def save_pretrained(self, directory: str | Path, training: dict[str, Any] | None = None) -> None:
         """Write `config.json` and `model.safetensors`; `from_pretrained` restores it bit for bit.
 
@@ -346,36 +324,6 @@ class UniLIPTokenizer(nn.Module):
         load_strict(model, state, what=f"'{path / WEIGHTS_NAME}'")
         model._set_normalisation(device)
         return model.to(dtype=dtype) if dtype is not None else model
-
-
-def build_tokenizer(
-    config: TokenizerConfig,
-    internvl_weights: str | None = None,
-    decoder_weights: str | None = None,
-    device: str | torch.device | None = None,
-    encoder_weights: str | None = None,
-) -> UniLIPTokenizer:
-    """Build a tokenizer, loading the pretrained encoder and DC-AE decoder if given.
-
-    `encoder_weights` is the encoder's home checkpoint (hub id or directory); `internvl_weights` is its
-    name in the InternViT presets. With `device="meta"` nothing is allocated (for counting parameters);
-    weights are then not loaded. Without weights the parts stay randomly initialised, which is what the
-    `tiny` presets and the tests want, and what a real run never silently gets: the real presets name
-    their weights, and a missing path is an error.
-    """
-    if internvl_weights and encoder_weights:
-        raise ConfigError("model.internvl_weights and model.encoder_weights both given; they name the same weights")
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = UniLIPTokenizer(config)
-    if str(device) == "meta":
-        return model
-    if internvl_weights:
-        model.load_internvl(internvl_weights)
-    if encoder_weights:
-        model.load_encoder(encoder_weights)
-    if decoder_weights:
-        model.load_dcae_decoder(decoder_weights)
-    return model
 
 
 class FrozenEncoder(nn.Module):

@@ -15,8 +15,8 @@ def save_toy_generator(root: Path, num_queries: int = 8, seed: int = 0) -> Path:
     `root/tokenizer`). Returns the generator directory."""
     from unilip.models import UniLIPTokenizer
     from unilip.models.generator import UniLIPGenerator, build_dit
-    from unilip.models.loading import compose_config, tokenizer_preset
     from unilip.models.mllm import build_conditioner
+    from unilip.models.presets import compose_config, tokenizer_preset
 
     root = Path(root)
     cfg = compose_config("train", ["task=generate", "experiment=generate/quickstart", "stage=3", "run_dir=unused"])

@@ -13,10 +13,9 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from unilip.pipelines.sampling import SampleJob, SamplerSettings
+from unilip.pipelines.jobs import SampleJob, SamplerSettings
 
 MANIFEST = "manifest.json"
 TEMP_PREFIX = ".tmp-"  # no scorer's file pattern matches it (GenEval: r"\d+\.png"; others: exact names)

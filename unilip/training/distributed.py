@@ -1,5 +1,7 @@
-"""Data parallelism: DDP and FSDP2 strategies, their set-up in the training modules, and reading
-sharded checkpoints without a process group."""
+"""Data parallelism: DDP and FSDP2 strategies, the helpers the tasks' set-up uses (keeping a module out of DDP,
+averaging gradients by hand, gathering shards), and reading sharded checkpoints without a process group. Each
+task's FSDP2 plan lives with the task (`unilip.tasks.<task>.sharding`); plans several tasks share live in
+`unilip.training.sharding`."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import tempfile
 from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
@@ -17,9 +19,6 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
-
-if TYPE_CHECKING:
-    from unilip.training.tokenizer import TokenizerTraining
 
 
 def join_elastic_attempt(backend: str, timeout: timedelta, device: torch.device) -> None:
@@ -162,31 +161,6 @@ class FSDP2Strategy(ModelParallelStrategy):
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The data-parallel axis of a ModelParallelStrategy mesh (the mesh itself when it has one axis)."""
     return mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
-
-
-def shard_tokenizer_training(module: TokenizerTraining, mesh: DeviceMesh) -> None:
-    """`fully_shard` per encoder block (`tokenizer.encoder.blocks()`), per decoder stage, and the tokenizer root.
-
-    Blocks are the units that are gathered for compute and freed after, so peak memory is one
-    block's full weights plus everything's shards. Not sharded: the frozen helper networks
-    (teacher, LPIPS, ConvNeXt: whole on every rank, outside the module tree) and the
-    discriminator (a few million parameters, replicated; `TokenizerTraining` averages its
-    gradients itself). Keeping it out of FSDP matters for correctness, not only speed: the
-    generator's adversarial term runs D with its parameters' `requires_grad` switched off, and
-    FSDP2 does not follow such a switch on parameters it manages.
-    """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    data_mesh = data_parallel_mesh(mesh)
-    tokenizer = module.tokenizer
-    for block in tokenizer.encoder.blocks():
-        fully_shard(block, mesh=data_mesh)
-    for block in tokenizer.decoder.up_blocks:
-        fully_shard(block, mesh=data_mesh)
-    fully_shard(tokenizer, mesh=data_mesh)
-    # FSDP gathers parameters in hooks around `forward`; the tokenizer's other entry points need them too.
-    for method in ("reconstruct", "features", "encode", "decode"):
-        register_fsdp_forward_method(tokenizer, method)
 
 
 def load_sharded_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch
 
 from unilip.models.hub import load_strict, read_json
 from unilip.models.tokenizer import CONFIG_NAME, FrozenEncoder, TokenizerConfig, UniLIPTokenizer
+from unilip.pretrained import load_encoder
 from unilip.training.checkpoints import ema_state, locate, read_checkpoint
 from unilip.training.config import ConfigError
 
@@ -80,7 +81,7 @@ def load_any_tokenizer(source: str | Path, config: TokenizerConfig | None = None
         return load_trained_tokenizer(path)
     if config is None:
         raise ConfigError(f"'{path}' is a released UniLIP checkpoint; give its preset (unilip_1b or unilip_2b)")
-    from unilip.models.internvl import load_unilip_checkpoint
+    from unilip.pretrained.internvl import load_unilip_checkpoint
 
     return TrainedTokenizer(load_unilip_checkpoint(path, config), str(path), {"encoder_trained": True})
 
@@ -133,7 +134,7 @@ def build_teacher(
         shell = UniLIPTokenizer(preset)
     shell.to_empty(device="cpu")
     shell._set_normalisation()
-    shell.load_encoder(teacher_from)
+    load_encoder(shell, teacher_from)
     log.info("distillation teacher: the encoder of %s", teacher_from)
     return FrozenEncoder(shell), str(teacher_from)
 

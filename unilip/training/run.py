@@ -1,12 +1,13 @@
-"""What `python train.py` does: check the config, build the parts, fit, save the result."""
+"""What `python train.py` does: check the config, build the parts, fit, save the result.
+
+The task's LightningModule comes from the builder its `conf/task/<task>.yaml` names (`builder`, a `_target_`):
+this module, like the rest of `unilip.training`, imports no task."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from unilip.entry import start_run
 from unilip.logs import quiet_third_party_noise
-from unilip.models.hub import load_strict
-from unilip.models.tokenizer import TokenizerConfig, UniLIPTokenizer
-from unilip.training.checkpoints import RunCheckpoint, read_checkpoint
+from unilip.training.checkpoints import RunCheckpoint
 from unilip.training.config import ConfigError, check_train_config
 from unilip.training.epochs import plan_steps, world_size
-from unilip.training.generation_setup import build_generation_training
-from unilip.training.lineage import build_teacher, check_same_architecture, load_trained_tokenizer
 from unilip.training.loggers import logger_resume_arguments
 from unilip.training.nonfinite import NonFiniteStreak
 from unilip.training.requeue import SlurmRequeue, StopOnSignal
 from unilip.training.resume import RecordConfig, check_resume, record_resume
-from unilip.training.tokenizer import TokenizerTraining
-from unilip.training.unified.setup import build_unified_training
 
 log = logging.getLogger(__name__)
 
@@ -86,83 +81,6 @@ def _is_checkpoint(path: Path) -> bool:
     return (path.is_file() and zipfile.is_zipfile(path)) or (path.is_dir() and (path / ".metadata").exists())
 
 
-def _init_source(cfg: DictConfig) -> str | None:
-    if cfg.init_from is not None:
-        return str(cfg.init_from)
-    if cfg.stage == 1:
-        return None
-    stage1 = Path(cfg.paths.runs_dir) / cfg.name / cfg.task / "stage1"
-    if stage1.exists():
-        log.info("stage 2 starts from this run name's stage-1 run: %s", stage1)
-        return str(stage1)
-    raise ConfigError(
-        f"stage 2 needs init_from=<stage-1 run directory or checkpoint>; none given and no stage-1 run at {stage1}"
-    )
-
-
-def build_tokenizer_training(cfg: DictConfig) -> TokenizerTraining:
-    preset: TokenizerConfig = instantiate(cfg.model.config)
-    init_path = _init_source(cfg)
-    teacher = None
-    lineage: dict[str, Any] = {"stage": cfg.stage, "encoder_trained": cfg.stage == 2, "teacher": None}
-    if init_path is None:
-        tokenizer: UniLIPTokenizer = instantiate(cfg.model)
-    else:
-        init = load_trained_tokenizer(init_path)
-        config = check_same_architecture(init.tokenizer.config, preset, init.source)
-        tokenizer = init.tokenizer
-        tokenizer.config = config
-        if cfg.stage == 1 and init.lineage.get("encoder_trained"):
-            raise ConfigError(f"init_from={init_path} has a trained encoder; stage 1 starts from the original encoder")
-        if cfg.stage == 2:
-            teacher, lineage["teacher"] = build_teacher(cfg.teacher_from, init, preset)
-    # training moves the latents: a trained tokenizer's scale is measured again, never inherited
-    tokenizer.config = dataclasses.replace(tokenizer.config, latent_scale=None)
-    gan = cfg.recipe.gan_start_step < cfg.trainer.max_steps
-    module = instantiate(
-        cfg.module,
-        tokenizer=tokenizer,
-        loss=instantiate(cfg.loss),
-        discriminator=instantiate(cfg.discriminator) if gan else None,
-        teacher=teacher,
-        metadata={"lineage": lineage, "init_from": init_path},
-    )
-    if cfg.discriminator_from == "init" and module.discriminator is not None:
-        carry_over_discriminator(module, init_path)
-    elif cfg.discriminator_from not in (None, "init"):
-        raise ConfigError(f"discriminator_from={cfg.discriminator_from!r}: use null (a fresh one) or init")
-    return module
-
-
-def carry_over_discriminator(module: TokenizerTraining, init_path: str | None) -> None:
-    """Start the discriminator and its LeCam EMAs from the checkpoint of the run `init_path` names (e.g.
-    stage 2 at 448 px from the 224 px stage-2 run, whose GAN trained for its last 200k steps)."""
-    checkpoint = None
-    if init_path is not None:
-        path = Path(init_path)
-        last = path / "checkpoints" / "last.ckpt"
-        checkpoint = read_checkpoint(last if last.exists() else path, "tokenizer")
-    state = checkpoint["state_dict"] if checkpoint else {}
-    weights = {k[len("discriminator.") :]: v for k, v in state.items() if k.startswith("discriminator.")}
-    if not weights:
-        raise ConfigError(
-            f"discriminator_from=init: init_from={init_path} holds no discriminator (a run or checkpoint whose GAN "
-            "had started is needed); use discriminator_from=null for a fresh one"
-        )
-    load_strict(module.discriminator, weights, what=f"the discriminator of {init_path}")
-    lecam = {k[len("lecam.") :]: v for k, v in state.items() if k.startswith("lecam.")}
-    load_strict(module.lecam, lecam, what=f"the LeCam EMAs of {init_path}")
-    log.info("discriminator and LeCam EMAs carried over from %s", init_path)
-
-
-# task name -> builder of its LightningModule; every module has `save_result(run_dir)`.
-TASKS: dict[str, Callable[[DictConfig], L.LightningModule]] = {
-    "tokenizer": build_tokenizer_training,
-    "generate": build_generation_training,
-    "unified": build_unified_training,
-}
-
-
 def train(cfg: DictConfig) -> Path:
     """Run one training job described by a composed `conf/train.yaml`; returns the run directory."""
     quiet_third_party_noise()
@@ -181,7 +99,7 @@ def train(cfg: DictConfig) -> Path:
     if hasattr(datamodule, "read_one_validation_sample"):
         datamodule.read_one_validation_sample()  # unreadable validation data is found now, not at step 1000
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    module = TASKS[cfg.task](cfg)
+    module = instantiate(cfg.builder)(cfg)  # the task's builder (conf/task/<task>.yaml); every module has save_result
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values() if callback]
     callbacks.append(RecordConfig(resolved))  # checkpoints hold the config they were trained with
     logger = (

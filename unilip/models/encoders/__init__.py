@@ -1,9 +1,14 @@
-"""The pretrained vision encoders a tokenizer can be built on, by the name a preset gives (`encoder:`)."""
+"""The pretrained vision encoders a tokenizer can be built on, by the name a preset gives (`encoder:`).
+
+Networks only: the architecture and the features. Each one's home (loading its pretrained checkpoint, writing
+a trained copy back) is in `unilip.pretrained`, registered under the same `kind`. May import `unilip.models.hub`
+and the foundation (`unilip.errors`); never `unilip.pretrained`, training or tasks.
+"""
 
 from __future__ import annotations
 
 from unilip.errors import ConfigError
-from unilip.models.encoders.base import Encoder, ExportCheck, ExportMismatchError, merge_tokens
+from unilip.models.encoders.base import Encoder, EncoderConfig, merge_tokens
 from unilip.models.encoders.dinov2 import Dinov2Encoder, Dinov2WithRegistersEncoder
 from unilip.models.encoders.internvit import InternViTEncoder
 from unilip.models.encoders.siglip import Siglip2Encoder, SiglipEncoder
@@ -21,4 +26,4 @@ def encoder_class(kind: str) -> type[Encoder]:
     return ENCODERS[kind]
 
 
-__all__ = ["ENCODERS", "Encoder", "ExportCheck", "ExportMismatchError", "encoder_class", "merge_tokens"]
+__all__ = ["ENCODERS", "Encoder", "EncoderConfig", "encoder_class", "merge_tokens"]

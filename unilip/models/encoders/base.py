@@ -5,55 +5,24 @@
       -> token merge (InternVL's pixel shuffle + projector; a 2x2 merge or none for the others)
       =  features (B, h * w, D) on an (h, w) grid       what the bottleneck reads and stage 2 distils
 
-An `Encoder` also says which of its blocks are the units of FSDP sharding, which of its parameters the
-features never use (kept for the way home, never trained), how its pretrained weights are loaded
-(strictly, from its home checkpoint) and how a trained copy is written back there (`export`, verified
-by `verify_export`).
+An `Encoder` also says which of its blocks are the units of FSDP sharding and which of its parameters the
+features never use (kept for the way home, never trained). How its pretrained weights are loaded (strictly,
+from its home checkpoint) and how a trained copy is written back there is its home's business
+(`unilip.pretrained`, registered by the same `kind`): the networks never import that code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import InternVLConfig, PretrainedConfig
 
-from unilip.errors import ConfigError, UserError
-
-if TYPE_CHECKING:
-    from unilip.models.tokenizer import TokenizerConfig
+from unilip.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Relative tolerance of the export check, times the largest feature magnitude: float32 noise between two
-# computations of the same features (measured: 0 to ~1e-6). It does not depend on the dtype the checkpoint
-# is saved in because the reference does: the tokenizer's weights are rounded to that dtype first, and both
-# sides compute in float32, so a bfloat16 export is held to the same tight bound as a float32 one instead of
-# a loose one that would also let a wrong feature layer through. What the rounding costs is reported.
-EXPORT_RTOL = 1e-4
-
-
-class ExportMismatchError(UserError, RuntimeError):
-    """The exported checkpoint does not compute the tokenizer's features."""
-
-
-@dataclass
-class ExportCheck:
-    """What `verify_export` measured; differences are max |a - b| over the features of one random image."""
-
-    dtype: torch.dtype  # the dtype the checkpoint was saved in
-    difference: float  # exported model vs the tokenizer rounded to `dtype`, both computed in float32
-    tolerance: float  # EXPORT_RTOL x the largest feature magnitude
-    rounding: float  # the tokenizer rounded to `dtype` vs the tokenizer itself: what saving in `dtype` costs
-    how: str = "transformers loads it with no missing or unexpected keys"  # what else was checked, in words
-
-    @property
-    def ok(self) -> bool:
-        return self.difference <= self.tolerance
 
 
 def merge_tokens(tokens: torch.Tensor, grid: tuple[int, int], factor: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -68,9 +37,23 @@ def merge_tokens(tokens: torch.Tensor, grid: tuple[int, int], factor: int) -> tu
     return x, (height // f, width // f)
 
 
-def vision_field(config: PretrainedConfig, name: str) -> Any:
-    value = getattr(config, name, None)
-    return tuple(value) if isinstance(value, list) else value
+class EncoderConfig(Protocol):
+    """What an encoder reads of the tokenizer's config (`unilip.models.tokenizer.TokenizerConfig`, which asks the
+    encoders for their sizes and so cannot be imported here): its architecture fields and what follows from them."""
+
+    vision: dict[str, Any]
+    llm_hidden_size: int | None
+    downsample_ratio: float
+    projector_hidden_act: str
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+    @property
+    def input_multiple(self) -> int: ...
+
+    def vision_config(self) -> PretrainedConfig: ...
+
+    def internvl_config(self) -> InternVLConfig: ...
 
 
 class Encoder(nn.Module):
@@ -86,10 +69,8 @@ class Encoder(nn.Module):
     config_class: ClassVar[type[PretrainedConfig]]
     image_mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN  # its image processor's normalisation
     image_std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
-    weights_option: ClassVar[str] = "model.encoder_weights"  # the config key naming its pretrained weights
-    home: ClassVar[str]  # what `export` writes, in words
 
-    def __init__(self, config: TokenizerConfig):
+    def __init__(self, config: EncoderConfig):
         super().__init__()
         # The tokenizer's config at build time; what the encoder reads of it (vision, downsample_ratio,
         # normalisation) is architecture, which a built tokenizer never changes.
@@ -106,17 +87,17 @@ class Encoder(nn.Module):
         return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
 
     @classmethod
-    def merge_factor(cls, config: TokenizerConfig) -> int:
+    def merge_factor(cls, config: EncoderConfig) -> int:
         """Side of the square of patch tokens merged into one feature (2 for `downsample_ratio` 0.5)."""
         return round(1 / config.downsample_ratio)
 
     @classmethod
-    def feature_width(cls, config: TokenizerConfig) -> int:
+    def feature_width(cls, config: EncoderConfig) -> int:
         """D of the (B, N, D) features."""
         return cls.vision_config(config.vision).hidden_size * cls.merge_factor(config) ** 2
 
     @classmethod
-    def check_config(cls, config: TokenizerConfig) -> None:
+    def check_config(cls, config: EncoderConfig) -> None:
         """Refuse settings this encoder cannot honour (called when the config is created)."""
         if config.llm_hidden_size is not None:
             raise ConfigError(
@@ -139,20 +120,6 @@ class Encoder(nn.Module):
 
     def restore_buffers(self, device: str | torch.device | None = None) -> None:
         """Re-create the buffers that are not saved (a model built on `meta` and loaded has none)."""
-
-    # ------------------------------------------------------------------ home
-    def load_pretrained(self, name_or_path: str | Path) -> None:
-        """Load the encoder from its home checkpoint (hub id or directory); every key must match."""
-        raise NotImplementedError
-
-    def export(self, out_dir: Path, base: str | None, dtype: torch.dtype | None) -> Path:
-        """Write the encoder back into its home format at `out_dir` (`base`: the home checkpoint it came from)."""
-        raise NotImplementedError
-
-    def verify_export(self, out_dir: Path, base: str | None = None) -> ExportCheck:
-        """Reload what `export` wrote with transformers and compare its features with this encoder's (`base`: the
-        one given to `export`)."""
-        raise NotImplementedError
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> the encoder's input (CPU, float32); for checks outside the tokenizer."""

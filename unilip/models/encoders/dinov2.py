@@ -12,21 +12,6 @@ from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, D
 
 from unilip.models.encoders.vision_model import VisionModelEncoder
 
-_DINOV2_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "mlp_ratio",
-    "patch_size",
-    "image_size",
-    "num_channels",
-    "hidden_act",
-    "layer_norm_eps",
-    "layerscale_value",
-    "use_swiglu_ffn",
-    "qkv_bias",
-)
-
 
 class Dinov2Encoder(VisionModelEncoder):
     """`Dinov2Model` (facebook/dinov2-base, -large, ...)."""
@@ -34,9 +19,6 @@ class Dinov2Encoder(VisionModelEncoder):
     kind = "dinov2"
     config_class = Dinov2Config
     model_class = Dinov2Model
-    home = "Dinov2Model checkpoint"
-    home_model_types = ("dinov2",)
-    compared_fields = (*_DINOV2_FIELDS, "use_mask_token")
 
     def prefix_tokens(self, tower: nn.Module) -> int:
         """Tokens before the patches: CLS (and the registers)."""
@@ -61,6 +43,3 @@ class Dinov2WithRegistersEncoder(Dinov2Encoder):
     kind = "dinov2_with_registers"
     config_class = Dinov2WithRegistersConfig
     model_class = Dinov2WithRegistersModel
-    home = "Dinov2WithRegistersModel checkpoint"
-    home_model_types = ("dinov2_with_registers",)
-    compared_fields = (*_DINOV2_FIELDS, "num_register_tokens")

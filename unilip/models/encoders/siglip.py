@@ -15,18 +15,6 @@ from transformers import Siglip2VisionConfig, Siglip2VisionModel, SiglipVisionCo
 
 from unilip.models.encoders.vision_model import VisionModelEncoder
 
-_SIGLIP_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "patch_size",
-    "num_channels",
-    "hidden_act",
-    "layer_norm_eps",
-    "vision_use_head",
-)
-
 
 class SiglipEncoder(VisionModelEncoder):
     """`SiglipVisionModel`: SigLIP, and SigLIP 2 at a fixed resolution."""
@@ -36,9 +24,6 @@ class SiglipEncoder(VisionModelEncoder):
     model_class = SiglipVisionModel
     image_mean = (0.5, 0.5, 0.5)  # SigLIP's image processor: [0, 1] -> [-1, 1]
     image_std = (0.5, 0.5, 0.5)
-    home = "SiglipVisionModel checkpoint"
-    home_model_types = ("siglip", "siglip_vision_model")
-    compared_fields = (*_SIGLIP_FIELDS, "image_size")
 
     def patch_tokens(self, tower: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         patch = tower.config.patch_size
@@ -66,9 +51,6 @@ class Siglip2Encoder(SiglipEncoder):
     kind = "siglip2"
     config_class = Siglip2VisionConfig
     model_class = Siglip2VisionModel
-    home = "Siglip2VisionModel checkpoint"
-    home_model_types = ("siglip2", "siglip2_vision_model")
-    compared_fields = (*_SIGLIP_FIELDS, "num_patches")
 
     def patch_tokens(self, tower: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         patch = tower.config.patch_size
