@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from unilip.benchmarks.base import IMAGES, SCORES, Benchmark, ScoreStep, checkout, existing_file
+from unilip.benchmarks.scorers import Pin
 from unilip.pipelines.manifest import SamplingError
 from unilip.pipelines.sampling import SampleJob
 
@@ -28,6 +29,11 @@ class DPGBench(Benchmark):
     name = "dpg"
     format_source = "TencentQQGYLab/ELLA: README.md (DPG-Bench), dpg_bench/compute_dpg_bench.py"
     judge = "mPLUG-large VQA (ModelScope damo/mplug_visual-question-answering_coco_large_en)"
+    pin = Pin(
+        "TencentQQGYLab/ELLA",
+        "3c228f1dc6c4d3cad0a47493816151a419f14db3",
+        ("dpg_bench/compute_dpg_bench.py", "dpg_bench/dpg_bench.csv"),
+    )
 
     def __init__(self, prompts: str | None):
         self.prompts = prompts
@@ -63,7 +69,7 @@ class DPGBench(Benchmark):
             "--res-path",
             str(out / RESULTS),
         )
-        return [ScoreStep(argv, checkout(scorer, "ELLA checkout"), (str(out / RESULTS),))]
+        return [ScoreStep(argv, checkout(scorer, "ELLA checkout"), (str(out / RESULTS),), check=lambda: _unscored(out))]
 
     def collect(self, out: Path) -> dict[str, Any] | None:
         path = out / RESULTS
@@ -83,3 +89,16 @@ class DPGBench(Benchmark):
             elif not line.startswith("\t"):
                 section = None
         return {"overall": float(overall.group(1)), "categories": categories, "unit": "percent"}
+
+
+def _unscored(out: Path) -> str | None:
+    """Grids compute_dpg_bench.py has no per-image line for (it skips an image it fails on, printing
+    "Failed filename"), or a result file without its closing summary."""
+    root, text = out / IMAGES, (out / RESULTS).read_text()
+    images = sum(1 for path in root.iterdir() if path.is_file())
+    scored = sum(1 for line in text.splitlines() if line.startswith(str(root)))
+    if scored < images:
+        return f"{out / RESULTS} scores {scored} of the {images} grids (the others failed: see the log)"
+    if "DPG-Bench score:" not in text:
+        return f"{out / RESULTS} has no DPG-Bench score line"
+    return None
