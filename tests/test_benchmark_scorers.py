@@ -7,6 +7,7 @@ import json
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -293,3 +294,41 @@ def test_the_manifest_and_results_name_the_pinned_scorer(generator_dir, tmp_path
     assert results["judge"]["pinned"]["commit"] == "3c228f1dc6c4d3cad0a47493816151a419f14db3"
     assert f"`{clone}`" in (out / "summary.md").read_text()
     assert shlex.split(clone)[2] == "https://github.com/TencentQQGYLab/ELLA"
+
+
+# ------------------------------------------------------------------ docs/results.md's recipes
+# The UniLIP reference's scripts (nnnth/UniLIP 299817d, eval/*/*_1b.sh and *_2b.sh): --scale 4.5 (the default)
+# everywhere but imgedit_2b.sh, which passes --scale 4.0; its ImgEdit edits are 448 x 448.
+AUTHORS_CFG = {("imgedit", "$GEN_3B"): 4.0}
+
+
+def test_the_results_page_recipes_compose_and_follow_the_authors_scripts():
+    from unilip.benchmarks.dpg import DPGBench
+    from unilip.benchmarks.gedit import GEditBench
+    from unilip.benchmarks.geneval import GenEval
+    from unilip.benchmarks.imgedit import ImgEdit
+    from unilip.benchmarks.wise import WISE
+    from unilip.models.loading import compose_config
+
+    page = (Path(__file__).parents[1] / "docs" / "results.md").read_text()
+    commands = []
+    for block in page.split("```bash\n")[1:]:
+        for line in block.split("```")[0].replace("\\\n", " ").splitlines():
+            if "-m unilip.benchmarks " in line:
+                commands.append(shlex.split(line.split("-m unilip.benchmarks ", 1)[1]))
+    seen = set()
+    for name, *overrides in commands:
+        given = dict(o.split("=", 1) for o in overrides)
+        cfg = compose_config("benchmark", [f"benchmark={name}", *overrides])  # every key exists
+        assert cfg.sampler.guidance_scale == AUTHORS_CFG.get((name, given["generator"]), 4.5), (name, given)
+        assert cfg.scorer and cfg.sampler.steps == 20 and cfg.sampler.size == 448
+        if name == "geneval":
+            assert cfg.benchmark.detector == "$DETECTORS"
+        if name == "wise":
+            assert given["prompts"] == "$WISE/WISE_legacy/data"
+        if name == "imgedit":
+            assert cfg.benchmark.aspect == "square"
+        seen.add((name, given["generator"]))
+    assert seen == {(n, g) for n in ("geneval", "dpg", "wise", "imgedit", "gedit") for g in ("$GEN_1B", "$GEN_3B")}
+    for benchmark in (GenEval, DPGBench, WISE, ImgEdit, GEditBench):
+        assert f"`{benchmark.pin.clone()}`" in page

@@ -88,17 +88,22 @@ class DPGBench(Benchmark):
                 categories[name] = float(value)
             elif not line.startswith("\t"):
                 section = None
-        return {"overall": float(overall.group(1)), "categories": categories, "unit": "percent"}
+        root = str(out / IMAGES)
+        scored = sum(1 for line in text.splitlines() if line.startswith(root))
+        grids = sum(1 for path in (out / IMAGES).iterdir() if path.is_file()) if (out / IMAGES).is_dir() else scored
+        return {"overall": float(overall.group(1)), "categories": categories, "images": scored,
+                "unscored": grids - scored, "unit": "percent"}  # fmt: skip
 
 
 def _unscored(out: Path) -> str | None:
-    """Grids compute_dpg_bench.py has no per-image line for (it skips an image it fails on, printing
-    "Failed filename"), or a result file without its closing summary."""
-    root, text = out / IMAGES, (out / RESULTS).read_text()
-    images = sum(1 for path in root.iterdir() if path.is_file())
-    scored = sum(1 for line in text.splitlines() if line.startswith(str(root)))
-    if scored < images:
-        return f"{out / RESULTS} scores {scored} of the {images} grids (the others failed: see the log)"
-    if "DPG-Bench score:" not in text:
-        return f"{out / RESULTS} has no DPG-Bench score line"
+    """A result file older than a grid (written before it was made), or without its closing summary (the
+    scorer stopped). Grids it failed on are the official scorer's own rule (it prints "Failed filename" and
+    leaves them out, e.g. any whose questions depend on the csv's first row, which prepare_dpg_data skips):
+    `collect` reports how many grids the score covers."""
+    path = out / RESULTS
+    newest = max((p.stat().st_mtime_ns for p in (out / IMAGES).iterdir() if p.is_file()), default=0)
+    if path.stat().st_mtime_ns < newest:
+        return f"{path} is older than the newest grid in {out / IMAGES}"
+    if "DPG-Bench score:" not in path.read_text():
+        return f"{path} has no DPG-Bench score line"
     return None

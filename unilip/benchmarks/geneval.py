@@ -103,9 +103,7 @@ class GenEval(Benchmark):
 
 def _unscored(out: Path) -> str | None:
     """Samples on disk that results.jsonl has no record of (it was written before they were generated)."""
-    samples = sum(
-        1 for folder in (out / IMAGES).glob("*/samples") for p in folder.iterdir() if SAMPLE.match(p.name)
-    )
+    samples = sum(1 for folder in (out / IMAGES).glob("*/samples") for p in folder.iterdir() if SAMPLE.match(p.name))
     records = sum(1 for line in (out / RESULTS).read_text().splitlines() if line.strip())
     if records < samples:
         return f"{out / RESULTS} scores {records} of the {samples} samples"
