@@ -4,6 +4,7 @@ run as printed; a WISE overall needs every prompt judged (Calculate.py --categor
 the command. The stand-ins define the pinned scripts' own argparse options and read files as those scripts do."""
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -281,6 +282,22 @@ def test_a_failing_scorer_step_fails_the_command_naming_the_step_and_its_log(gen
         run("imgedit", generator_dir, tmp_path / "imgedit", *imgedit)
     monkeypatch.delenv("JUDGE_DOWN")  # the judge is back: the step runs again (its answers were not complete)
     assert run("imgedit", generator_dir, tmp_path / "imgedit", *imgedit)["scores"]["overall"] == 4.0
+
+
+def test_a_step_whose_outputs_are_cut_short_or_older_than_their_inputs_runs_again(generator_dir, tmp_path):
+    fake_scorer(tmp_path / "ImgEdit", {f"Benchmark/Basic/{name}": s for name, s in IMGEDIT_STANDINS.items()})
+    edits, originals = data.imgedit_prompts(tmp_path)
+    out, args = (
+        tmp_path / "out",
+        [f"prompts={edits}", f"benchmark.images={originals}", f"scorer={tmp_path / 'ImgEdit'}"],
+    )
+    run("imgedit", generator_dir, out, *args)
+    answers, averages = out / "images" / "result.json", out / "scores" / "imgedit_average_score.json"
+    answers.write_text(answers.read_text()[:20])  # a judge run killed while writing
+    os.utime(averages, ns=(0, 0))
+    assert run("imgedit", generator_dir, out, *args)["scores"]["overall"] == 4.0
+    assert json.loads(answers.read_text()).keys() == json.loads(edits.read_text()).keys()
+    assert averages.stat().st_mtime_ns > answers.stat().st_mtime_ns > 0  # remade from the new answers
 
 
 def test_the_manifest_and_results_name_the_pinned_scorer(generator_dir, tmp_path):

@@ -126,7 +126,11 @@ class ImgEdit(Benchmark):
     def _unjudged(self, out: Path) -> str | None:
         """Edits with an image but no judge's answer in result.json (basic_bench.py records a failed call as
         {"error": ...}, which step1_get_avgscore.py cannot read)."""
-        answers = json.loads((out / IMAGES / "result.json").read_text(encoding="utf-8"))
+        path = out / IMAGES / "result.json"
+        try:
+            answers = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:  # basic_bench.py writes it in place at the end: a killed run leaves it cut short
+            return f"{path} is not valid JSON"
         edits = json.loads(Path(str(self.prompts)).read_text(encoding="utf-8"))
         imaged = [key for key in edits if (out / IMAGES / f"{key}.png").exists()]
         failed = [key for key in imaged if not isinstance(answers.get(key), str)]
