@@ -7,7 +7,6 @@ independently of unilip's writers."""
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from PIL import Image
 
 from tests import sampling_helpers as data
 from tests.generation_helpers import one_thread  # noqa: F401  (autouse fixture)
+from tests.sampling_helpers import fake_scorer
 from unilip.benchmarks.__main__ import main
 
 SIZE = 56
@@ -142,18 +142,6 @@ def test_gedit_layout_is_what_its_scorer_reads(generator_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ scoring
-def fake_scorer(root: Path, files: dict[str, str]) -> str:
-    """A stand-in for an official scorer checkout: a git repository holding `files` (path -> Python source)."""
-    for name, source in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(source)
-    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q", str(root)], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "scorer"], check=True)
-    return subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-
-
 # writes results.jsonl as evaluate_images.py does: one record per image; here sample 0000 and 0002 correct
 GENEVAL_STANDIN = """
 import argparse, json, os, re
@@ -176,7 +164,12 @@ with open(args.outfile, "w") as fp:
 
 def test_geneval_scored_by_the_given_scorer(generator_dir, tmp_path):
     prompts = data.geneval_prompts(tmp_path)
-    commit = fake_scorer(tmp_path / "geneval", {"evaluation/evaluate_images.py": GENEVAL_STANDIN})
+    files = {
+        "evaluation/evaluate_images.py": GENEVAL_STANDIN,
+        "evaluation/summary_scores.py": "",
+        "evaluation/object_names.txt": "",
+    }
+    commit = fake_scorer(tmp_path / "geneval", files)
     out = tmp_path / "out"
     scorer = [f"scorer={tmp_path / 'geneval'}", f"scorer_python={sys.executable}", "benchmark.detector=/detectors"]
     results = run("geneval", generator_dir, out, f"prompts={prompts}", *scorer)
@@ -194,14 +187,15 @@ def test_geneval_scored_by_the_given_scorer(generator_dir, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["runs"][1]["ranks"][0]["generated"] == []
 
 
-# WISE's gpt_eval.py writes {prompt_id, Subcategory, consistency, realism, aesthetic_quality} per image
+# WISE's WISE_legacy/gpt_eval.py writes {prompt_id, Subcategory, consistency, realism, aesthetic_quality} per image
 WISE_STANDIN = """
 import argparse, json, os
 parser = argparse.ArgumentParser()
-for flag in ("--json_path", "--output_dir", "--image_dir", "--api_key", "--model", "--result_full",
-             "--result_scores", "--max_workers"):
-    parser.add_argument(flag)
+parser.add_argument("--json_path"); parser.add_argument("--image_dir"); parser.add_argument("--output_dir")
+parser.add_argument("--api_key"); parser.add_argument("--model"); parser.add_argument("--result_full")
+parser.add_argument("--result_scores"); parser.add_argument("--max_workers")
 args = parser.parse_args()
+assert os.path.isfile("gpt_eval.py") and os.path.basename(os.getcwd()) == "WISE_legacy"
 assert args.api_key == "sk-test" and args.model == "gpt-4o-2024-05-13"
 judged = {1: (2, 2, 2), 401: (1, 1, 1), 568: (2, 0, 0), 701: (0, 2, 0), 801: (0, 0, 2), 901: (1, 0, 0)}
 rows = []
@@ -218,7 +212,7 @@ with open(args.result_scores, "w") as fp:
 
 def test_wise_scoring_needs_the_key_only_for_the_judge_and_weighs_categories(generator_dir, tmp_path, monkeypatch):
     folder = data.wise_prompts(tmp_path)
-    fake_scorer(tmp_path / "wise", {"gpt_eval.py": WISE_STANDIN})
+    fake_scorer(tmp_path / "wise", {"WISE_legacy/gpt_eval.py": WISE_STANDIN, "WISE_legacy/Calculate.py": ""})
     out = tmp_path / "out"
     scorer = [f"scorer={tmp_path / 'wise'}", f"scorer_python={sys.executable}"]
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -267,7 +261,11 @@ def test_collectors_read_the_scorers_outputs(tmp_path):
     english = gedit["languages"]["en"]
     assert english["G_SC"] == pytest.approx((9 + 4 * 10) / 11) and english["G_PQ"] == pytest.approx((4 + 9 * 10) / 11)
     assert english["G_O"] == pytest.approx(6.0) and gedit["overall"] == pytest.approx(6.0)  # sqrt(36) everywhere
-    assert gedit["languages"]["cn"]["G_O"] == pytest.approx(5 / 10)  # groups 1..10: sqrt(0 or 1), half are 1
+    assert english["intersection"]["G_O"] == pytest.approx(6.0)  # every English row has Intersection_exist
+    # calculate_statistics.py averages over all 11 groups: group 0 has no Chinese row, so its mean is NaN there
+    chinese = gedit["languages"]["cn"]
+    assert chinese["G_O"] is None and len(chinese["groups"]) == 10 and chinese["intersection"]["G_O"] is None
+    assert [chinese["groups"][g]["overall"] for g in GROUPS[1:]] == [float(i % 2) for i in range(1, 11)]
 
 
 # ------------------------------------------------------------------ refusals

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from unilip.benchmarks.base import IMAGES, SCORES, Benchmark, ScoreStep, checkout, existing_file
+from unilip.benchmarks.scorers import Pin
 from unilip.pipelines.manifest import SamplingError
 from unilip.pipelines.sampling import SampleJob
 
@@ -28,6 +29,11 @@ class DPGBench(Benchmark):
     name = "dpg"
     format_source = "TencentQQGYLab/ELLA: README.md (DPG-Bench), dpg_bench/compute_dpg_bench.py"
     judge = "mPLUG-large VQA (ModelScope damo/mplug_visual-question-answering_coco_large_en)"
+    pin = Pin(
+        "TencentQQGYLab/ELLA",
+        "3c228f1dc6c4d3cad0a47493816151a419f14db3",
+        ("dpg_bench/compute_dpg_bench.py", "dpg_bench/dpg_bench.csv"),
+    )
 
     def __init__(self, prompts: str | None):
         self.prompts = prompts
@@ -63,7 +69,7 @@ class DPGBench(Benchmark):
             "--res-path",
             str(out / RESULTS),
         )
-        return [ScoreStep(argv, checkout(scorer, "ELLA checkout"), (str(out / RESULTS),))]
+        return [ScoreStep(argv, checkout(scorer, "ELLA checkout"), (str(out / RESULTS),), check=lambda: _unscored(out))]
 
     def collect(self, out: Path) -> dict[str, Any] | None:
         path = out / RESULTS
@@ -82,4 +88,22 @@ class DPGBench(Benchmark):
                 categories[name] = float(value)
             elif not line.startswith("\t"):
                 section = None
-        return {"overall": float(overall.group(1)), "categories": categories, "unit": "percent"}
+        root = str(out / IMAGES)
+        scored = sum(1 for line in text.splitlines() if line.startswith(root))
+        grids = sum(1 for path in (out / IMAGES).iterdir() if path.is_file()) if (out / IMAGES).is_dir() else scored
+        return {"overall": float(overall.group(1)), "categories": categories, "images": scored,
+                "unscored": grids - scored, "unit": "percent"}  # fmt: skip
+
+
+def _unscored(out: Path) -> str | None:
+    """A result file older than a grid (written before it was made), or without its closing summary (the
+    scorer stopped). Grids it failed on are the official scorer's own rule (it prints "Failed filename" and
+    leaves them out, e.g. any whose questions depend on the csv's first row, which prepare_dpg_data skips):
+    `collect` reports how many grids the score covers."""
+    path = out / RESULTS
+    newest = max((p.stat().st_mtime_ns for p in (out / IMAGES).iterdir() if p.is_file()), default=0)
+    if path.stat().st_mtime_ns < newest:
+        return f"{path} is older than the newest grid in {out / IMAGES}"
+    if "DPG-Bench score:" not in path.read_text():
+        return f"{path} has no DPG-Bench score line"
+    return None

@@ -15,20 +15,28 @@ score is the mean over tags of the fraction of correct images, as evaluation/sum
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from unilip.benchmarks.base import IMAGES, SCORES, Benchmark, ScoreStep, checkout, existing_file, mean
+from unilip.benchmarks.scorers import Pin
 from unilip.pipelines.manifest import SamplingError
 from unilip.pipelines.sampling import SampleJob
 
 RESULTS = f"{SCORES}/geneval_results.jsonl"
+SAMPLE = re.compile(r"\d+\.png")  # the file names evaluate_images.py scores (re.match)
 
 
 class GenEval(Benchmark):
     name = "geneval"
     format_source = "djghosh13/geneval: README.md (image generation), evaluation/evaluate_images.py"
     judge = "Mask2Former Swin-S (mmdet 2.27) object detector + CLIP ViT-L/14 (OpenAI) colour classifier"
+    pin = Pin(
+        "djghosh13/geneval",
+        "af4902f24d3ca90ebbb446dd9891a59e0f82725f",
+        ("evaluation/evaluate_images.py", "evaluation/summary_scores.py", "evaluation/object_names.txt"),
+    )
 
     def __init__(self, prompts: str | None, samples_per_prompt: int = 4, detector: str | None = None):
         self.prompts = prompts
@@ -70,8 +78,9 @@ class GenEval(Benchmark):
     def score_steps(self, out: Path, scorer: str | None, python: str, size: int) -> list[ScoreStep]:
         detector = self.detector or "<folder of mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth>"
         argv = (python, "evaluation/evaluate_images.py", str(out / IMAGES), "--outfile", str(out / RESULTS))
+        argv += ("--model-path", detector)
         return [
-            ScoreStep((*argv, "--model-path", detector), checkout(scorer, "geneval checkout"), (str(out / RESULTS),))
+            ScoreStep(argv, checkout(scorer, "geneval checkout"), (str(out / RESULTS),), check=lambda: _unscored(out))
         ]
 
     def collect(self, out: Path) -> dict[str, Any] | None:
@@ -90,3 +99,12 @@ class GenEval(Benchmark):
             "images": sum(len(v) for v in by_tag.values()),
             "rule": "overall = mean over tags of the fraction of correct images (evaluation/summary_scores.py)",
         }
+
+
+def _unscored(out: Path) -> str | None:
+    """Samples on disk that results.jsonl has no record of (it was written before they were generated)."""
+    samples = sum(1 for folder in (out / IMAGES).glob("*/samples") for p in folder.iterdir() if SAMPLE.match(p.name))
+    records = sum(1 for line in (out / RESULTS).read_text().splitlines() if line.strip())
+    if records < samples:
+        return f"{out / RESULTS} scores {records} of the {samples} samples"
+    return None

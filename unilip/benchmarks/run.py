@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from unilip.benchmarks.base import Benchmark
-from unilip.benchmarks.scoring import score_and_report
+from unilip.benchmarks.scoring import check_scorer, score_and_report
 from unilip.pipelines.generation import SCHEDULERS, UniLIPPipeline
 from unilip.pipelines.manifest import SamplingError, generator_record, identity
 from unilip.pipelines.sampling import SamplerSettings, run_sampling
@@ -48,6 +48,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any] | None:
     benchmark: Benchmark = instantiate(cfg.benchmark)
     out = Path(cfg.out).expanduser().resolve()
     settings = SamplerSettings(dtype=cfg.dtype, **OmegaConf.to_container(cfg.sampler))
+    check_scorer(benchmark, out, cfg.scorer, cfg.scorer_python, settings.size)  # before anything is generated
     jobs = benchmark.jobs(out, settings.seed)
     model, lineage = generator_record(cfg.generator, cfg.tokenizer, cfg.mllm_weights)
     run_identity = identity(settings, jobs, model, benchmark=benchmark.name)
@@ -56,6 +57,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any] | None:
         "format": benchmark.format_source,
         "inputs": benchmark.inputs(),
         "seed_rule": SEED_RULE,
+        "scorer": benchmark.pin.record() if benchmark.pin is not None else None,
         "generator": lineage,
     }
     log.info(

@@ -90,16 +90,17 @@ class UniLIPPipeline:
         guidance_scale: float = 4.5,
         num_inference_steps: int = 20,
         seed: int = 0,
-        size: int = 448,
+        size: int | tuple[int, int] = 448,
         scheduler: str | None = None,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """-> (B, 3, size, size) images in [0, 1].
+        """-> (B, 3, size, size) images in [0, 1] (`size` (height, width): (B, 3, height, width)).
 
         Text-to-image without `source_images`; editing with them ((B, 3, H, W) in [0, 1], the prompts
         are instructions). `has_source` (B,) bool mixes both in one batch (rows without a source are
-        text-to-image). The same seed gives the same images. `noise` ((B, C, h, w), h = w = ceil(size / 28))
-        replaces the starting noise drawn from `seed`, e.g. to fix one seed per prompt across batches.
+        text-to-image). The same seed gives the same images. `noise` ((B, C, h, w), h = ceil(height / 28),
+        w = ceil(width / 28)) replaces the starting noise drawn from `seed`, e.g. to fix one seed per prompt
+        across batches.
         """
         count = len(prompts)
         if has_source is None:
@@ -118,8 +119,8 @@ class UniLIPPipeline:
         batch = self.conditioner.prepare(prompts * 2, both, null, self.generator.config.num_queries).to(self.device)
         condition = self.generator.condition(self.conditioner, batch, features)
 
-        grid = latent_grid(size)
-        shape = (count, self.latents.channels, grid, grid)
+        height, width = (size, size) if isinstance(size, int) else size
+        shape = (count, self.latents.channels, latent_grid(height), latent_grid(width))
         if noise is None:
             noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         elif tuple(noise.shape) != shape:
@@ -130,7 +131,7 @@ class UniLIPPipeline:
         for t in sampler.timesteps:
             velocity = self.guided_velocity(latents, t, condition, batch.attention_mask, guidance_scale)
             latents = sampler.step(velocity, t, latents).prev_sample
-        return self.latents.decode(latents, (size, size)).float().clamp(0, 1)
+        return self.latents.decode(latents, (height, width)).float().clamp(0, 1)
 
     # ------------------------------------------------------------------ loading
     @classmethod

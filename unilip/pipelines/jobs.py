@@ -21,6 +21,8 @@ class SampleJob:
         source: the source image of an edit (a file path), or None for text-to-image.
         grid: tile the samples 2 x 2 (row-major) into `outputs[0]` (DPG-Bench's layout).
         extra_files: (relative path, text) written before the images (e.g. GenEval's metadata.jsonl).
+        keep_aspect: an edit generated at its source's aspect ratio (a latent grid of about as many tokens as
+            size x size, `aspect_grid`) instead of size x size.
     """
 
     key: str
@@ -31,6 +33,7 @@ class SampleJob:
     source: str | None = None
     grid: bool = False
     extra_files: tuple[tuple[str, str], ...] = ()
+    keep_aspect: bool = False
 
     def __post_init__(self) -> None:
         expected = 1 if self.grid else self.samples

@@ -40,6 +40,8 @@ def jobs_digest(jobs: Sequence[SampleJob]) -> str:
     for job in jobs:
         record = dataclasses.asdict(job)
         record["source"] = Path(job.source).name if job.source is not None else None
+        if not job.keep_aspect:
+            del record["keep_aspect"]  # absent from the digest when off: folders made before it existed resume
         records.append(record)
     return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
 

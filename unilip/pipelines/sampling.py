@@ -8,7 +8,8 @@ The one machinery behind `python -m unilip.pipelines.generate prompts` and every
   with no coordination (`shard`). Under `torchrun` the ranks meet once at the end to record what each did.
 - A sample whose file exists is not sampled again. Files appear atomically (written under a temporary
   name, then renamed), so a killed run leaves no partial image and a restart samples only what is missing.
-- Sample k of a job starts from row k of `torch.randn((samples, C, h, w), generator=manual_seed(job.seed))`,
+- Sample k of a job starts from row k of `torch.randn((samples, C, h, w), generator=manual_seed(job.seed))`
+  (h = w = ceil(size / 28); an edit that keeps its source's aspect ratio has its own (h, w), `aspect_grid`),
   so an image does not depend on the batch, rank or restart it is made in (and sample 0 of a one-sample
   job is what `UniLIPPipeline(..., seed=job.seed)` gives for that prompt alone).
 - `manifest.json` records the sampler settings, the inputs' digest and the generator's lineage and weights
@@ -95,12 +96,30 @@ def tile(samples: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def load_source(path: str | Path, side: int) -> torch.Tensor:
-    """An image file -> (3, side, side) in [0, 1]: the whole image resized (no crop), as InternVL's
-    processor feeds a 448 x 448 tile; the conditioner sees exactly this."""
+def load_source(path: str | Path, side: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image file -> ((3, side, side) in [0, 1], its (width, height)): the whole image resized (no crop),
+    as InternVL's processor feeds a 448 x 448 tile; the conditioner sees exactly this."""
     with Image.open(path) as image:
         resized = image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 255
+        original = image.size
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 255, original
+
+
+def aspect_grid(side: int, width: int, height: int) -> tuple[int, int]:
+    """The latent grid (rows, columns) for an output of a `width` x `height` source's aspect ratio with at most
+    side x side tokens, as many as possible: the short edge s is one of the two integers around
+    sqrt(side^2 / ratio), the long one floor or ceil(s ratio), so it is within one cell of the source's shape.
+    A square source gets (side, side). (GEdit-Bench's generate_image_example.py buckets the same way, to
+    multiples of 32 px around 512 x 512.)"""
+    ratio, tokens = max(width, height) / min(width, height), side * side
+    best = (1, 1)
+    for short in {max(1, math.floor(math.sqrt(tokens / ratio))), max(1, math.ceil(math.sqrt(tokens / ratio)))}:
+        for long in {max(short, math.floor(short * ratio)), max(short, math.ceil(short * ratio))}:
+            error, area = abs(long - short * ratio), short * long
+            if area <= tokens and (area, -error) > (best[0] * best[1], -abs(best[1] - best[0] * ratio)):
+                best = (short, long)
+    short, long = best
+    return (short, long) if width >= height else (long, short)
 
 
 def pending_samples(job: SampleJob, out: Path) -> list[int]:
@@ -153,14 +172,14 @@ def sample_jobs(
     skipped: set[str] = set()
     started, done = time.monotonic(), 0
     for start in range(0, len(rows), batch_size):
-        batch, sources = [], []
+        groups: dict[tuple[int, int], list[tuple[SampleJob, int, torch.Tensor | None]]] = {}
         for job, k in rows[start : start + batch_size]:
             if job.key in skipped:
                 continue
-            source = None
+            source, grid = None, (side, side)
             if job.source is not None:
                 try:
-                    source = load_source(job.source, source_side)
+                    source, (width, height) = load_source(job.source, source_side)
                 except OSError as error:  # missing or undecodable: skip this prompt, keep the run
                     skipped.add(job.key)
                     report.skipped.append({"key": job.key, "reason": f"source image {job.source}: {error}"})
@@ -168,53 +187,71 @@ def sample_jobs(
                         "rank %d: skipping %s: source image %s unreadable (%s)", rank, job.key, job.source, error
                     )
                     continue
-            batch.append((job, k))
-            sources.append(source)
-        if not batch:
-            continue
-        noise = torch.stack([_noise(job, channels, side)[k] for job, k in batch])
-        has_source = torch.tensor([source is not None for source in sources])
-        source_images = None
-        if has_source.any():
-            blank = torch.zeros(3, source_side, source_side)
-            source_images = torch.stack([blank if source is None else source for source in sources])
-        images = pipe(
-            [job.prompt for job, _ in batch],
-            source_images,
-            has_source,
-            guidance_scale=settings.guidance_scale,
-            num_inference_steps=settings.steps,
-            size=settings.size,
-            scheduler=settings.scheduler,
-            noise=noise,
-        )
-        for (job, k), pixels in zip(batch, to_uint8(images), strict=True):
-            for name, text in job.extra_files:
-                if not (out / name).exists():
-                    save_text(text, out / name)
-            if job.grid:
-                parts = grid_parts.setdefault(job.key, {})
-                parts[k] = pixels
-                if len(parts) < job.samples:
+                if job.keep_aspect:
+                    grid = aspect_grid(side, width, height)
+            groups.setdefault(grid, []).append((job, k, source))
+        for grid, batch in groups.items():  # one forward pass per latent shape; square-only: the whole batch
+            images = _sample(pipe, batch, settings, grid, channels, source_side)
+            for (job, k, _), pixels in zip(batch, to_uint8(images), strict=True):
+                written = _write(job, k, pixels, out, grid_parts)
+                if written is None:
                     continue
-                save_png(tile([parts[i] for i in range(job.samples)]), out / job.outputs[0])
-                del grid_parts[job.key]
-                written = job.outputs[0]
-            else:
-                save_png(pixels, out / job.outputs[k])
-                written = job.outputs[k]
-            report.generated.append(written)
-            if on_write is not None:
-                on_write(written)
-        done += len(batch)
-        elapsed = time.monotonic() - started
-        log.info("rank %d: %d / %d samples (%.2f s per sample)", rank, done, len(rows), elapsed / done)
+                report.generated.append(written)
+                if on_write is not None:
+                    on_write(written)
+            done += len(batch)
+        if done:
+            elapsed = time.monotonic() - started
+            log.info("rank %d: %d / %d samples (%.2f s per sample)", rank, done, len(rows), elapsed / done)
     return report
 
 
-def _noise(job: SampleJob, channels: int, side: int) -> torch.Tensor:
-    """The starting noise of all of a job's samples: (samples, C, side, side) from the job's seed."""
-    return torch.randn((job.samples, channels, side, side), generator=torch.Generator().manual_seed(job.seed))
+def _sample(pipe, batch, settings: SamplerSettings, grid: tuple[int, int], channels: int, source_side: int):
+    """One forward pass: rows (job, sample index, source or None) of one latent shape -> (B, 3, H, W) images."""
+    noise = torch.stack([_noise(job, channels, grid)[k] for job, k, _ in batch])
+    has_source = torch.tensor([source is not None for _, _, source in batch])
+    source_images = None
+    if has_source.any():
+        blank = torch.zeros(3, source_side, source_side)
+        source_images = torch.stack([blank if source is None else source for _, _, source in batch])
+    side = latent_grid(settings.size)  # a cell stands for size / side pixels (28 at 448 px)
+    size = (
+        settings.size
+        if grid == (side, side)
+        else (round(grid[0] * settings.size / side), round(grid[1] * settings.size / side))
+    )
+    return pipe(
+        [job.prompt for job, _, _ in batch],
+        source_images,
+        has_source,
+        guidance_scale=settings.guidance_scale,
+        num_inference_steps=settings.steps,
+        size=size,
+        scheduler=settings.scheduler,
+        noise=noise,
+    )
+
+
+def _write(job: SampleJob, k: int, pixels: np.ndarray, out: Path, grid_parts: dict) -> str | None:
+    """Save sample k of `job` (its grid once all four samples are in); returns the file written, if any."""
+    for name, text in job.extra_files:
+        if not (out / name).exists():
+            save_text(text, out / name)
+    if job.grid:
+        parts = grid_parts.setdefault(job.key, {})
+        parts[k] = pixels
+        if len(parts) < job.samples:
+            return None
+        save_png(tile([parts[i] for i in range(job.samples)]), out / job.outputs[0])
+        del grid_parts[job.key]
+        return job.outputs[0]
+    save_png(pixels, out / job.outputs[k])
+    return job.outputs[k]
+
+
+def _noise(job: SampleJob, channels: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The starting noise of all of a job's samples: (samples, C, rows, columns) from the job's seed."""
+    return torch.randn((job.samples, channels, *grid), generator=torch.Generator().manual_seed(job.seed))
 
 
 # ---------------------------------------------------------------------------------------------- a whole run
