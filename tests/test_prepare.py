@@ -176,3 +176,12 @@ def test_a_prepared_folder_is_not_prepared_twice_and_keeps_its_bytes(tmp_path):
     assert os.path.exists(tmp_path / "out" / "shard-report.json")
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:  # reproducible tar headers
         assert {(m.mtime, m.uname, m.mode) for m in tar} == {(0, "bigdata", 0o444)}
+
+
+def test_resuming_with_other_options_is_refused_before_anything_changes(tmp_path):
+    mini.gpt_image_edit_download(tmp_path / "dl")
+    prepare("gpt-image-edit", tmp_path / "dl", tmp_path / "out", samples_per_shard=3)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(ValueError, match=r"samples_per_shard: 3 there, 2 now\); give an empty folder, or the same"):
+        prepare("gpt-image-edit", tmp_path / "dl", tmp_path / "out", samples_per_shard=2)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

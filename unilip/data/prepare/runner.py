@@ -10,11 +10,13 @@ and rename when complete. A different identity (another dataset, input or option
 would mix with these. At the end the shards' sample counts go to `index.json` (`unilip.data.index`) and
 the whole account (samples, shards, every skipped item with its reason) to `<prefix>-report.json`.
 
-Nothing is created before the first job's result: a run whose every job fails leaves the disk unchanged.
+The progress file is written before the first job starts, so a run killed at any moment is recognised
+when started again; a run in which no job wrote anything removes it again and leaves the disk unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -85,6 +87,12 @@ def check_output(out_dir: Path, prefix: str, identity: dict[str, Any] | None, ex
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file; give a folder for the shards")
     earlier, results = read_progress(out_dir, prefix) if identity is not None else (None, {})
+    if earlier is not None and earlier.get("tool") != identity.get("tool"):
+        source = earlier.get("download", earlier.get("input"))
+        raise ConfigError(
+            f"{out_dir} holds the output of `{earlier.get('tool')}` (from {source}), not of `{identity.get('tool')}`; "
+            "give each dataset a folder of its own"
+        )
     if earlier is not None and earlier != identity:
         changed = [key for key in identity.keys() | earlier.keys() if identity.get(key) != earlier.get(key)]
         what = ", ".join(f"{key}: {earlier.get(key)!r} there, {identity.get(key)!r} now" for key in sorted(changed))
@@ -111,9 +119,9 @@ def check_output(out_dir: Path, prefix: str, identity: dict[str, Any] | None, ex
 class Run:
     """The books of one run: earlier results, this run's, and the progress file.
 
-    A new run creates the progress file with its first shard, so a run in which nothing is readable
-    leaves no trace (a stale file, of a run that never got to write or of records given in Python, is
-    replaced).
+    A new run writes the progress file (its identity) before any job can write a shard, so that a run
+    killed at any moment is recognised as this run's when started again. A run that ends without any
+    shard removes its books again (`abandon`): a run in which nothing is readable leaves no trace.
     """
 
     out_dir: Path
@@ -121,22 +129,31 @@ class Run:
     identity: dict[str, Any] | None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     resumed: bool = False
-    _waiting: list[dict[str, Any]] = field(default_factory=list)  # results with no shard, before the file
+    _created: list[Path] = field(default_factory=list)  # what `start` created, for `abandon`
+
+    def start(self) -> None:
+        if self.resumed:
+            return
+        missing = [p for p in (self.out_dir, *self.out_dir.parents) if not p.exists()]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = progress_path(self.out_dir, self.prefix)
+        path.write_text(json.dumps({"identity": self.identity}) + "\n", encoding="utf-8")
+        self._created = [path, *missing]
+        self.resumed = True  # from here on, lines are appended
 
     def record(self, result: dict[str, Any]) -> None:
         self.results[result["shard"]] = result
-        path = progress_path(self.out_dir, self.prefix)
-        if not self.resumed:
-            if not result["samples"]:
-                self._waiting.append(result)
-                return
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"identity": self.identity}) + "\n", encoding="utf-8")
-            self.resumed = True  # from here on, lines are appended
-        with open(path, "a", encoding="utf-8") as file:
-            for line in [*self._waiting, result]:
-                file.write(json.dumps(line) + "\n")
-        self._waiting.clear()
+        with open(progress_path(self.out_dir, self.prefix), "a", encoding="utf-8") as file:
+            file.write(json.dumps(result) + "\n")
+
+    def abandon(self) -> None:
+        """Remove what `start` created (when no job wrote anything)."""
+        for path in self._created:
+            if path.is_dir():
+                with contextlib.suppress(OSError):  # not empty: someone else's files are there too
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
 
 
 def remove_partials(out_dir: Path) -> None:
@@ -165,6 +182,7 @@ def run_jobs(
 
     finished = done or (lambda name: name in run.results)
     remove_partials(run.out_dir)
+    run.start()
     with tqdm(total=total, unit=unit, desc=desc, mininterval=1.0, dynamic_ncols=True) as bar:
         if workers <= 0:
             for job in _pending(jobs, finished, bar):
@@ -208,7 +226,9 @@ def finish(run: Run, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """
     results = [run.results[name] for name in sorted(run.results)]
     counts = {r["shard"]: r["samples"] for r in results if r["samples"]}
-    if counts:
+    if not counts:
+        run.abandon()
+    else:
         write_index(run.out_dir, counts)
     report = {
         "identity": run.identity,
