@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import prepare_miniatures as mini
 from tests.helpers import run_tree
 from unilip.data.prepare.datasets import prepare
@@ -48,8 +50,40 @@ def test_a_killed_run_started_again_ends_with_the_same_shards(tmp_path):
     assert "index.json" not in killed and "shard-report.json" not in killed  # the books say: not finished
     for name in written:  # renamed into place only when complete
         assert killed[name] == (tmp_path / "reference" / name).read_bytes()
+    inodes = {name: (out / name).stat().st_ino for name in written}
 
     result = run_tree(command, cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _files(out) == _files(tmp_path / "reference")  # shards, index.json, report: byte for byte
+    assert {name: (out / name).stat().st_ino for name in written} == inodes  # finished shards were not redone
     assert not list(out.glob("*.tmp"))
+
+
+# the failed tar stream's own finaliser complains that its file is closed: the failure is the point
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_shard_that_fails_while_being_written_never_appears_under_its_name(tmp_path, monkeypatch):
+    import webdataset as wds
+
+    from unilip.data.prepare.runner import remove_partials
+    from unilip.data.prepare.writer import Record, WriteShard
+
+    records = [Record(f"{i}", {"": mini.write(tmp_path / f"{i}.png", mini.image_bytes(i))}) for i in range(3)]
+    calls = []
+
+    def failing_write(self, sample):  # the disk fills up after the first sample
+        calls.append(sample["__key__"])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(self, sample)
+
+    original = wds.TarWriter.write
+    monkeypatch.setattr(wds.TarWriter, "write", failing_write)
+    job = WriteShard("shard-000000.tar", records, tmp_path / "out")
+    with pytest.raises(OSError, match="No space left"):
+        job.run()
+    assert not (tmp_path / "out" / "shard-000000.tar").exists()
+    assert not list((tmp_path / "out").iterdir())  # nor under its temporary name
+    (tmp_path / "out" / "shard-000000.tar.4242.tmp").write_bytes(b"half a shard")  # what a SIGKILL leaves
+    (tmp_path / "out" / "notes.tmp").write_text("someone else's")
+    remove_partials(tmp_path / "out")  # what a restarted run does first
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.tmp"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ class VerifyShard:
     def size(self) -> int:
         return 1
 
-    def run(self) -> dict[str, Any]:
+    def run(self, commit: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
         counter = SkipCounter(verbose=False)
         good, skipped = 0, []
         for sample in read_shard(str(self.source), counter):
@@ -79,14 +80,18 @@ class VerifyShard:
             else:
                 good += 1
         if counter.shards:  # the tar broke off: its complete samples are not worth a shard that fails
-            return {"shard": self.name, "samples": 0, "skipped": [f"{counter.last_error} (not linked)"]}
-        if good:
-            link = self.out_dir / self.name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            partial = temporary(link)
-            os.symlink(self.source.resolve(), partial)
-            os.replace(partial, link)
-        return {"shard": self.name, "samples": good, "skipped": skipped}
+            good, skipped = 0, [f"{counter.last_error} (not linked)"]
+        result = {"shard": self.name, "samples": good, "skipped": skipped}
+        if not good:
+            commit(result)
+            return result
+        link = self.out_dir / self.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        partial = temporary(link)
+        os.symlink(self.source.resolve(), partial)
+        commit(result)  # the books first: a link under its name is always a recorded one
+        os.replace(partial, link)
+        return result
 
 
 def _problem(sample: dict) -> str:

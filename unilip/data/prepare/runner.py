@@ -1,22 +1,21 @@
 """Run shard jobs over processes, resumably: a killed run, started again, redoes only unfinished shards.
 
-A job makes one file `out_dir/<name>` (a shard, or a link to a verified one) and returns a result dict
-`{"shard": name, "samples": n, "skipped": [...], ...}`. Only the main process keeps the books: after each
-finished job it appends the result as one line to `<prefix>-progress.jsonl`, whose first line is the
-run's identity (the tool, the input, the options). A run started again on the same folder with the same
-identity skips every job that has a line and whose file exists; a job killed halfway left at most a
-temporary file (`<name>.<pid>.tmp`, removed at the restart), because jobs write under a temporary name
-and rename when complete. A different identity (another dataset, input or option) is refused: its shards
-would mix with these. At the end the shards' sample counts go to `index.json` (`unilip.data.index`) and
-the whole account (samples, shards, every skipped item with its reason) to `<prefix>-report.json`.
-
-The progress file is written before the first job starts, so a run killed at any moment is recognised
-when started again; a run in which no job wrote anything removes it again and leaves the disk unchanged.
+A job makes one file `out_dir/<name>` (a shard, or a link to a verified one) and returns its result
+`{"shard": name, "samples": n, "skipped": [...], ...}`. The run's books are `<prefix>-progress.jsonl`:
+its first line is the run's identity (the tool, the input, the options), written before any job starts;
+then each job appends its result as one line *before* it renames its file into place (jobs write under
+a temporary name, `<name>.<pid>.tmp`). So a file under its name always has its line: a run started
+again with the same identity skips every job whose file exists, redoes the others, and removes the
+temporary files a killed run left. A different identity (another dataset, input or option) is refused:
+its shards would mix with these. At the end the shards' sample counts go to `index.json`
+(`unilip.data.index`) and the whole account (samples, shards, every skipped item with its reason) to
+`<prefix>-report.json`. A run in which no job wrote anything removes its books: the disk is unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -38,7 +37,15 @@ class Job(Protocol):
     @property
     def size(self) -> int: ...  # units of work, for the progress bar
 
-    def run(self) -> dict[str, Any]: ...
+    def run(self, commit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Do the work; call `commit(result)` before the file appears under its name; return the result."""
+        ...
+
+
+def append_result(path: Path, result: dict[str, Any]) -> None:
+    """One result line, in one write: jobs of several processes append to the same progress file."""
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(result) + "\n")
 
 
 def temporary(path: Path) -> Path:
@@ -58,7 +65,7 @@ def report_path(out_dir: Path, prefix: str) -> Path:
 def read_progress(out_dir: Path, prefix: str) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
     """(identity, {shard name: result}) of an earlier run in `out_dir`; (None, {}) if there was none.
 
-    A last line cut short (the run was killed while writing it) is ignored: its shard is redone.
+    A line cut short (the run was killed while writing it) is ignored: its shard, never renamed, is redone.
     """
     path = progress_path(out_dir, prefix)
     if not path.exists():
@@ -66,13 +73,11 @@ def read_progress(out_dir: Path, prefix: str) -> tuple[dict[str, Any] | None, di
     lines = path.read_text(encoding="utf-8").splitlines()
     identity = json.loads(lines[0])["identity"] if lines else None
     results = {}
-    for number, line in enumerate(lines[1:], start=2):
+    for line in lines[1:]:
         try:
             result = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):
-                continue
-            raise
+            continue
         results[result["shard"]] = result
     return identity, results
 
@@ -142,9 +147,7 @@ class Run:
         self.resumed = True  # from here on, lines are appended
 
     def record(self, result: dict[str, Any]) -> None:
-        self.results[result["shard"]] = result
-        with open(progress_path(self.out_dir, self.prefix), "a", encoding="utf-8") as file:
-            file.write(json.dumps(result) + "\n")
+        self.results[result["shard"]] = result  # its line is in the progress file already (the job's commit)
 
     def abandon(self) -> None:
         """Remove what `start` created (when no job wrote anything)."""
@@ -183,17 +186,18 @@ def run_jobs(
     finished = done or (lambda name: name in run.results)
     remove_partials(run.out_dir)
     run.start()
+    commit = functools.partial(append_result, progress_path(run.out_dir, run.prefix))
     with tqdm(total=total, unit=unit, desc=desc, mininterval=1.0, dynamic_ncols=True) as bar:
         if workers <= 0:
             for job in _pending(jobs, finished, bar):
-                run.record(job.run())
+                run.record(job.run(commit))
                 bar.update(job.size)
             return
         sizes: dict[Future, int] = {}
         with ProcessPoolExecutor(max_workers=workers) as pool:
             try:
                 for job in _pending(jobs, finished, bar):
-                    sizes[pool.submit(job.run)] = job.size
+                    sizes[pool.submit(job.run, commit)] = job.size
                     if len(sizes) >= 2 * workers:
                         _collect(sizes, run, bar, FIRST_COMPLETED)
                 while sizes:

@@ -158,7 +158,7 @@ class WriteShard:
     def size(self) -> int:
         return len(self.records)
 
-    def run(self) -> dict[str, Any]:
+    def run(self, commit: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
         samples, skipped, converted = [], [], 0
         for record in self.records:
             result = encode_record(record, self.max_size)
@@ -167,10 +167,14 @@ class WriteShard:
                 continue
             samples.append(result[0])
             converted += result[1]
-        if samples:
-            target = self.out_dir / self.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = temporary(target)
+        result = {"shard": self.name, "samples": len(samples), "skipped": skipped, "converted": converted}
+        if not samples:
+            commit(result)
+            return result
+        target = self.out_dir / self.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = temporary(target)
+        try:
             with open(partial, "wb") as file:
                 writer = wds.TarWriter(file, encoder=False, mtime=0)  # mtime=0: same input, same bytes
                 for sample in samples:
@@ -178,8 +182,12 @@ class WriteShard:
                 writer.close()
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(partial, target)
-        return {"shard": self.name, "samples": len(samples), "skipped": skipped, "converted": converted}
+        except BaseException:  # a full disk, an interrupt: no partial file stays behind
+            partial.unlink(missing_ok=True)
+            raise
+        commit(result)  # the books first: a shard under its name is always a recorded one
+        os.replace(partial, target)
+        return result
 
 
 def shard_jobs(
