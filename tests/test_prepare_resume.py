@@ -71,7 +71,7 @@ def test_a_shard_that_fails_while_being_written_never_appears_under_its_name(tmp
     calls = []
 
     def failing_write(self, sample):  # the disk fills up after the first sample
-        calls.append(sample["__key__"])
+        calls.append(sorted(p.name for p in (tmp_path / "out").iterdir()))  # what a SIGKILL now would leave
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
         return original(self, sample)
@@ -81,6 +81,7 @@ def test_a_shard_that_fails_while_being_written_never_appears_under_its_name(tmp
     job = WriteShard("shard-000000.tar", records, tmp_path / "out")
     with pytest.raises(OSError, match="No space left"):
         job.run()
+    assert all(len(names) == 1 and names[0].startswith("shard-000000.tar.") for names in calls)  # a temporary
     assert not (tmp_path / "out" / "shard-000000.tar").exists()
     assert not list((tmp_path / "out").iterdir())  # nor under its temporary name
     (tmp_path / "out" / "shard-000000.tar.4242.tmp").write_bytes(b"half a shard")  # what a SIGKILL leaves
