@@ -81,7 +81,7 @@ def prepare(
         "not_selected_items": [f"{item}: {reason}" for item, reason in conversion.not_selected],
     }
     report = finish(run, extra)
-    _summary(name, out, dataset.prefix, report, conversion.total)
+    _summary(name, out, dataset.prefix, report, f"{conversion.total} samples")
     return report
 
 
@@ -91,7 +91,7 @@ def _in_place(dataset: Dataset, download: Path, out: Path, identity: dict[str, A
     jobs = (in_place.VerifyShard(in_place.link_name(s, download), s, out) for s in shards)
     run_jobs(jobs, run, workers, total=len(shards), unit="shard", desc=dataset.name)
     report = finish(run, {"not_selected": {}, "not_selected_items": []})
-    _summary(dataset.name, out, dataset.prefix, report, len(shards))
+    _summary(dataset.name, out, dataset.prefix, report, f"{len(shards)} shards")
     return report
 
 
@@ -100,10 +100,11 @@ def _reasons(conversion: Conversion) -> str:
     return "; ".join(f"{n} x {reason}" for reason, n in counts.most_common(3)) or "the download holds no records"
 
 
-def _summary(name: str, out: Path, prefix: str, report: dict[str, Any], planned: int) -> None:
+def _summary(name: str, out: Path, prefix: str, report: dict[str, Any], planned: str) -> None:
+    """Log what was written; a run in which nothing could be read is the user's data's fault: one error."""
     if not report["samples"]:
         raise ConfigError(
-            f"none of the {planned} {'shards' if name in _IN_PLACE else 'samples'} of {name} could be read "
+            f"none of the {planned} of {name} could be read "
             f"(first: {report['skipped'][0] if report['skipped'] else '?'}); nothing was written"
         )
     for line in report["skipped"][:10]:
@@ -114,9 +115,6 @@ def _summary(name: str, out: Path, prefix: str, report: dict[str, Any], planned:
         *(name, report["samples"], len(report["shards"]), out, len(report["skipped"]), f"{prefix}-report.json"),
         f"; left out by the authors' selection: {left_out}" if left_out else "",
     )
-
-
-_IN_PLACE = {name for name, d in DATASETS.items() if d.plan is None}
 
 
 def default_workers() -> int:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from unilip.data.prepare.runner import temporary
 from unilip.data.shards import SkipCounter, read_shard
@@ -103,6 +103,8 @@ def _problem(sample: dict) -> str:
     try:
         with Image.open(io.BytesIO(sample[ext])) as image:
             image.load()
+    except UnidentifiedImageError:
+        return f"{ext} does not decode (not an image PIL can read: unknown format or corrupt header)"
     except Exception as error:  # any undecodable image is named, never fatal
         return f"{ext} does not decode ({type(error).__name__}: {error})"
     return ""
