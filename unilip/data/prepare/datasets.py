@@ -12,7 +12,7 @@ from typing import Any
 
 from unilip.data.prepare import gpt_image_edit, imagenet, in_place, sharegpt4o
 from unilip.data.prepare.runner import check_output, finish, run_jobs
-from unilip.data.prepare.writer import DEFAULT_MAX_SIZE, Conversion, shard_jobs
+from unilip.data.prepare.writer import DEFAULT_MAX_SIZE, Conversion, write_shards
 from unilip.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -70,17 +70,26 @@ def prepare(
     if dataset.plan is None:
         return _in_place(dataset, download, out, identity, workers)
     conversion = dataset.plan(download)  # reads the whole layout before anything is written
-    identity |= {"samples_per_shard": per_shard, "max_size": max_size}
-    run = check_output(out, dataset.prefix, identity, exclusive=True)
     if not conversion.total:
         raise ConfigError(f"{download}: the authors' selection leaves no sample to write ({_reasons(conversion)})")
-    jobs = shard_jobs(conversion.records(), out, dataset.prefix, per_shard, max_size or None)
-    run_jobs(jobs, run, workers, total=conversion.total, unit="sample", desc=name)
+    identity |= {"samples_per_shard": per_shard, "max_size": max_size}
     extra = {
         "not_selected": dict(sorted(Counter(reason for _, reason in conversion.not_selected).items())),
         "not_selected_items": [f"{item}: {reason}" for item, reason in conversion.not_selected],
     }
-    report = finish(run, extra)
+    report = write_shards(
+        conversion.records(),
+        out,
+        dataset.prefix,
+        per_shard,
+        max_size or None,
+        workers,
+        identity,
+        total=conversion.total,
+        desc=name,
+        exclusive=True,
+        extra=extra,
+    )
     _summary(name, out, dataset.prefix, report, f"{conversion.total} samples")
     return report
 
