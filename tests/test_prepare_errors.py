@@ -46,9 +46,7 @@ def _(c):
     return command("blip3o-pretrain", str(c.path("GPT-Edit")), str(c.path("out")))
 
 
-@register(
-    "an out folder holding another dataset's shards", "holds the output of `prepare sharegpt4o-t2i` (from"
-)
+@register("an out folder holding another dataset's shards", "holds the output of `prepare sharegpt4o-t2i` (from")
 def _(c):
     mini.sharegpt4o_download(c.path("ShareGPT-4o-Image"))
     prepare("sharegpt4o-t2i", c.path("ShareGPT-4o-Image"), c.path("shards"))
