@@ -53,7 +53,8 @@ class ShardDataModule(L.LightningDataModule):
             weight / sum of weights (UniLIP tokenizer: BLIP3o short caption / long caption / JourneyDB at
             0.2 / 0.6 / 0.2). With repeats (the reference's generation recipe, e.g. edits x10), a data
             epoch reads each source `repeat` times, so its weight is repeat x its sample count, read from
-            the shards' `index.json` (`unilip.data.index`). None for an evaluation-only module.
+            the shards' `index.json` (`unilip.data.index`), or given as `samples: int` (shards streamed
+            with `pipe:` urls have no local index). None for an evaluation-only module.
         val_urls: validation (or evaluation) shards: list, glob or brace pattern; None for none.
         image_size: side S of the square crops (224, 448, ...).
         batch_size: training samples per batch per rank.
@@ -186,7 +187,8 @@ class ShardDataModule(L.LightningDataModule):
             if repeat is not None and counts[name] is None:
                 raise DataError(
                     f"data.train_sources[{name}] gives repeat={repeat}, but its shards have no sample counts; "
-                    f"count them once: python -m unilip.data.index <their directory>"
+                    "count them once: python -m unilip.data.index <their directory> (streamed shards: give the "
+                    "source's `samples`, the total of its index.json)"
                 )
             weights[name] = source["weight"] if repeat is None else repeat * counts[name]
         self._sources = [TrainSource(name, urls[name], weights[name]) for name in urls]
@@ -210,7 +212,9 @@ class ShardDataModule(L.LightningDataModule):
         if self._expanded is None:
             sources = with_cache(self.train_sources, self.latent_cache)
             urls = {name: tuple(shards) for name, shards in expand_sources(sources).items()}
-            self._expanded = urls, {name: _count(shards) for name, shards in urls.items()}
+            # A streamed source's count is given; a latent cache counts its own shards.
+            given = {s["name"]: s["samples"] for s in self.train_sources if self.latent_cache is None}
+            self._expanded = urls, {name: given.get(name) or _count(shards) for name, shards in urls.items()}
         return self._expanded
 
     def read_one_validation_sample(self) -> None:
@@ -319,9 +323,13 @@ def _parse_source(index: int, source: Mapping[str, Any]) -> dict[str, Any]:
     repeat = source.get("repeat")
     if repeat is not None and (not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1):
         raise ConfigError(f"{where}.repeat={repeat!r}: must be a positive integer")
+    samples = source.get("samples")
+    if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
+        raise ConfigError(f"{where}.samples={samples!r}: must be a positive integer (the source's sample count)")
     urls = source["urls"]
     urls = str(urls) if isinstance(urls, (str, Path)) else [str(u) for u in urls]
-    return {"name": str(source.get("name", f"source{index}")), "urls": urls, "weight": weight, "repeat": repeat}
+    name = str(source.get("name", f"source{index}"))
+    return {"name": name, "urls": urls, "weight": weight, "repeat": repeat, "samples": samples}
 
 
 def _count(urls: Sequence[str]) -> int | None:

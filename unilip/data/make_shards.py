@@ -1,7 +1,7 @@
 """Make webdataset shards from an image folder, a class-folder tree or a JSONL file.
 
     unilip-make-shards INPUT OUT_DIR [--format folder|classes|jsonl] [--prefix shard]
-                       [--samples-per-shard 1000] [--max-bytes 1e9] [--max-size 1024] [--workers 0]
+                       [--samples-per-shard 1000] [--max-size 1024] [--workers 0]
 
 - folder:  every image under INPUT (recursively); caption from a sidecar `<name>.txt` if present.
   Other files are ignored (and counted in the report).
@@ -10,52 +10,36 @@
 - jsonl:   one record per line, paths relative to the JSONL file: {"image", "caption"} for
   image-caption samples, {"source", "instruction", "target"} for editing samples.
 
-Output: OUT_DIR/<prefix>-000000.tar, ... in the layout `unilip.data.transforms` reads
-(`jpg`/`png`/`webp` + `txt`; `source.<ext>`, `target.<ext>`, `instruction.txt`). Every image is
-decoded once to verify it; the bad ones are skipped and reported by file name. Encoded bytes are kept
-as they are (no re-encoding, no quality loss) unless the image is larger than `--max-size` or in a
-format the loader does not read (BMP, GIF, TIFF, ...). Those are converted as the loader would
-(upright, 8-bit RGB: `unilip.data.transforms.as_rgb`), downscaled so that the shorter side is at most
-`--max-size` (default 1024: above every training and evaluation size, 224 to 512 px, while a large
-photo no longer costs a full-size decode on every read; 0 keeps every size), and stored as JPEG
-(quality 95) if they were JPEG, else PNG.
-
-OUT_DIR must not already hold `<prefix>-*.tar` shards (a second run would mix with the first).
+Output: OUT_DIR/<prefix>-000000.tar, ... (`--samples-per-shard` inputs each) in the layout
+`unilip.data.transforms` reads (`jpg`/`png`/`webp` + `txt`; `source.<ext>`, `target.<ext>`,
+`instruction.txt`), their sample counts in OUT_DIR/index.json and what was skipped, by file name, in
+OUT_DIR/<prefix>-report.json. The writer is the one `python -m unilip.data.prepare` uses
+(`unilip.data.prepare.writer`): every image decoded once to verify it, bytes kept unless an image is
+larger than `--max-size` (default 1024; 0 keeps every size) or in a format the loader does not read
+(BMP, GIF, TIFF, ...), shards written by `--workers` processes under a temporary name and renamed
+when complete. A run that was killed, started again with the same arguments, redoes only the shards
+it had not finished; OUT_DIR must not hold other `<prefix>-*.tar` shards (they would mix).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing import Pool
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
-from unilip.data.shards import ShardSink
-from unilip.data.transforms import as_rgb
+from unilip.data.prepare import writer
+from unilip.data.prepare.writer import DEFAULT_MAX_SIZE, Record
 from unilip.errors import ConfigError, UnreadableFileError
 from unilip.logs import one_line_errors
 
 log = logging.getLogger(__name__)
 
-READABLE = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-DEFAULT_MAX_SIZE = 1024  # shorter side, px; see the module docstring
-
-
-@dataclass
-class Record:
-    """One sample to write: `images` maps an extension prefix ("" or "source."/"target.") to a file."""
-
-    key: str
-    images: dict[str, Path]
-    texts: dict[str, str] = field(default_factory=dict)
+__all__ = ["Record", "ShardReport", "class_records", "folder_records", "jsonl_records", "main", "write_shards"]
 
 
 @dataclass
@@ -64,54 +48,6 @@ class ShardReport:
     bad: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
     resized: int = 0
-
-
-def encode_image(path: Path, max_size: int | None = DEFAULT_MAX_SIZE) -> tuple[str, bytes, bool]:
-    """Return (extension, bytes, converted) of a verified image; raise if it does not decode.
-
-    The original bytes are kept when the loader can read the format and the shorter side is at most
-    `max_size` (None or 0: any size); otherwise the image is converted (see the module docstring).
-    """
-    data = path.read_bytes()
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ValueError("not an image PIL can read (unknown format or corrupt header)") from None
-    with image:
-        image.load()  # a full decode: `verify()` misses truncated image data
-        ext = READABLE.get(image.format or "")
-        too_big = bool(max_size) and min(image.size) > max_size
-        if ext is not None and not too_big:
-            return ext, data, False
-        rgb = as_rgb(image)
-    if too_big:
-        scale = max_size / min(rgb.size)
-        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-        rgb = rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    out = io.BytesIO()
-    if ext == "jpg":
-        rgb.save(out, "JPEG", quality=95)
-        return "jpg", out.getvalue(), True
-    rgb.save(out, "PNG")
-    return "png", out.getvalue(), True
-
-
-def _encode(args: tuple[Record, int | None]) -> tuple[dict, int] | str:
-    """Record -> (webdataset sample dict, images converted), or an error line naming the bad file."""
-    record, max_size = args
-    sample: dict = {"__key__": record.key}
-    converted = 0
-    for prefix, path in record.images.items():
-        try:
-            ext, data, was_converted = encode_image(path, max_size)
-        except FileNotFoundError:
-            return f"{path}: no such file"
-        except Exception as error:  # a bad image is reported and skipped, never fatal
-            return f"{path}: {type(error).__name__}: {error}"
-        sample[prefix + ext] = data
-        converted += was_converted
-    sample.update({ext: text.encode("utf-8") for ext, text in record.texts.items()})
-    return sample, converted
 
 
 def _keys(paths: Iterable[Path], root: Path) -> Iterator[tuple[str, Path]]:
@@ -194,47 +130,25 @@ def jsonl_records(path: Path) -> list[Record]:
 
 
 def write_shards(
-    records: list[Record],
+    records: Iterable[Record],
     out_dir: str | Path,
     prefix: str = "shard",
     samples_per_shard: int = 1000,
-    max_bytes: float = 1e9,
     max_size: int | None = DEFAULT_MAX_SIZE,
     workers: int = 0,
+    identity: dict | None = None,
 ) -> ShardReport:
-    """Verify, encode and write `records` in order; return what was written and what was bad.
-
-    `max_size`: images whose shorter side is larger are downscaled to it (None or 0: keep every size).
-    """
-    from tqdm import tqdm
-
+    """Verify, encode and write `records` in order (`unilip.data.prepare.writer.write_shards`); return what
+    was written and what was bad. `max_size`: images whose shorter side is larger are downscaled to it
+    (None or 0: keep every size). `identity` (the input and options) makes the run resumable."""
     _check_output_folder(Path(out_dir))
-    existing = sorted(Path(out_dir).glob(f"{prefix}-*.tar"))
-    if existing:
-        raise ConfigError(
-            f"{out_dir} already holds {len(existing)} {prefix}-*.tar shards; a new set would mix with them: "
-            "choose an empty directory or another --prefix"
-        )
-    report = ShardReport()
-    jobs = ((record, max_size) for record in records)
-    with ShardSink(out_dir, prefix, samples_per_shard, max_bytes) as sink:
-        pool = Pool(workers) if workers > 0 else None
-        try:
-            results = pool.imap(_encode, jobs, chunksize=16) if pool else map(_encode, jobs)
-            for result in tqdm(results, total=len(records), desc=f"shards {prefix}", unit="sample"):
-                if isinstance(result, str):
-                    log.warning("skipped bad image %s", result)
-                    report.bad.append(result)
-                    continue
-                sample, converted = result
-                sink.write(sample)
-                report.written += 1
-                report.resized += converted
-        finally:
-            if pool:
-                pool.terminate()
-        report.shards = list(sink.shards)
-    return report
+    report = writer.write_shards(
+        records, out_dir, prefix, samples_per_shard, max_size, workers, identity, desc=f"shards {prefix}"
+    )
+    shards = [str(Path(out_dir) / name) for name in report["shards"]]
+    for line in report["skipped"]:
+        log.warning("skipped bad image %s", line)
+    return ShardReport(report["samples"], report["skipped"], shards, report["converted"])
 
 
 def _check_output_folder(out_dir: Path) -> None:
@@ -254,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["folder", "classes", "jsonl"], help="default: guessed from INPUT")
     parser.add_argument("--prefix", default="shard", help="shard file names: <prefix>-000000.tar (default: shard)")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--max-bytes", type=float, default=1e9, help="start a new shard past this size")
     parser.add_argument(
         "--max-size",
         type=int,
@@ -290,8 +203,15 @@ def make_shards(args: argparse.Namespace) -> ShardReport:
         log.info("ignored %d files that are not images (%s)", sum(ignored.values()), listing)
     if not records:
         raise ConfigError(f"{args.input}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    identity = {
+        "tool": "unilip-make-shards",
+        "input": str(args.input.resolve()),
+        "format": fmt,
+        "samples_per_shard": args.samples_per_shard,
+        "max_size": args.max_size,
+    }
     report = write_shards(
-        records, args.out_dir, args.prefix, args.samples_per_shard, args.max_bytes, args.max_size, args.workers
+        records, args.out_dir, args.prefix, args.samples_per_shard, args.max_size, args.workers, identity
     )
     if not report.written:
         raise UnreadableFileError(

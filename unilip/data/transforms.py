@@ -6,7 +6,9 @@ Sample formats (extensions are matched lower-case):
   `txt` (UTF-8), or `json` with the first non-empty field of `caption`, `text`, `prompt`.
 - editing: `source.<e>` and `target.<e>` with <e> one of the image extensions above, plus
   `instruction.txt` (or a `json` with an `instruction` field). The target is the image to
-  generate, the instruction its caption, the source the condition.
+  generate, the instruction its caption, the source the condition. The UniLIP authors' converted
+  edit shards (`data/convert_gpt_edit.py`, `convert_janus4o_ti2i.py`: `input.jpg`, `output.jpg`, `txt`)
+  are read as they are: input is the source, output the target, `txt` the instruction.
 - cached generation targets: `latents.safetensors` and `txt` (`unilip.data.latent_cache`); they give
   examples and batches of latents instead of images.
 
@@ -128,9 +130,23 @@ def _find(raw: dict, prefix: str) -> bytes | None:
     return None
 
 
-def _text(raw: dict, txt_key: str, fields: tuple[str, ...]) -> str:
-    if (data := raw.get(txt_key)) is not None:
-        return data.decode("utf-8").strip()
+# Edit members: ours (`unilip-make-shards`, `prepare`) first, then the UniLIP authors' converted shards'.
+SOURCE_PREFIXES = ("source.", "input.")
+TARGET_PREFIXES = ("target.", "output.")
+INSTRUCTION_KEYS = ("instruction.txt", "txt")
+
+
+def _find_any(raw: dict, prefixes: tuple[str, ...]) -> bytes | None:
+    for prefix in prefixes:
+        if (data := _find(raw, prefix)) is not None:
+            return data
+    return None
+
+
+def _text(raw: dict, txt_keys: str | tuple[str, ...], fields: tuple[str, ...]) -> str:
+    for txt_key in (txt_keys,) if isinstance(txt_keys, str) else txt_keys:
+        if (data := raw.get(txt_key)) is not None:
+            return data.decode("utf-8").strip()
     if (data := raw.get("json")) is not None:
         meta = json.loads(data)
         for name in fields:
@@ -171,11 +187,13 @@ class SampleTransform:
         if latent_cache.MEMBER in raw:
             return latent_cache.cached_example(raw)
         size = self.image_size
-        target = _find(raw, "target.")
+        target = _find_any(raw, TARGET_PREFIXES)
         is_edit = target is not None
         data = target if is_edit else _find(raw, "")
         if data is None:
-            raise ValueError(f"no image member (expected one of {IMAGE_EXTS} or target.<ext>); has {sorted(raw)}")
+            raise ValueError(
+                f"no image member (expected one of {IMAGE_EXTS}, target.<ext> or output.<ext>); has {sorted(raw)}"
+            )
         image = decode_image(data, size)
         square = self.resize == "square"
         box = (0.0, 0.0, 1.0, 1.0) if square else crop_box(*image.size, size, rng if self.train else None)
@@ -183,13 +201,13 @@ class SampleTransform:
         flip = may_flip and rng is not None and rng.random() < 0.5
         example = {"image": render(image, box, size, flip), "key": raw["__key__"]}
         if is_edit:
-            example["caption"] = _text(raw, "instruction.txt", ("instruction",))
+            example["caption"] = _text(raw, INSTRUCTION_KEYS, ("instruction",))
         else:
             example["caption"] = _text(raw, "txt", CAPTION_FIELDS)
         if self.with_source:
-            source = _find(raw, "source.") if is_edit else None
+            source = _find_any(raw, SOURCE_PREFIXES) if is_edit else None
             if is_edit and source is None:
-                raise ValueError("edit sample without a source.<ext> image")
+                raise ValueError("edit sample without a source.<ext> (or input.<ext>) image")
             example["source"] = None if source is None else render(decode_image(source, size), box, size, flip)
         return example
 
