@@ -127,7 +127,7 @@ def _image_inputs(gr, prefix: str, photos: list[str]):
     photo = gr.Dropdown(photos, value=NONE, label="or a bundled photo", elem_id=f"{prefix}-photo")
     # one image at a time: choosing one clears the other
     photo.input(lambda name: None if name != NONE else gr.skip(), photo, upload)
-    upload.upload(lambda _: NONE, upload, photo)
+    upload.upload(lambda _: NONE, upload, photo, preprocess=False)  # a broken file is reported by the handlers
     return upload, photo
 
 
