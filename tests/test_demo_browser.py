@@ -74,6 +74,7 @@ def served(tmp_path_factory, tiny_config):
     first, second = save_tokenizers(root, tiny_config)
     generator = save_toy_generator(root / "toy", num_queries=8, seed=0)
     run = make_run(root / "runs" / "demo" / "tokenizer" / "stage1")
+    (root / "runs" / "live" / "samples").mkdir(parents=True)  # where the slow test trains while the page watches
     photo = photo_file(root / "astronaut.png")
     torch.manual_seed(0)
     base = tiny_internvl_with_processor(UniLIPTokenizer(tiny_config), root / "internvl-base")
@@ -413,3 +414,44 @@ def test_the_run_viewer_draws_a_run_and_follows_it_while_it_trains(page, served,
     _choose(page, "#run-metric", "val/psnr")
     points = _wait_for_points(page, 3)
     _assert_draws(points, [(4, 12.0), (9, 14.5), (14, 17.0)])
+
+
+@pytest.mark.slow
+def test_the_run_viewer_follows_a_real_training_run(page, served, photos_dir):
+    """train.py (the quick start, 12 steps, validation every 4) writes into a run folder the page is showing."""
+    from tests.conftest import quick_overrides
+    from tests.helpers import run_tree
+
+    run = served["root"] / "runs" / "live"
+    overrides = quick_overrides(photos_dir, run, "stage=1", "stages.stage1.max_steps=12",
+                                "data.train_batches_per_epoch=4", "loss.perceptual_weight=0")  # fmt: skip
+    _tab(page, "Run viewer")
+    _choose(page, "#run-run", "runs/live")
+    seen: list[int] = []
+
+    def train() -> None:
+        command = [sys.executable, "train.py", *overrides]
+        seen.append(run_tree(command, cwd=REPO, env=dict(os.environ), timeout=600).returncode)
+
+    training = threading.Thread(target=train)
+    training.start()
+    counts = set()
+    while training.is_alive():  # what the page draws while the run trains
+        if page.locator("#run-plot g.mark-line path").count():
+            counts.add(len(_plotted(page)))
+        time.sleep(0.5)
+    training.join()
+    assert seen == [0]
+    rows = [(step, value) for step, value in _logged(run, "loss/total")]
+    assert len(rows) == 12 and len(counts - {0, 12}) >= 1  # it showed the run part-way, then all of it
+    _assert_draws(_wait_for_points(page, 12), rows)
+    page.wait_for_function("document.querySelector('#run-caption').innerText.includes('step 12')")
+    final = Image.open(run / "samples" / "reconstruction_step0000012.png").convert("RGB")
+    assert np.array_equal(_served_image(page, "#run-grid img"), np.asarray(final))
+
+
+def _logged(run: Path, metric: str) -> list[tuple[int, float]]:
+    import csv
+
+    with open(run / "logs" / "metrics.csv") as file:
+        return [(int(row["step"]), float(row[metric])) for row in csv.DictReader(file) if row.get(metric)]
