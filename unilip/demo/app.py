@@ -294,13 +294,11 @@ def _understand_tab(gr, sources: Sources, photos: list[str], options: Options, c
 
     @guarded(message, [shown, reply])
     def run(label, upload_value, photo_value, text, max_tokens):
-        from unilip.data.transforms import as_rgb
-
         if label not in sources.internvl:
             raise ValueError("choose an InternVL checkpoint")
         path = sources.internvl[label]
         data = image_bytes(upload_value, photo_value)
-        image = _open_rgb(data, as_rgb)
+        image = _open_rgb(data)
         internvl = cache.get(
             ("internvl", str(path), options.device), path, lambda: load_internvl(path, options.device, options.dtype)
         )
@@ -309,8 +307,11 @@ def _understand_tab(gr, sources: Sources, photos: list[str], options: Options, c
     button.click(run, [model, upload, photo, question, tokens], [message, shown, reply], preprocess=False)
 
 
-def _open_rgb(data: bytes, as_rgb):
+def _open_rgb(data: bytes):
+    """Image bytes -> RGB as a viewer shows it (`unilip.data.transforms.as_rgb`); undecodable -> ValueError."""
     from PIL import Image, UnidentifiedImageError
+
+    from unilip.data.transforms import as_rgb
 
     try:
         return as_rgb(Image.open(io.BytesIO(data)))
