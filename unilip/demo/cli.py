@@ -16,11 +16,16 @@ from unilip.errors import ConfigError
 from unilip.logs import one_line_errors
 
 INSTALL = 'pip install -e ".[demo]"'
+DESCRIPTION = (
+    "A local web page over run and checkpoint folders: reconstructions beside their originals, generated and edited "
+    "images, answers of a tokenizer exported into InternVL, a run's curves and validation grids while it trains. "
+    "Serves on 127.0.0.1 (this machine only) unless --host says otherwise. See docs/demo.md."
+)
 LOCAL_HOSTS = ("localhost",)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unilip-demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="unilip-demo", description=DESCRIPTION)
     parser.add_argument(
         "folders",
         nargs="+",
@@ -29,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         "checkpoints (.ckpt, a released .pth with --preset), InternVL exports",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to serve on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="default: 7860")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="generator / InternVL")
     parser.add_argument("--preset", default=None, help="tokenizer preset of a released .pth: unilip_1b or unilip_2b")
