@@ -202,6 +202,14 @@ def test_the_demo_binds_to_this_machine_and_says_so(served):
         pass  # nothing answers on the machine's other addresses
 
 
+def test_a_port_in_use_is_one_error_line(served):
+    from unilip.demo.cli import main
+
+    port = served["url"].rstrip("/").rsplit(":", 1)[1]
+    with pytest.raises(SystemExit, match=rf"^error: cannot serve on 127\.0\.0\.1:{port} .*choose another --port$"):
+        main([str(served["tokenizers"][0]), "--port", port])
+
+
 def _external_address() -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
                        ssr_mode=False, show_error=False)  # fmt: skip
         except OSError as error:  # the port is taken
+            shutil.rmtree(options.downloads, ignore_errors=True)
             raise ConfigError(f"cannot serve on {args.host}:{args.port} ({error}); choose another --port") from None
     print(announce(args.host, app.server_port), flush=True)
     try:
