@@ -1,4 +1,4 @@
-"""Write constraints.txt: the installed versions of unilip[dev]'s dependency closure.
+"""Write constraints.txt: the installed versions of unilip[dev,demo]'s dependency closure.
 
 Run after a green CI-equivalent run:  python .ci/freeze_constraints.py > constraints.txt
 """
@@ -33,8 +33,9 @@ def closure(name: str, extras: tuple[str, ...] = ("",), seen: dict[str, str] | N
 
 
 if __name__ == "__main__":
-    versions = closure("unilip", ("", "dev"))
+    versions = closure("unilip", ("", "dev", "demo"))
     versions.pop("unilip")
-    print('# Exact versions the test suite last passed with (CI). Install: pip install -e ".[dev]" -c constraints.txt')
+    install = 'pip install -e ".[dev,demo]" -c constraints.txt'
+    print(f"# Exact versions the test suite last passed with (CI). Install: {install}")
     for name in sorted(versions):
         print(f"{name}=={versions[name]}")

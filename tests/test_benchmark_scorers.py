@@ -325,7 +325,7 @@ def test_the_results_page_recipes_compose_and_follow_the_authors_scripts():
     from unilip.benchmarks.geneval import GenEval
     from unilip.benchmarks.imgedit import ImgEdit
     from unilip.benchmarks.wise import WISE
-    from unilip.models.loading import compose_config
+    from unilip.models.presets import compose_config
 
     page = (Path(__file__).parents[1] / "docs" / "results.md").read_text()
     commands = []

@@ -17,7 +17,8 @@ def _pins(path: Path) -> dict[str, str]:
 
 def test_every_dependency_has_a_lower_bound_pinned_in_the_lower_bounds_file():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    requirements = project["dependencies"] + extras["dev"] + extras["demo"]
     bounds = {}
     for requirement in requirements:
         match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][0-9a-z.]*)", requirement.replace(" ", ""))

@@ -68,7 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _image(path: Path, side: int) -> torch.Tensor:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line -> its settings (the demo builds a command and parses it here, so it shows one that
+    reproduces its images)."""
+    return _parser().parse_args(argv)
+
+
+def source_image(path: Path, side: int) -> torch.Tensor:
     """An image file -> (1, 3, side, side) in [0, 1]: the whole image resized (no crop), as the reference's edit."""
     try:
         image = Image.open(path).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
@@ -77,12 +83,39 @@ def _image(path: Path, side: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
 
 
+def load_pipeline(args: argparse.Namespace) -> UniLIPPipeline:
+    """The pipeline `t2i` / `edit` sample with (`args`: --generator, --device, --dtype, --tokenizer,
+    --mllm-weights, --scheduler); the demo (`unilip.demo`) loads it through here too."""
+    return UniLIPPipeline.from_pretrained(
+        args.generator,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        tokenizer=args.tokenizer,
+        mllm_weights=args.mllm_weights,
+        scheduler=args.scheduler,
+    )
+
+
+def sample(pipe: UniLIPPipeline, prompts: list[str], source: torch.Tensor | None, args: argparse.Namespace):
+    """`t2i` (source None) or `edit` (source (1, 3, S, S) in [0, 1]) images, (B, 3, size, size) in [0, 1], with the
+    settings of `args` (--guidance-scale, --steps, --seed, --size); one call for all prompts, so prompt i of a seed
+    gets row i of its noise. The demo samples through here too, so its images are the CLI's."""
+    options = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.steps, "seed": args.seed}
+    if source is None:
+        return pipe(prompts, size=args.size, **options)
+    return pipe(prompts, source.to(pipe.device).expand(len(prompts), -1, -1, -1), size=args.size, **options)
+
+
+def to_pixels(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8, rounded: the pixels the CLI writes."""
+    return (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+
+
 def _save(images: torch.Tensor, out: Path) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     for image, path in zip(images, paths, strict=True):
-        pixels = (image.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(pixels).save(path)
+        Image.fromarray(to_pixels(image)).save(path)
     return paths
 
 
@@ -184,7 +217,7 @@ SEED_RULE = (
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.mode == "prompts":
         with one_line_errors(OSError, ValueError):
@@ -194,21 +227,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     with one_line_errors(OSError, ValueError):
         if args.mode == "edit" and not args.image.is_file():
             raise FileNotFoundError(f"--image {args.image}: no such file")
-        pipe = UniLIPPipeline.from_pretrained(
-            args.generator,
-            device=args.device,
-            dtype=getattr(torch, args.dtype),
-            tokenizer=args.tokenizer,
-            mllm_weights=args.mllm_weights,
-            scheduler=args.scheduler,
-        )
-        source = _image(args.image, pipe.conditioner.source_size).to(args.device) if args.mode == "edit" else None
-    options = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.steps, "seed": args.seed}
-    if source is None:
-        images = pipe(args.prompt, size=args.size, **options)
-    else:
-        prompts = args.instruction
-        images = pipe(prompts, source.expand(len(prompts), -1, -1, -1), size=args.size, **options)
+        pipe = load_pipeline(args)
+        source = source_image(args.image, pipe.conditioner.source_size) if args.mode == "edit" else None
+    images = sample(pipe, args.prompt if source is None else args.instruction, source, args)
     paths = _save(images, args.out)
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     return paths

@@ -1,0 +1,3 @@
+from unilip.demo.cli import main
+
+main()
