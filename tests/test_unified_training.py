@@ -186,7 +186,7 @@ def test_config_mistakes_fail_with_one_clear_error(photos_dir, runs_dir, generat
     cases = {
         (1, "generator_from=null"): "needs generator_from",
         (3,): "stage=3 is not a unified stage",
-        (1, "module.group_size=1"): "at least 2 outputs",
+        (1, "module.group_size=1"): r"group_size=1: must be an integer >= 2 \(GRPO compares G outputs",
         (1, "module.sampling.noise_level=0"): "needs noise",
         (2,): "stage 2 needs captioner_from",
         (1, f"generator_from={tmp_path}"): "holds no saved generator",

@@ -47,7 +47,7 @@ class AdamW:
 class Optim:
     optimizer: AdamW
     lr: float = value(gt=0)
-    discriminator_lr: float = value(gt=0)
+    discriminator_lr: float = value(ge=0, hint="0 holds the discriminator still")
     final_lr: float = value(ge=0, hint="where the cosine schedule ends")
     warmup_steps: int = value(ge=0)
     grad_clip: float | None = value(gt=0, hint="null: no clipping")
@@ -97,7 +97,7 @@ class Module:
 
 @dataclass
 class TokenizerModule(Module):
-    discriminator_lr: float = value(gt=0)
+    discriminator_lr: float = value(ge=0, hint="0 holds the discriminator still")
     encoder_lr_multiplier: float = value(ge=0)
     warmup_steps: int = value(ge=0)
     gan_start_step: int = value(ge=0)
