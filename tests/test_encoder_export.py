@@ -8,9 +8,12 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import (
+    AutoModel,
     Dinov2Model,
     Dinov2WithRegistersModel,
+    Siglip2Config,
     Siglip2VisionModel,
     SiglipConfig,
     SiglipModel,
@@ -84,6 +87,34 @@ def test_export_round_trip_equals_the_tokenizers_features(kind, tmp_path):
             )
 
 
+TINY_TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+
+
+def published_keys(kind, tmp_path):
+    """The tensor names of the hub's home checkpoints (google/siglip-*, google/siglip2-*, facebook/dinov2-*): a
+    model of their class built by transformers from a config and saved by it (`save_pretrained` writes the
+    published names even where the classes renamed their modules). SigLIP's are whole SiglipModels /
+    Siglip2Models, whose vision tower is everything under `vision_model.`; DINOv2's are the Dinov2Model itself."""
+    vision = tiny(kind).vision_config().to_dict()
+    if kind in ("siglip", "siglip2"):
+        config_class = SiglipConfig if kind == "siglip" else Siglip2Config
+        config = config_class(vision_config=vision, text_config=TINY_TEXT, bos_token_id=1, eos_token_id=2)
+    else:
+        config = HOME[kind].config_class(**vision)
+    AutoModel.from_config(config).save_pretrained(tmp_path / "published")
+    with safe_open(tmp_path / "published" / "model.safetensors", "pt") as published:
+        keys = set(published.keys())
+    return {key for key in keys if key.startswith("vision_model.")} if kind in ("siglip", "siglip2") else keys
+
+
+def test_an_export_has_the_hub_checkpoints_key_names(kind, tmp_path):
+    """Each transformers release loads the published layout; only some load another (5.23 drops SigLIP's
+    `vision_model.` prefix when it saves a SiglipVisionModel, and 5.0 / 4.57 then find every weight missing)."""
+    out = home_of(_tokenizer(kind).encoder).export(tmp_path / "out", None, None)
+    with safe_open(out / "model.safetensors", "pt") as written:
+        assert set(written.keys()) == published_keys(kind, tmp_path)
+
+
 def test_export_into_a_base_carries_its_processor_and_checks_its_size(kind, tmp_path):
     base, _ = home_checkpoint(kind, tmp_path / "base")
     tokenizer = _saved(_tokenizer(kind), tmp_path / "tok")
@@ -137,6 +168,17 @@ def test_a_failed_verification_exits_without_a_checkpoint(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match=r"^error: the exported model's image features differ .* by \S+ \(tolerance"):
         export_main(["--tokenizer", str(tokenizer), "--out", str(tmp_path / "new" / "out")])
     assert not (tmp_path / "new").exists()  # neither the output, nor the staging directory, nor its parent
+
+
+@pytest.mark.parametrize("kind", ["siglip", "siglip2"])
+def test_the_verification_refuses_what_only_this_transformers_loads(kind, tmp_path, monkeypatch):
+    """A SigLIP file without the `vision_model.` prefix (what 5.23's `save_pretrained` writes) loads here as a
+    SiglipVisionModel, but not as the hub's checkpoints load: the check tries that too, and nothing is written."""
+    monkeypatch.setattr("unilip.pretrained.vision_models._add_prefix", lambda out_dir, prefix: None)
+    tokenizer = _saved(_tokenizer(kind), tmp_path / "tok")
+    with pytest.raises(SystemExit, match=r"^error: exported checkpoint .* does not load as the vision tower of a Sig"):
+        export_main(["--tokenizer", str(tokenizer), "--out", str(tmp_path / "new" / "out")])
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_bfloat16_export_is_checked_as_tightly_as_float32(tmp_path):
