@@ -123,7 +123,7 @@ def home_inputs(kind: str, config: TokenizerConfig, images: torch.Tensor) -> dic
     patch = config.vision["patch_size"]
     height, width = images.shape[-2] // patch, images.shape[-1] // patch
     if kind == "siglip2":  # NaFlex: the image processor's own patching
-        patches = torch.stack([convert_image_to_patches(image, patch) for image in pixels])
+        patches = torch.stack([_patches(image, patch) for image in pixels])
         shapes = torch.tensor([[height, width]] * len(images))
         return {
             "pixel_values": patches,
@@ -133,6 +133,15 @@ def home_inputs(kind: str, config: TokenizerConfig, images: torch.Tensor) -> dic
     if kind == "siglip":
         return {"pixel_values": pixels, "interpolate_pos_encoding": True}
     return {"pixel_values": pixels}
+
+
+def _patches(image: torch.Tensor, patch: int) -> torch.Tensor:
+    """(C, H, W) -> (h * w, p * p * C) by Siglip2ImageProcessor's own function, which takes (C, H, W) tensors in
+    recent transformers and (H, W, C) arrays in 5.0."""
+    try:
+        return convert_image_to_patches(image, patch)
+    except RuntimeError:  # 5.0 reads the channels as the height: no whole patch fits
+        return torch.from_numpy(convert_image_to_patches(image.permute(1, 2, 0).numpy(), patch))
 
 
 def home_tokens_to_features(kind: str, config: TokenizerConfig, hidden: torch.Tensor, size) -> torch.Tensor:
