@@ -116,6 +116,22 @@ def test_an_export_has_the_hub_checkpoints_key_names(kind, tmp_path):
         assert set(written.keys()) == published_keys(kind, tmp_path)
 
 
+def test_a_sharded_export_gets_the_prefix_in_every_shard_and_its_index(tmp_path):
+    from unilip.pretrained.vision_models import _add_prefix
+
+    tokenizer = _tokenizer("siglip")
+    tokenizer.vision_tower.save_pretrained(tmp_path, max_shard_size="20KB")  # a large tower's layout, in small
+    _add_prefix(tmp_path, "vision_model.")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index.values()) == {shard.name for shard in shards}
+    for shard in shards:
+        with safe_open(shard, "pt") as weights:
+            assert set(weights.keys()) == {key for key, file in index.items() if file == shard.name}
+    assert set(index) == published_keys("siglip", tmp_path / "hub")
+    assert home_of(tokenizer.encoder).verify_export(tmp_path).difference == 0
+
+
 def test_export_into_a_base_carries_its_processor_and_checks_its_size(kind, tmp_path):
     base, _ = home_checkpoint(kind, tmp_path / "base")
     tokenizer = _saved(_tokenizer(kind), tmp_path / "tok")
