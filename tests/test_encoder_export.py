@@ -8,9 +8,13 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import (
+    AutoModel,
     Dinov2Model,
     Dinov2WithRegistersModel,
+    Siglip2Config,
     Siglip2VisionModel,
     SiglipConfig,
     SiglipModel,
@@ -84,6 +88,50 @@ def test_export_round_trip_equals_the_tokenizers_features(kind, tmp_path):
             )
 
 
+TINY_TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+
+
+def published_keys(kind, tmp_path):
+    """The tensor names of the hub's home checkpoints (google/siglip-*, google/siglip2-*, facebook/dinov2-*): a
+    model of their class built by transformers from a config and saved by it (`save_pretrained` writes the
+    published names even where the classes renamed their modules). SigLIP's are whole SiglipModels /
+    Siglip2Models, whose vision tower is everything under `vision_model.`; DINOv2's are the Dinov2Model itself."""
+    vision = tiny(kind).vision_config().to_dict()
+    if kind in ("siglip", "siglip2"):
+        config_class = SiglipConfig if kind == "siglip" else Siglip2Config
+        config = config_class(vision_config=vision, text_config=TINY_TEXT, bos_token_id=1, eos_token_id=2)
+    else:
+        config = HOME[kind].config_class(**vision)
+    AutoModel.from_config(config).save_pretrained(tmp_path / "published")
+    with safe_open(tmp_path / "published" / "model.safetensors", "pt") as published:
+        keys = set(published.keys())
+    return {key for key in keys if key.startswith("vision_model.")} if kind in ("siglip", "siglip2") else keys
+
+
+def test_an_export_has_the_hub_checkpoints_key_names(kind, tmp_path):
+    """Each transformers release loads the published layout; only some load another (5.23 drops SigLIP's
+    `vision_model.` prefix when it saves a SiglipVisionModel, and 5.0 / 4.57 then find every weight missing)."""
+    out = home_of(_tokenizer(kind).encoder).export(tmp_path / "out", None, None)
+    with safe_open(out / "model.safetensors", "pt") as written:
+        assert set(written.keys()) == published_keys(kind, tmp_path)
+
+
+def test_a_sharded_export_gets_the_prefix_in_every_shard_and_its_index(tmp_path):
+    from unilip.pretrained.vision_models import _add_prefix
+
+    tokenizer = _tokenizer("siglip")
+    tokenizer.vision_tower.save_pretrained(tmp_path, max_shard_size="20KB")  # a large tower's layout, in small
+    _add_prefix(tmp_path, "vision_model.")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index.values()) == {shard.name for shard in shards}
+    for shard in shards:
+        with safe_open(shard, "pt") as weights:
+            assert set(weights.keys()) == {key for key, file in index.items() if file == shard.name}
+    assert set(index) == published_keys("siglip", tmp_path / "hub")
+    assert home_of(tokenizer.encoder).verify_export(tmp_path).difference == 0
+
+
 def test_export_into_a_base_carries_its_processor_and_checks_its_size(kind, tmp_path):
     base, _ = home_checkpoint(kind, tmp_path / "base")
     tokenizer = _saved(_tokenizer(kind), tmp_path / "tok")
@@ -139,6 +187,26 @@ def test_a_failed_verification_exits_without_a_checkpoint(tmp_path, monkeypatch)
     assert not (tmp_path / "new").exists()  # neither the output, nor the staging directory, nor its parent
 
 
+@pytest.mark.parametrize("kind", ["siglip", "siglip2"])
+def test_the_verification_refuses_a_file_without_the_hubs_prefix(kind, tmp_path, monkeypatch):
+    """A SigLIP file without the `vision_model.` prefix (what 5.23's `save_pretrained` writes) loads in 5.23 as a
+    SiglipVisionModel, but not as the hub's checkpoints load: the check tries that too, and nothing is written."""
+    from unilip.pretrained import vision_models
+
+    def without_prefix(out_dir, prefix):
+        weights = out_dir / "model.safetensors"
+        state = load_file(weights)
+        save_file({key.removeprefix(prefix): value for key, value in state.items()}, weights, {"format": "pt"})
+
+    monkeypatch.setattr(vision_models, "_add_prefix", without_prefix)
+    tokenizer = _saved(_tokenizer(kind), tmp_path / "tok")
+    with pytest.raises(
+        SystemExit, match=r"^error: exported checkpoint .* does not load"
+    ):  # as a whole model, or at all
+        export_main(["--tokenizer", str(tokenizer), "--out", str(tmp_path / "new" / "out")])
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_bfloat16_export_is_checked_as_tightly_as_float32(tmp_path):
     home = home_of(_tokenizer("siglip").encoder)
     for dtype in (torch.float32, torch.bfloat16):
@@ -170,8 +238,8 @@ def test_a_full_siglip_checkpoint_gives_its_vision_tower(tmp_path):
     full = SiglipModel(SiglipConfig(vision_config=config.vision, text_config=text, bos_token_id=1, eos_token_id=2))
     full.save_pretrained(tmp_path / "siglip")
     tokenizer = build_tokenizer(config, encoder_weights=str(tmp_path / "siglip"))
-    vision = full.vision_model.state_dict()
-    assert all(torch.equal(tokenizer.vision_tower.state_dict()[k], vision[k]) for k in vision)
+    vision = full.vision_model.state_dict()  # 5.0: the transformer itself; later: a SiglipVisionModel around none
+    assert all(torch.equal(tokenizer.encoder.core.state_dict()[k], vision[k]) for k in vision)
 
 
 def test_a_home_checkpoint_of_another_size_or_encoder_is_one_clear_error(tmp_path):

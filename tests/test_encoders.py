@@ -102,28 +102,54 @@ def home_features(kind: str, tokenizer: UniLIPTokenizer, images: torch.Tensor) -
     """The features computed with the home model's own class, from the tokenizer's weights."""
     config = tokenizer.config
     vision = dict(config.vision)
-    model_class, config_class, (mean, std), skip = {
-        "siglip": (SiglipVisionModel, SiglipVisionConfig, (HALF, HALF), 0),
-        "siglip2": (Siglip2VisionModel, Siglip2VisionConfig, (HALF, HALF), 0),
-        "dinov2": (Dinov2Model, Dinov2Config, IMAGENET, 1),  # CLS
-        "dinov2 unmerged": (Dinov2Model, Dinov2Config, IMAGENET, 1),
-        "dinov2_with_registers": (Dinov2WithRegistersModel, Dinov2WithRegistersConfig, IMAGENET, 5),  # CLS, 4 registers
+    model_class, config_class = {
+        "siglip": (SiglipVisionModel, SiglipVisionConfig),
+        "siglip2": (Siglip2VisionModel, Siglip2VisionConfig),
+        "dinov2": (Dinov2Model, Dinov2Config),
+        "dinov2 unmerged": (Dinov2Model, Dinov2Config),
+        "dinov2_with_registers": (Dinov2WithRegistersModel, Dinov2WithRegistersConfig),
     }[kind]
     model = model_class(config_class(**vision)).eval()
     model.load_state_dict(tokenizer.vision_tower.state_dict())
-    pixels = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    patch = vision["patch_size"]
-    height, width = images.shape[-2] // patch, images.shape[-1] // patch
     with torch.no_grad():
-        if kind == "siglip2":  # NaFlex: the image processor's own patching
-            patches = torch.stack([convert_image_to_patches(image, patch) for image in pixels])
-            shapes = torch.tensor([[height, width]] * len(images))
-            mask = torch.ones(patches.shape[:2], dtype=torch.int32)
-            hidden = model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
-        elif kind == "siglip":
-            hidden = model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
-        else:
-            hidden = model(pixel_values=pixels).last_hidden_state
+        hidden = model(**home_inputs(kind, config, images)).last_hidden_state
+    return home_tokens_to_features(kind, config, hidden, images.shape[-2:])
+
+
+def home_inputs(kind: str, config: TokenizerConfig, images: torch.Tensor) -> dict:
+    """(B, 3, H, W) in [0, 1] -> the home model's keyword arguments, as its image processor prepares them."""
+    mean, std = {"siglip": (HALF, HALF), "siglip2": (HALF, HALF)}.get(kind, IMAGENET)
+    pixels = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    patch = config.vision["patch_size"]
+    height, width = images.shape[-2] // patch, images.shape[-1] // patch
+    if kind == "siglip2":  # NaFlex: the image processor's own patching
+        patches = torch.stack([_patches(image, patch) for image in pixels])
+        shapes = torch.tensor([[height, width]] * len(images))
+        return {
+            "pixel_values": patches,
+            "pixel_attention_mask": torch.ones(patches.shape[:2], dtype=torch.int32),
+            "spatial_shapes": shapes,
+        }
+    if kind == "siglip":
+        return {"pixel_values": pixels, "interpolate_pos_encoding": True}
+    return {"pixel_values": pixels}
+
+
+def _patches(image: torch.Tensor, patch: int) -> torch.Tensor:
+    """(C, H, W) -> (h * w, p * p * C) by Siglip2ImageProcessor's own function, which takes (C, H, W) tensors in
+    recent transformers and (H, W, C) arrays in 5.0."""
+    try:
+        return convert_image_to_patches(image, patch)
+    except RuntimeError:  # 5.0 reads the channels as the height: no whole patch fits
+        return torch.from_numpy(convert_image_to_patches(image.permute(1, 2, 0).numpy(), patch))
+
+
+def home_tokens_to_features(kind: str, config: TokenizerConfig, hidden: torch.Tensor, size) -> torch.Tensor:
+    """The home model's last hidden state (B, T, C) -> the tokenizer's features: patch tokens (without CLS and
+    registers), merged 2 x 2 unless the preset does not merge."""
+    skip = {"dinov2": 1, "dinov2 unmerged": 1, "dinov2_with_registers": 5}.get(kind, 0)  # CLS, 4 registers
+    patch = config.vision["patch_size"]
+    height, width = size[0] // patch, size[1] // patch
     tokens = hidden[:, skip:]
     return tokens if config.downsample_ratio == 1.0 else _merge_2x2(tokens, height, width)
 

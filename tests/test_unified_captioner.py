@@ -4,15 +4,22 @@ its vision tower, greedy captions are the ones transformers' `generate` writes, 
 log-probabilities a fresh forward pass gives them, and a saved captioner comes back exactly."""
 
 import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from safetensors.torch import load_file, save_file
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from tests.conftest import compose_train
 from tests.generation_helpers import one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers import run_tree
 from unilip.models.captioner import CaptionFormat, build_captioner, load_captioner, save_captioner
+from unilip.models.hub import StateDictMismatchError
 from unilip.models.lora import LoRASpec, add_lora
 
 SIDE = 224  # the tiny ViT's native size: 8 x 8 = 64 image tokens
@@ -114,6 +121,64 @@ def test_a_saved_captioner_comes_back_with_its_adapters(internvl, tmp_path):
     features = captioner.image_features(images())
     assert torch.equal(loaded.sample(features, greedy=True).tokens, captioner.sample(features, greedy=True).tokens)
     assert not any(p.requires_grad for p in loaded.language_model.parameters())  # loaded frozen
+
+
+def test_the_saved_adapters_are_a_peft_folder_for_internvl(internvl, tmp_path):
+    """A fresh process loads the folder with peft's own `PeftModel.from_pretrained` onto transformers' InternVL (the
+    base the folder names, here holding the tokenizer's encoder): its logits are the captioner's."""
+    _, preset, tokenizer = internvl
+    captioner = build_captioner(preset, tokenizer, max_new_tokens=4)
+    spec = LoRASpec(rank=2, alpha=4, targets=("q_proj", "v_proj", "down_proj"), seed=3)
+    adapters = add_lora(captioner.language_model, spec)
+    with torch.no_grad():
+        for param in adapters.values():
+            param.add_(torch.randn_like(param) * 0.1)  # as if trained
+    folder = save_captioner(captioner, tmp_path / "captioner", spec, {"mllm": preset.to_dict()})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == preset.weights and (config["r"], config["lora_alpha"]) == (2, 4)
+
+    pictures = images()
+    features = captioner.image_features(pictures)
+    captions = captioner.sample(features, torch.Generator().manual_seed(0))
+    pixels = (pictures - tokenizer.image_mean) / tokenizer.image_std  # InternVL's processor's normalisation
+    ids = torch.cat([captioner.prompt_ids.expand(2, -1), captions.tokens], dim=1)
+    save_file({"input_ids": ids, "pixel_values": pixels.contiguous()}, str(tmp_path / "inputs.safetensors"))
+    script = Path(__file__).with_name("load_with_peft.py")
+    command = [sys.executable, str(script), preset.weights, str(folder), "inputs.safetensors", "out.safetensors"]
+    done = run_tree(command, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = load_file(tmp_path / "out.safetensors")
+
+    with torch.no_grad():
+        ours = captioner.language_model(inputs_embeds=captioner._embeds(features, captions.tokens)).logits
+    difference = (theirs["adapted"] - ours).abs().max().item()
+    print(f"PeftModel on InternVL vs the captioner: max |logit difference| {difference:.2e}")
+    assert difference < 1e-4
+    assert int(theirs["adapted_modules"]) == len(adapters) // 2  # an A and a B per adapted module
+    assert (theirs["base"] - ours).abs().max() > 100 * difference  # the adapters are in there
+
+
+def test_a_captioner_saved_before_peft_folders_still_loads_and_a_wrong_spec_is_refused(internvl, tmp_path):
+    _, preset, tokenizer = internvl
+    captioner = build_captioner(preset, tokenizer, max_new_tokens=4)
+    spec = LoRASpec(rank=2, alpha=4, targets=("q_proj", "v_proj"), seed=3)
+    adapters = add_lora(captioner.language_model, spec)
+    with torch.no_grad():
+        for param in adapters.values():
+            param.add_(torch.randn_like(param) * 0.1)
+    folder = save_captioner(captioner, tmp_path / "old", spec, {"mllm": preset.to_dict()})
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # the older layout: the LLM's own names
+        (folder / name).unlink()
+    save_file({name: param.detach() for name, param in adapters.items()}, str(folder / "adapter.safetensors"))
+    loaded, _, _ = load_captioner(folder, tokenizer)
+    theirs = {n: p for n, p in loaded.language_model.named_parameters() if ".lora_" in n}
+    assert theirs.keys() == adapters.keys() and all(torch.equal(theirs[n], adapters[n]) for n in adapters)
+
+    folder = save_captioner(captioner, tmp_path / "new", spec, {"mllm": preset.to_dict()})
+    record = json.loads((folder / "captioner.json").read_text())
+    (folder / "captioner.json").write_text(json.dumps(record | {"lora": record["lora"] | {"rank": 4}}))
+    with pytest.raises(StateDictMismatchError, match=r"^the adapters in .*new: .*size mismatch"):
+        load_captioner(folder, tokenizer)
 
 
 def counted(function, calls: list):

@@ -99,7 +99,7 @@ def test_fsdp_trains_what_ddp_trains_in_both_stages(photos_dir, tmp_path, tiny_c
         # the same rollouts, step for step
         assert rewards(runs["fsdp", stage]) == pytest.approx(rewards(runs["ddp", stage]), abs=1e-5)
     # the results, gathered from the shards: what DDP trained (its adapters moved; FSDP's sums round alike)
-    ddp, fsdp = (load_file(runs[s, 1] / "captioner" / "adapter.safetensors") for s in ("ddp", "fsdp"))
+    ddp, fsdp = (load_file(runs[s, 1] / "captioner" / "adapter_model.safetensors") for s in ("ddp", "fsdp"))
     lora_b = max(v.abs().max().item() for k, v in ddp.items() if "lora_B" in k)
     print(f"stage 1 adapters, FSDP2 vs DDP: max |difference| {worst_difference(ddp, fsdp):.2e}, max |B| {lora_b:.2e}")
     assert lora_b > 1e-3 and worst_difference(ddp, fsdp) < 1e-5

@@ -118,8 +118,12 @@ def test_stage1_trains_only_the_captioners_adapters(stage1, runs_dir):
         expected = 0.5 * float(row["reward/sim/dinov2"]) + 0.5 * float(row["reward/sim/siglip"])
         assert float(row["reward/total"]) == pytest.approx(expected, abs=1e-5)
         assert 1 <= float(row["caption/length"]) <= 4
-    adapters = load_file(stage1 / "captioner" / "adapter.safetensors")
+    # saved as a peft folder for transformers' InternVL: its LLM body is `model.language_model`, and peft's keys are
+    # `base_model.model.<name>` without the adapter's name
+    adapters = load_file(stage1 / "captioner" / "adapter_model.safetensors")
     trained = {k[len("trained.captioner__") :].replace("__", "."): v for k, v in state.items() if "captioner" in k}
+    trained = {"base_model.model." + k.replace("model.", "model.language_model.", 1).replace(".default.", "."): v
+               for k, v in trained.items()}  # fmt: skip
     assert adapters.keys() == trained.keys() and all(torch.equal(adapters[k], trained[k]) for k in adapters)
     assert list((stage1 / "samples").glob("unified_step*.png"))
 
@@ -144,8 +148,9 @@ def test_stage2_trains_the_dit_on_stage1s_captions(stage1, stage2, runs_dir, gen
     assert meta["unified"]["captioner_from"] == str(stage1 / "captioner") and meta["init_from"] == str(generator_dir)
     images = UniLIPPipeline.from_pretrained(stage2 / "generator")(["a cat"], size=56, num_inference_steps=2)
     assert images.shape == (1, 3, 56, 56)
-    adapters = load_file(stage1 / "captioner" / "adapter.safetensors")  # the captioner it used, saved beside
-    assert all(torch.equal(adapters[k], v) for k, v in load_file(stage2 / "captioner" / "adapter.safetensors").items())
+    adapters = load_file(stage1 / "captioner" / "adapter_model.safetensors")  # the captioner it used, saved beside
+    saved = load_file(stage2 / "captioner" / "adapter_model.safetensors")
+    assert saved.keys() == adapters.keys() and all(torch.equal(adapters[k], v) for k, v in saved.items())
 
 
 def test_a_fully_trained_dit_keeps_a_frozen_reference_and_several_updates_per_rollout_clip(

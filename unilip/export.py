@@ -15,8 +15,10 @@ Where the encoder goes depends on it:
   image-feature path differs from the tokenizer's (another projector activation, feature layer, CLS
   handling, pixel-shuffle ratio or version, size) is refused before its weights are read.
 - SigLIP / SigLIP 2 / DINOv2: a `SiglipVisionModel`, `Siglip2VisionModel`, `Dinov2Model` or
-  `Dinov2WithRegistersModel` checkpoint. `--base` (optional) is the checkpoint the encoder came from:
-  it must be of the same model type and size, and its image processor config is carried over.
+  `Dinov2WithRegistersModel` checkpoint with the tensor names of the hub's checkpoints (SigLIP's under
+  `vision_model.`), which transformers 4.57 and 5.0 load too; SigLIP's is also checked to load as the vision
+  tower of a whole `SiglipModel`. `--base` (optional) is the checkpoint the encoder came from: it must be of
+  the same model type and size, and its image processor config is carried over.
 Unless `--no-verify`, the result is reloaded with transformers (no missing or unexpected keys; an
 original-format export through the original -> transformers key mapping, its language model checked bit
 for bit against the base's) and its features are compared with the tokenizer's; it is written next to

@@ -119,13 +119,13 @@ class UnifiedBench(Benchmark):
     def _captioner_identity(self) -> dict[str, Any]:
         adapters = None
         if self.captioner:
-            from unilip.models.captioner import WEIGHTS_NAME, locate_captioner
+            from unilip.models.captioner import adapters_file, locate_captioner
 
             try:
                 directory = locate_captioner(self.captioner)
             except FileNotFoundError as error:
                 raise SamplingError(f"benchmark.captioner: {error}") from None
-            weights = directory / WEIGHTS_NAME
+            weights = adapters_file(directory)
             adapters = file_digest(weights) if weights.is_file() else None
         return {
             "captioner": str(self.captioner) if self.captioner else "the generator's MLLM (no adapters)",

@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -36,7 +35,15 @@ from unilip.models.hub import (
     read_tensors,
     resolve_pretrained,
 )
-from unilip.models.lora import LoRASpec, add_lora, load_adapters
+from unilip.models.lora import (
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
+    LoRASpec,
+    add_lora,
+    load_adapters,
+    load_peft_adapter,
+    save_peft_adapter,
+)
 from unilip.models.mllm import MLLMPreset, build_language_model, load_text_tokenizer
 from unilip.models.tokenizer import UniLIPTokenizer
 
@@ -44,8 +51,11 @@ log = logging.getLogger(__name__)
 
 FORMAT = "unilip-captioner"
 CONFIG_NAME = "captioner.json"
-WEIGHTS_NAME = "adapter.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter.safetensors"  # the adapters, in the LLM's own names, before they were a peft folder
 TEXT_TOKENIZER_DIR = "text_tokenizer"
+# The captioner's LLM (a causal LM: `model.*` body, `lm_head`) inside transformers' InternVLForConditionalGeneration,
+# the base its adapters are saved for: `PeftModel.from_pretrained(InternVLForConditionalGeneration..., folder)`.
+INTERNVL_NAMES = {"model.": "model.language_model.", "lm_head": "lm_head"}
 
 
 @dataclass
@@ -316,15 +326,18 @@ def save_captioner(
     meta: dict[str, Any],
     adapters: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the captioner's LoRA adapters (`adapter.safetensors`; none without `lora`), its text tokenizer and
-    `captioner.json` (the LoRA spec, caption format and `meta`: the MLLM preset, the tokenizer it reads through).
-    `adapters`: the adapter tensors by name in the LLM, where they are not the LLM's own (e.g. gathered shards)."""
+    """Write the captioner's LoRA adapters as a peft folder (`adapter_config.json`, `adapter_model.safetensors`;
+    none without `lora`), its text tokenizer and `captioner.json` (the LoRA spec, caption format and `meta`: the
+    MLLM preset, the tokenizer it reads through). The adapters are named for transformers' InternVL
+    (`INTERNVL_NAMES`) and the config names the preset's InternVL weights as the base: `PeftModel.from_pretrained(
+    InternVLForConditionalGeneration.from_pretrained(<those weights with the tokenizer exported into them>), folder)`
+    is this captioner. `adapters`: the adapter tensors by name in the LLM, where they are not the LLM's own (e.g.
+    gathered shards)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if adapters is None:
-        adapters = {name: p for name, p in captioner.language_model.named_parameters() if ".lora_" in name}
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in adapters.items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    if lora is not None:
+        base = (meta.get("mllm") or {}).get("weights")
+        save_peft_adapter(captioner.language_model, directory, base, INTERNVL_NAMES, adapters)
     record = {
         "format": FORMAT,
         "lora": dataclasses.asdict(lora) | {"targets": list(lora.targets)} if lora is not None else None,
@@ -336,6 +349,17 @@ def save_captioner(
     (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2))
     captioner.text_tokenizer.save_pretrained(str(directory / TEXT_TOKENIZER_DIR))
     return directory
+
+
+def adapters_file(directory: str | Path) -> Path:
+    """The file holding a saved captioner's adapters: peft's, or an older folder's own (absent without LoRA)."""
+    directory = Path(directory)
+    return directory / (PEFT_WEIGHTS_NAME if (directory / PEFT_CONFIG_NAME).is_file() else LEGACY_WEIGHTS_NAME)
+
+
+def read_adapters(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter tensors a saved captioner holds, by their file's names (peft's, or the older folders' own)."""
+    return load_safetensors(adapters_file(directory), what="captioner adapters")
 
 
 def locate_captioner(path: str | Path) -> Path:
@@ -389,7 +413,10 @@ def load_captioner(
         return captioner, None, record
     lora = LoRASpec(**record["lora"])
     adapters = add_lora(captioner.language_model, lora)
-    load_adapters(adapters, load_safetensors(directory / WEIGHTS_NAME, what="captioner adapters"), str(directory))
+    if (directory / PEFT_CONFIG_NAME).is_file():
+        load_peft_adapter(captioner.language_model, directory, INTERNVL_NAMES)
+    else:  # a folder saved before the adapters were a peft folder: the LLM's own names
+        load_adapters(adapters, read_adapters(directory), str(directory))
     for param in adapters.values():
         param.requires_grad_(False)
     log.info("loaded the captioner adapters of %s", directory)

@@ -31,6 +31,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from unilip.data.shards import DataError
+from unilip.data.transforms import to_float
 from unilip.logs import is_logging_step
 from unilip.models.captioner import save_captioner
 from unilip.models.generator import from_state
@@ -67,8 +68,10 @@ STAGES = {1: "captioner", 2: "generator"}
 
 
 def as_unit_float(images: torch.Tensor) -> torch.Tensor:
-    """Images as float in [0, 1], whether the loader gives float [0, 1] or uint8 [0, 255]."""
-    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    """Images as float32 in [0, 1], whether the loader gives float [0, 1] or uint8 [0, 255]: uint8 through the
+    conversion every module shares (`to_float`: v / 255 with the same bits on every device, where a GPU's own
+    division differs in the last bit at about half of the levels)."""
+    return to_float(images).float()
 
 
 class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
