@@ -1,5 +1,6 @@
-"""`python -m unilip.data.prepare` on a user's mistakes, through tests/test_user_errors.py's harness: one
-`error:` line naming the problem and the fix, a non-zero exit, no traceback, every file as it was."""
+"""`python -m unilip.data.prepare` on a user's mistakes, through the harness of tests/test_user_errors.py
+(tests/user_errors.py): one `error:` line naming the problem and the fix, a non-zero exit, no traceback,
+every file as it was."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from tests import prepare_miniatures as mini
-from tests.test_user_errors import REPO, Case, text_file, tree
+from tests.user_errors import REPO, Case, text_file, tree
 from unilip.data.prepare.datasets import prepare
 
 CASES = {}
