@@ -27,6 +27,18 @@ import torch
 from PIL import Image
 
 from tests.demo_helpers import RUN_STEPS, grid_image, log_run, loss_at, make_run, photo_file, save_tokenizers
+from tests.demo_page import (
+    choose,
+    fill,
+    gallery,
+    plotted,
+    screenshot,
+    served_image,
+    tab,
+    upload,
+    wait_for_points,
+    wait_for_text,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM_INSTALL = "apt-get install -y chromium"
@@ -139,48 +151,6 @@ def _label(path: Path) -> str:
     return "/".join(path.parts[-2:])
 
 
-def _tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name).click()
-
-
-def _screenshot(page, name: str, tmp_path: Path) -> None:
-    """Every tab's screenshot from the real page (JPEG: the docs' copies stay small); also into
-    $UNILIP_DEMO_SCREENSHOTS (docs/demo/) when set."""
-    time.sleep(0.5)  # let the last layout settle (images fade in)
-    shot = page.screenshot(full_page=True, type="jpeg", quality=80)
-    assert Image.open(io.BytesIO(shot)).size[0] == 1400
-    (tmp_path / f"{name}.jpg").write_bytes(shot)
-    if os.environ.get("UNILIP_DEMO_SCREENSHOTS"):
-        folder = Path(os.environ["UNILIP_DEMO_SCREENSHOTS"])
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{name}.jpg").write_bytes(shot)
-
-
-def _served_image(page, selector: str) -> np.ndarray:
-    """The pixels of an image as the page serves it: fetched from its <img src>, which must be a lossless PNG."""
-    source = page.locator(selector).get_attribute("src")
-    response = page.request.get(source)
-    assert response.ok, source
-    data = response.body()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{selector} is served as {data[:16]!r}, not PNG"
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def _wait_for_text(page, selector: str, pattern: str, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        text = page.locator(selector).inner_text()
-        if re.search(pattern, text):
-            return text
-        assert time.monotonic() < deadline, f"{selector} shows {text!r}, expected /{pattern}/"
-        time.sleep(0.2)
-
-
-def _upload(page, prefix: str, path: Path) -> None:
-    page.locator(f"#{prefix}-upload input[type=file]").set_input_files(str(path))
-    page.wait_for_selector(f"#{prefix}-upload img")  # uploaded: the preview shows
-
-
 def _library_reconstruction(tokenizer_dir: Path, photo: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The evaluation loader's image and the tokenizer's reconstruction of it, 8-bit: what the page must show."""
     from unilip.data.transforms import SampleTransform
@@ -224,17 +194,17 @@ def _external_address() -> str:
 
 def test_reconstruct_shows_the_library_reconstruction_of_an_upload_beside_a_second_tokenizer(page, served, tmp_path):
     first, second = served["tokenizers"]
-    _upload(page, "rec", served["photo"])
-    _choose(page, "#rec-tokenizer-2", _label(second))
+    upload(page, "rec", served["photo"])
+    choose(page, "#rec-tokenizer-2", _label(second))
     page.click("#rec-run")
     page.wait_for_selector("#rec-recon-b img")
     crop, expected = _library_reconstruction(first, served["photo"], 224)
-    shown = _served_image(page, "#rec-recon-a img")
+    shown = served_image(page, "#rec-recon-a img")
     assert shown.shape == (224, 224, 3)
-    assert np.array_equal(_served_image(page, "#rec-original img"), crop)
+    assert np.array_equal(served_image(page, "#rec-original img"), crop)
     assert np.array_equal(shown, expected)
     _, expected_second = _library_reconstruction(second, served["photo"], 224)
-    assert np.array_equal(_served_image(page, "#rec-recon-b img"), expected_second)
+    assert np.array_equal(served_image(page, "#rec-recon-b img"), expected_second)
     assert not np.array_equal(expected, expected_second)
     # PSNR of the shown pair by hand (the float reconstruction's, so to within the 8-bit rounding)
     mse = np.mean((crop / 255.0 - expected / 255.0) ** 2)
@@ -243,8 +213,8 @@ def test_reconstruct_shows_the_library_reconstruction_of_an_upload_beside_a_seco
     # the original encoder is its own teacher; the moved one is measured against it, and is below 1
     cosines = [page.locator(f"#rec-metrics-{s}").inner_text() for s in "ab"]
     assert "1.0000" in cosines[0] and "1.0000" not in cosines[1] and str(first) in cosines[1]
-    assert np.array_equal(_served_image(page, "#rec-diff-a img").shape, (224, 224, 3))
-    _screenshot(page, "reconstruct", tmp_path)
+    assert np.array_equal(served_image(page, "#rec-diff-a img").shape, (224, 224, 3))
+    screenshot(page, "reconstruct", tmp_path)
 
 
 def test_reconstruct_at_the_256_protocol(page, served):
@@ -252,13 +222,13 @@ def test_reconstruct_at_the_256_protocol(page, served):
     from unilip.pretrained.tokenizer import load_tokenizer
 
     first, _ = served["tokenizers"]
-    _upload(page, "rec", served["photo"])
+    upload(page, "rec", served["photo"])
     page.get_by_label("256 (protocol)").check()
     page.get_by_label("reference").check()
     page.click("#rec-run")
     page.wait_for_selector("#rec-recon-a img")
-    shown = _served_image(page, "#rec-recon-a img")
-    crop = _served_image(page, "#rec-original img")
+    shown = served_image(page, "#rec-recon-a img")
+    crop = served_image(page, "#rec-original img")
     assert shown.shape == crop.shape == (256, 256, 3)
     images = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
@@ -271,44 +241,18 @@ def test_a_broken_upload_and_a_missing_checkpoint_are_messages_in_the_page(page,
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really an image" * 10)
     page.locator("#rec-upload input[type=file]").set_input_files(str(broken))
     page.click("#rec-run")
-    text = _wait_for_text(page, "#rec-message", "could not be read|upload an image")
+    text = wait_for_text(page, "#rec-message", "could not be read|upload an image")
     if "upload an image" in text:  # clicked before the upload had arrived
         page.click("#rec-run")
-        text = _wait_for_text(page, "#rec-message", "could not be read")
+        text = wait_for_text(page, "#rec-message", "could not be read")
     assert "Upload a JPEG, PNG or WebP image" in text and "Traceback" not in page.content()
     assert page.locator("[data-testid=toast-body]").count() == 0  # no Gradio error notice either
     # a run that is training and has not written a checkpoint yet
-    _choose(page, "#rec-photo", "astronaut")
-    _choose(page, "#rec-tokenizer", _label(served["run"]))
+    choose(page, "#rec-photo", "astronaut")
+    choose(page, "#rec-tokenizer", _label(served["run"]))
     page.click("#rec-run")
-    text = _wait_for_text(page, "#rec-message", "checkpoints/last.ckpt")
+    text = wait_for_text(page, "#rec-message", "checkpoints/last.ckpt")
     assert str(served["run"]) in text
-
-
-def _choose(page, selector: str, option: str) -> None:
-    page.locator(f"{selector} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
-
-
-def _fill(page, prefix: str, values: dict[str, str]) -> None:
-    for name, value in values.items():
-        page.locator(f"#{prefix}-{name} input").fill(value)
-        page.locator(f"#{prefix}-{name} input").press("Tab")
-
-
-def _gallery(page, prefix: str, count: int) -> list[np.ndarray]:
-    page.wait_for_function(
-        f"document.querySelectorAll('#{prefix}-gallery .thumbnail-item img, #{prefix}-gallery img').length >= {count}"
-    )
-    sources = page.locator(f"#{prefix}-gallery img").evaluate_all("els => els.map(e => e.getAttribute('src'))")
-    unique = list(dict.fromkeys(sources))  # the preview and its thumbnail show the same file
-    return [_fetch_png(page, source) for source in unique]
-
-
-def _fetch_png(page, source: str) -> np.ndarray:
-    data = page.request.get(source).body()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{source} is served as {data[:16]!r}, not PNG"
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def _cli_image(path: Path) -> np.ndarray:
@@ -316,15 +260,15 @@ def _cli_image(path: Path) -> np.ndarray:
 
 
 def test_generate_gives_the_generate_clis_images_and_their_settings(page, served, tmp_path):
-    _tab(page, "Generate")
+    tab(page, "Generate")
     page.locator("#gen-prompt textarea").fill("x" * 200)
     page.click("#gen-run")
-    text = _wait_for_text(page, "#gen-message", "tokens long")
+    text = wait_for_text(page, "#gen-message", "tokens long")
     assert "at most 128" in text and "Shorten it" in text
     page.locator("#gen-prompt textarea").fill(PROMPT)
-    _fill(page, "gen", SAMPLING)
+    fill(page, "gen", SAMPLING)
     page.click("#gen-run")
-    shown = _gallery(page, "gen", 2)
+    shown = gallery(page, "gen", 2)
     cli = served["root"] / "cli"
     expected = [_cli_image(cli / "t2i_0.png"), _cli_image(cli / "t2i_1.png")]
     assert [image.shape for image in shown] == [(56, 56, 3)] * 2
@@ -340,19 +284,19 @@ def test_generate_gives_the_generate_clis_images_and_their_settings(page, served
     assert json.loads(png.text["unilip"])["index"] == 1
     assert np.array_equal(np.asarray(png.convert("RGB")), expected[1])
     assert page.locator("#gen-command textarea").input_value() == settings["command"]
-    _screenshot(page, "generate", tmp_path)
+    screenshot(page, "generate", tmp_path)
 
 
 def test_edit_gives_the_generate_clis_edit(page, served, tmp_path):
-    _tab(page, "Edit")
-    _upload(page, "edit", served["photo"])
+    tab(page, "Edit")
+    upload(page, "edit", served["photo"])
     page.locator("#edit-prompt textarea").fill("make it black and white")
-    _fill(page, "edit", {**SAMPLING, "count": "1"})
+    fill(page, "edit", {**SAMPLING, "count": "1"})
     page.click("#edit-run")
-    (shown,) = _gallery(page, "edit", 1)
+    (shown,) = gallery(page, "edit", 1)
     assert np.array_equal(shown, _cli_image(served["root"] / "cli" / "edit.png"))
-    assert np.array_equal(_served_image(page, "#edit-source img"), _cli_image(served["photo"]))
-    _screenshot(page, "edit", tmp_path)
+    assert np.array_equal(served_image(page, "#edit-source img"), _cli_image(served["photo"]))
+    screenshot(page, "edit", tmp_path)
 
 
 def test_understand_answers_with_the_exported_checkpoint(page, served, tmp_path):
@@ -360,10 +304,10 @@ def test_understand_answers_with_the_exported_checkpoint(page, served, tmp_path)
 
     from unilip.data.samples import load_photo
 
-    _tab(page, "Understand")
-    _choose(page, "#und-photo", "cat")
+    tab(page, "Understand")
+    choose(page, "#und-photo", "cat")
     page.locator("#und-question textarea").fill("What animal is this?")
-    _fill(page, "und", {"tokens": "6"})
+    fill(page, "und", {"tokens": "6"})
     page.click("#und-run")
     page.wait_for_selector("#und-image img")
     shown = page.locator("#und-answer textarea").input_value()
@@ -376,23 +320,7 @@ def test_understand_answers_with_the_exported_checkpoint(page, served, tmp_path)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert shown == processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    _screenshot(page, "understand", tmp_path)
-
-
-def _plotted(page) -> list[tuple[float, float]]:
-    """The vertices of the line the page draws (Vega's SVG path), in pixels."""
-    path = page.locator("#run-plot g.mark-line path").first.get_attribute("d")
-    return [(float(x), float(y)) for x, y in re.findall(r"[ML](-?[\d.]+),(-?[\d.]+)", path)]
-
-
-def _wait_for_points(page, count: int, timeout: float = 30) -> list[tuple[float, float]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        points = _plotted(page) if page.locator("#run-plot g.mark-line path").count() else []
-        if len(points) == count:
-            return points
-        assert time.monotonic() < deadline, f"the plot has {len(points)} points, expected {count}"
-        time.sleep(0.2)
+    screenshot(page, "understand", tmp_path)
 
 
 def _assert_draws(points: list[tuple[float, float]], data: list[tuple[int, float]]) -> None:
@@ -406,21 +334,21 @@ def _assert_draws(points: list[tuple[float, float]], data: list[tuple[int, float
 
 
 def test_the_run_viewer_draws_a_run_and_follows_it_while_it_trains(page, served, tmp_path):
-    _tab(page, "Run viewer")
-    points = _wait_for_points(page, RUN_STEPS)
+    tab(page, "Run viewer")
+    points = wait_for_points(page, RUN_STEPS)
     _assert_draws(points, [(step, loss_at(step)) for step in range(RUN_STEPS)])
     assert "loss/total" in page.locator("#run-plot").inner_html()  # the y axis names the metric
-    assert np.array_equal(_served_image(page, "#run-grid img"), np.asarray(grid_image(RUN_STEPS - 1)))
-    _screenshot(page, "runs", tmp_path)
+    assert np.array_equal(served_image(page, "#run-grid img"), np.asarray(grid_image(RUN_STEPS - 1)))
+    screenshot(page, "runs", tmp_path)
     # the run goes on: five more steps and a grid, read by the page on its own (it re-reads every second)
     log_run(served["run"], range(RUN_STEPS, RUN_STEPS + 5))
-    points = _wait_for_points(page, RUN_STEPS + 5)
+    points = wait_for_points(page, RUN_STEPS + 5)
     _assert_draws(points, [(step, loss_at(step)) for step in range(RUN_STEPS + 5)])
     page.wait_for_function("document.querySelector('#run-caption').innerText.includes('step 14')")
-    assert np.array_equal(_served_image(page, "#run-grid img"), np.asarray(grid_image(RUN_STEPS + 4)))
+    assert np.array_equal(served_image(page, "#run-grid img"), np.asarray(grid_image(RUN_STEPS + 4)))
     # another metric, and an older grid
-    _choose(page, "#run-metric", "val/psnr")
-    points = _wait_for_points(page, 3)
+    choose(page, "#run-metric", "val/psnr")
+    points = wait_for_points(page, 3)
     _assert_draws(points, [(4, 12.0), (9, 14.5), (14, 17.0)])
 
 
@@ -433,8 +361,8 @@ def test_the_run_viewer_follows_a_real_training_run(page, served, photos_dir):
     run = served["root"] / "runs" / "live"
     overrides = quick_overrides(photos_dir, run, "stage=1", "stages.stage1.max_steps=12",
                                 "data.train_batches_per_epoch=4", "loss.perceptual_weight=0")  # fmt: skip
-    _tab(page, "Run viewer")
-    _choose(page, "#run-run", "runs/live")
+    tab(page, "Run viewer")
+    choose(page, "#run-run", "runs/live")
     seen: list[int] = []
 
     def train() -> None:
@@ -446,16 +374,16 @@ def test_the_run_viewer_follows_a_real_training_run(page, served, photos_dir):
     counts = set()
     while training.is_alive():  # what the page draws while the run trains
         if page.locator("#run-plot g.mark-line path").count():
-            counts.add(len(_plotted(page)))
+            counts.add(len(plotted(page)))
         time.sleep(0.5)
     training.join()
     assert seen == [0]
     rows = [(step, value) for step, value in _logged(run, "loss/total")]
     assert len(rows) == 12 and len(counts - {0, 12}) >= 1  # it showed the run part-way, then all of it
-    _assert_draws(_wait_for_points(page, 12), rows)
+    _assert_draws(wait_for_points(page, 12), rows)
     page.wait_for_function("document.querySelector('#run-caption').innerText.includes('step 12')")
     final = Image.open(run / "samples" / "reconstruction_step0000012.png").convert("RGB")
-    assert np.array_equal(_served_image(page, "#run-grid img"), np.asarray(final))
+    assert np.array_equal(served_image(page, "#run-grid img"), np.asarray(final))
 
 
 def _logged(run: Path, metric: str) -> list[tuple[int, float]]:
