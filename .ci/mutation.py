@@ -110,7 +110,7 @@ TARGETS: dict[str, dict[str, list[str]]] = {
     "manifest": {
         "files": ["unilip/pipelines/manifest.py"],
         "names": ["unilip.pipelines.manifest.*"],
-        "tests": ["tests/test_sampling.py", "-k", "not two_processes and not killed"],
+        "tests": ["tests/test_manifest.py", "tests/test_sampling.py", "-k", "not two_processes and not killed"],
     },
     "latent cache": {
         "files": ["unilip/data/latent_cache.py", "unilip/tasks/generation/target_cache.py"],
