@@ -23,15 +23,25 @@ def _trainer(step: int) -> SimpleNamespace:
 MODULE = SimpleNamespace(device=torch.device("cpu"))
 
 
+class Unhandled(Exception):
+    pass
+
+
+def _unhandled(signum, frame):
+    raise Unhandled(f"signal {signum} reached the handler the callback should have replaced")
+
+
 @pytest.fixture
 def restore_usr1():
+    """SIGUSR1's default action would end pytest: a handler that fails the test stands in for it."""
     before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGUSR1, _unhandled)
     yield
     signal.signal(signal.SIGUSR1, before[0])
     signal.signal(signal.SIGTERM, before[1])
 
 
-def test_a_signal_stops_at_the_next_checked_step_with_the_signals_exit_code(restore_usr1):
+def test_a_signal_stops_at_the_next_checked_step_with_the_signals_exit_code(restore_usr1, caplog):
     previous = signal.getsignal(signal.SIGUSR1)
     stop = StopOnSignal("SIGUSR1", check_every=3)
     assert stop.exit_code == 128 + 10  # as if SIGUSR1 had ended the process
@@ -47,9 +57,15 @@ def test_a_signal_stops_at_the_next_checked_step_with_the_signals_exit_code(rest
         stop.on_train_batch_end(trainer, MODULE)
         assert not trainer.should_stop
     trainer = _trainer(6)
-    stop.on_train_batch_end(trainer, MODULE)
+    with caplog.at_level(logging.INFO, logger="unilip.training.requeue"):
+        stop.on_train_batch_end(trainer, MODULE)
     assert trainer.should_stop and stop.stopped
+    assert [r.getMessage() for r in caplog.records] == ["SIGUSR1 at step 6: stopping to checkpoint"]
     stop.on_train_start(_trainer(6), MODULE)  # installed once: the previous handler is still the one kept
+    stop.teardown(trainer, MODULE, "fit")
+    assert signal.getsignal(signal.SIGUSR1) == previous
+    stop.on_train_start(_trainer(0), MODULE)  # the same callback in a second fit installs itself again
+    assert signal.getsignal(signal.SIGUSR1) == stop._on_signal
     stop.teardown(trainer, MODULE, "fit")
     assert signal.getsignal(signal.SIGUSR1) == previous
 
@@ -119,10 +135,11 @@ def test_requeue_names_the_job_or_the_array_task(environ, job, tmp_path, monkeyp
     with caplog.at_level(logging.INFO, logger="unilip.training.requeue"):
         SlurmRequeue.requeue()
     assert calls.read_text().split() == ["requeue", job]
-    assert f"requeued SLURM job {job}" in caplog.text
+    message = f"requeued SLURM job {job}; it continues from the checkpoint with resume=auto"
+    assert [r.getMessage() for r in caplog.records] == [message]
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id' >&2\nexit 1\n")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="unilip.training.requeue"):
         SlurmRequeue.requeue()
     failed = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(failed) == 1 and f"scontrol requeue {job} failed (1): Invalid job id" in failed[0].getMessage()
+    assert len(failed) == 1 and failed[0].getMessage() == f"scontrol requeue {job} failed (1): Invalid job id"
