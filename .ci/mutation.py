@@ -131,7 +131,12 @@ TARGETS: dict[str, dict[str, list[str]]] = {
             "unilip.pretrained.internvl_original.x__is_vision*",
             "unilip.pretrained.released.x_generator_keys*",
         ],
-        "tests": ["tests/test_internvl.py", "tests/test_internvl_original.py", "tests/test_released.py"],
+        "tests": [
+            "tests/test_export_names.py",
+            "tests/test_internvl.py",
+            "tests/test_internvl_original.py",
+            "tests/test_released.py",
+        ],
     },
     "encoders": {
         "files": ["unilip/models/encoders/*"],
