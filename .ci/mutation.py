@@ -2,15 +2,17 @@
 
     pip install "mutmut>=3.8"
     python .ci/mutation.py                          # every target; incremental: reruns what changed
-    python .ci/mutation.py losses nonfinite --max-children 2
+    python .ci/mutation.py losses nonfinite --max-children 2   # default: one worker
     python .ci/mutation.py --report                 # the table from the last results, no new runs
     python .ci/mutation.py flow --survivors         # after adding tests: run the survivors again
-    python .ci/mutation.py --repo /path/to/old/checkout --before --sample 30 --out before.json
+    python .ci/mutation.py --repo /path/to/old/checkout --before --sample 30 --out /tmp/before
 
 Each target is a set of functions and the fast tests that guard them. mutmut (3.x) runs in a scratch
 copy of the repository per target (`--work`, default /tmp/unilip-mutation/<target>), so nothing is
 written into the checkout; results accumulate there across runs. The per-target counts and every
-surviving mutant's diff go to docs/measurements/mutation.json; docs/testing.md explains the survivors.
+surviving mutant's diff go to docs/measurements/mutation/<target>.json (the diffs alone also to
+<target>.survivors.diff), with the date, the commit and the tests run; docs/testing.md explains the survivors.
+The score is raw: killed over every mutant run, "no tests" (no selected test reaches the function) included.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +91,63 @@ TARGETS: dict[str, dict[str, list[str]]] = {
         ],
         "tests": ["tests/test_scale.py", "tests/test_data_loader.py"],
     },
+    # added in issue 26: the modules that arrived after the first run
+    "grpo": {
+        "files": ["unilip/tasks/unified/grpo.py"],
+        "names": ["unilip.tasks.unified.grpo.*"],
+        "tests": ["tests/test_unified_grpo.py"],
+    },
+    "rollouts": {
+        "files": ["unilip/tasks/unified/rollouts.py"],
+        "names": ["unilip.tasks.unified.rollouts.*"],
+        "tests": ["tests/test_unified_rollouts.py", "tests/test_unified_grpo.py"],
+    },
+    "requeue": {
+        "files": ["unilip/training/requeue.py"],
+        "names": ["unilip.training.requeue.*"],
+        "tests": ["tests/test_requeue.py"],
+    },
+    "manifest": {
+        "files": ["unilip/pipelines/manifest.py"],
+        "names": ["unilip.pipelines.manifest.*"],
+        "tests": ["tests/test_manifest.py", "tests/test_sampling.py", "-k", "not two_processes and not killed"],
+    },
+    "latent cache": {
+        "files": ["unilip/data/latent_cache.py", "unilip/tasks/generation/target_cache.py"],
+        "names": ["unilip.data.latent_cache.*", "unilip.tasks.generation.target_cache.*"],
+        "tests": ["tests/test_latent_cache.py", "-m", "not slow"],
+    },
+    "export name mapping": {
+        "files": [
+            "unilip/pretrained/internvl.py",
+            "unilip/pretrained/internvl_original.py",
+            "unilip/pretrained/released.py",
+        ],
+        "names": [
+            "unilip.pretrained.internvl.x_internvit_names*",
+            "unilip.pretrained.internvl.x_convert_internvit_key*",
+            "unilip.pretrained.internvl.x_convert_unilip_state_dict*",
+            "unilip.pretrained.internvl_original.x_to_original_names*",
+            "unilip.pretrained.internvl_original.x__is_vision*",
+            "unilip.pretrained.released.x_generator_keys*",
+        ],
+        "tests": [
+            "tests/test_export_names.py",
+            "tests/test_internvl.py",
+            "tests/test_internvl_original.py",
+            "tests/test_released.py",
+        ],
+    },
+    "encoders": {
+        "files": ["unilip/models/encoders/*"],
+        "names": ["unilip.models.encoders.*"],
+        "tests": ["tests/test_encoders.py", "tests/test_encoder_export.py"],
+    },
+    "benchmarks": {
+        "files": ["unilip/benchmarks/*"],
+        "names": ["unilip.benchmarks.*"],
+        "tests": ["tests/test_benchmarks.py", "tests/test_benchmark_scorers.py", "tests/test_unified_bench.py"],
+    },
 }
 
 
@@ -150,8 +210,12 @@ def mutmut(scratch: Path, *args: str) -> str:
     return result.stdout
 
 
-def collect(target: str, scratch: Path) -> dict:
-    """Counts and surviving mutants (with their diffs) of `target` from mutmut's results."""
+def collect(target: str, scratch: Path, repo: Path) -> dict:
+    """Counts and surviving mutants (with their diffs) of `target` from mutmut's results.
+
+    `score` is the raw score: killed (a timeout counts as killed) over every mutant that was run, "no tests"
+    (no selected test reaches the mutated function) and "suspicious" included in the denominator.
+    """
     patterns = TARGETS[target]["names"]
     statuses: dict[str, str] = {}
     for line in mutmut(scratch, "results", "--all", "true").splitlines():
@@ -164,11 +228,23 @@ def collect(target: str, scratch: Path) -> dict:
     tested = sum(n for status, n in counts.items() if status not in ("not checked", "skipped"))
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
     survivors = {name: mutmut(scratch, "show", name) for name, status in statuses.items() if status == "survived"}
+    no_tests = sorted(name for name, status in statuses.items() if status == "no tests")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                           text=True).stdout.strip()  # fmt: skip
+    from importlib.metadata import version
+
     return {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit.stdout.strip() + ("+uncommitted" if dirty else ""),
+        "mutmut": version("mutmut"),
+        "files": TARGETS[target]["files"],
+        "tests": TARGETS[target]["tests"],
         "counts": counts,
         "tested": tested,
         "killed": killed,
         "score": killed / tested if tested else None,
+        "no_tests": no_tests,
         "survivors": survivors,
     }
 
@@ -190,20 +266,42 @@ def sample(scratch: Path, target: str, count: int) -> list[str]:
 
 
 def report(results: dict) -> str:
-    lines = ["| target | mutants | killed (of them timed out) | survived | score |", "|---|---|---|---|---|"]
+    lines = [
+        "| target | mutants | killed (of them timed out) | survived | no tests | raw score |",
+        "|---|---|---|---|---|---|",
+    ]
     for target, result in results.items():
         score = "-" if result["score"] is None else f"{100 * result['score']:.1f} %"
-        survived, timeouts = result["counts"].get("survived", 0), result["counts"].get("timeout", 0)
-        lines.append(f"| {target} | {result['tested']} | {result['killed']} ({timeouts}) | {survived} | {score} |")
+        counts = result["counts"]
+        survived, timeouts, none = counts.get("survived", 0), counts.get("timeout", 0), counts.get("no tests", 0)
+        lines.append(
+            f"| {target} | {result['tested']} | {result['killed']} ({timeouts}) | {survived} | {none} | {score} |"
+        )
     return "\n".join(lines)
+
+
+def write(out: Path, target: str, result: dict) -> None:
+    """`<out>/<slug>.json` (counts, survivors' diffs) and `<slug>.survivors.diff` (the diffs alone, to read)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{slug(target)}.json").write_text(json.dumps({"target": target, **result}, indent=2) + "\n")
+    diffs = "".join(f"# {name}\n{diff}\n" for name, diff in result["survivors"].items())
+    (out / f"{slug(target)}.survivors.diff").write_text(diffs)
+
+
+def read(out: Path) -> dict:
+    results = {}
+    for file in sorted(out.glob("*.json")):
+        result = json.loads(file.read_text())
+        results[result.pop("target")] = result
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("targets", nargs="*", help=f"slugs or names (default: all): {[slug(t) for t in TARGETS]}")
     parser.add_argument("--work", type=Path, default=Path("/tmp/unilip-mutation"))
-    parser.add_argument("--max-children", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "mutation.json")
+    parser.add_argument("--max-children", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "measurements" / "mutation")
     parser.add_argument("--report", action="store_true", help="only collect and print the last results")
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout to mutate (default: this one)")
     parser.add_argument("--before", action="store_true", help="use the tests of the suite before the unit tests")
@@ -211,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--survivors", action="store_true", help="run the last run's survivors again (new tests)")
     args = parser.parse_args(argv)
     chosen = [t for t in TARGETS if not args.targets or t in args.targets or slug(t) in args.targets]
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = read(args.out) if args.out.exists() else {}
     for target in chosen:
         tests = BEFORE_TESTS[target] if args.before else TARGETS[target]["tests"]
         scratch = prepare(target, args.work, args.repo.resolve(), tests)
@@ -219,14 +317,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.sample and not args.report:
             names = sample(scratch, target, args.sample)
         if args.survivors and not args.report:
-            names = list(collect(target, scratch)["survivors"]) or names
+            names = list(collect(target, scratch, args.repo)["survivors"]) or names
         if not args.report:
             mutmut(scratch, "run", "--max-children", str(args.max_children), *names)
-        results[target] = collect(target, scratch)
+        results[target] = collect(target, scratch, args.repo)
         if args.sample:
             results[target]["sampled"] = args.sample
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write(args.out, target, results[target])
         print(report({target: results[target]}).splitlines()[-1], flush=True)
     print(report(results))
 

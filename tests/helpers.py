@@ -185,6 +185,19 @@ class TouchAtStep(L.Callback):
             open(self.path, "a").close()
 
 
+class SignalDuringStep(L.Callback):
+    """Send `signal_name` to this process while step `step` (counted from 1) runs, from its batch start, as a
+    scheduler would in the middle of a step: the run must stop after exactly that step. A run resumed after
+    that step never sends it."""
+
+    def __init__(self, step: int, signal_name: str = "SIGUSR1"):
+        self.step, self.signum = step, signal.Signals[signal_name]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), self.signum)
+
+
 class KillRankInFirstAttempt(L.Callback):
     """Under torchrun: SIGKILL rank `rank` once `step` steps are done (after that step's checkpoint), in the
     first attempt only (TORCHELASTIC_RESTART_COUNT=0), as a crashed GPU or node would."""

@@ -26,6 +26,29 @@ def pipe(tiny_config):
     return UniLIPPipeline(generator.eval(), conditioner, latents)
 
 
+def test_latents_encode_then_decode_is_the_tokenizers_own_round_trip(tiny_config):
+    """UniLIPLatents scales the tokenizer's latents for the DiT and undoes it before decoding: its
+    encode -> decode of a photo is the tokenizer's own encode -> decode of it (a scale on one side only would
+    decode latents 4.5 times too large or too small), and its latents are 4.5 times the tokenizer's."""
+    from skimage import data
+
+    from unilip.models import UniLIPTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = UniLIPTokenizer(tiny_config).eval()
+    latents = UniLIPLatents(tokenizer, 4.5)
+    photo = torch.from_numpy(data.astronaut()[::9, ::9][:56, :56].copy()).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        own = tokenizer.encode(photo)
+        expected = tokenizer.decode(own, size=(56, 56))
+    scaled = latents.encode(photo)
+    assert torch.allclose(scaled, 4.5 * own, rtol=1e-6, atol=0)
+    decoded = latents.decode(scaled, (56, 56))
+    # the only rounding: x * 4.5 / 4.5 (an ulp of each latent) through the decoder; a missing 4.5 moves it by ~0.1
+    assert decoded.shape == expected.shape == (1, 3, 56, 56)
+    assert torch.allclose(decoded, expected, rtol=0, atol=1e-5)
+
+
 PROMPTS = ["a red motorcycle parked in a garage", "a close-up of a tabby cat"]
 
 

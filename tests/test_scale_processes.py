@@ -254,6 +254,60 @@ def test_slurm_requeue_checkpoints_requeues_and_resumes_exactly(photos_dir, stra
     assert _logged(run_dir, "loss/total") == _logged(straight, "loss/total")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("every", [1000, 2])
+def test_slurm_requeue_writes_its_own_checkpoint_between_periodic_ones(photos_dir, straight, every, tmp_path):
+    """SIGUSR1 during step 3 must leave last.ckpt at step 3, and the requeued job resumes from it (its resume
+    record says step 3) and finishes as the uninterrupted run. checkpoint_every=1000: no periodic checkpoint
+    at all (a requeue that wrote none would lose every step since the start); checkpoint_every=2: the periodic
+    one at step 2 must not stand in for it (Lightning's own save at the end of fit writes last.ckpt only when
+    no checkpoint was written before, so only this case sees the requeue's own save go missing)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol_calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {
+        "SLURM_JOB_ID": "4343",
+        "SLURM_JOB_NAME": "unilip",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
+    run_dir = tmp_path / "requeued"
+    settings = [o for o in RESUMABLE if not o.startswith("checkpoint_every=")]
+    command = _command(
+        "train.py",
+        photos_dir,
+        run_dir,
+        *settings,
+        f"checkpoint_every={every}",
+        f"paths.runs_dir={tmp_path}",
+        "resume=auto",
+        "callbacks.requeue.check_every=1",
+        "+callbacks.signal._target_=tests.helpers.SignalDuringStep",
+        "+callbacks.signal.step=3",
+    )
+    _run(command, env=_env(**slurm))  # stops after step 3, requeues, exits 0
+    assert calls.read_text().split() == ["requeue", "4343"]
+    checkpoints = run_dir / "checkpoints"
+    periodic = [f"step{step:07d}.ckpt" for step in range(every, 3, every)]
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["last.ckpt", *periodic]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert not (run_dir / "tokenizer").exists()
+
+    _run(command, env=_env(**slurm))  # the requeued job: same command; the signal callback is past its step
+    resumes = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in resumes] == [3]
+    a, b = _weights(straight), _weights(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _logged(run_dir, "loss/total") == _logged(straight, "loss/total")
+
+
 def test_torchrun_restarts_a_killed_rank_and_continues_from_the_last_checkpoint(photos_dir, tmp_path):
     """`torchrun --max-restarts 2`, rank 1 SIGKILLed after the step-4 checkpoint in the first attempt: torchrun
     restarts both ranks, which resume from that checkpoint (resume=auto) and finish as an uninterrupted run."""

@@ -60,6 +60,26 @@ def test_on_policy_the_ratio_is_one_and_the_gradient_is_the_advantage():
     assert torch.allclose(log_probs.grad, torch.tensor([[-0.125, -0.125], [0.375, 0.375]]))
 
 
+def test_a_one_token_caption_padding_and_the_defaults():
+    """A caption of one token counts as one token (not clamped up to two), padding is out of the ratio and the
+    clip fraction, the default clip range is DeepSeekMath's 0.2, and a KL given without a weight adds nothing."""
+    # output 0: one token, ratio e^0.5 = 1.6487, A = +1 -> clipped to 1.2 (eps 0.2); output 1: ratio e^0 = 1,
+    # A = -1 -> -1, and a padded token whose ratio e^3 would dominate any mean it entered
+    log_probs = torch.tensor([[-1.0, 0.0], [-2.0, 1.0]])
+    old = torch.tensor([[-1.5, 0.0], [-2.0, -2.0]])
+    mask = torch.tensor([[True, False], [True, False]])
+    result = grpo_loss(log_probs, old, torch.tensor([1.0, -1.0]), mask)
+    assert result.policy.item() == pytest.approx((1.2 - 1.0) / 2)
+    assert result.clip_fraction.item() == pytest.approx(1 / 2)
+    assert result.ratio.item() == pytest.approx((math.exp(0.5) + 1.0) / 2)
+    assert result.kl.item() == 0.0  # no reference: logged as 0
+    single = grpo_loss(log_probs[:1, :1], old[:1, :1], torch.tensor([1.0]))
+    assert single.clip_fraction.item() == 1.0 and single.ratio.item() == pytest.approx(math.exp(0.5))
+    assert single.loss.item() == pytest.approx(-1.2)
+    unweighted = grpo_loss(log_probs, old, torch.tensor([1.0, -1.0]), mask, kl=torch.ones(2, 2))
+    assert unweighted.loss.item() == pytest.approx(result.loss.item()) and unweighted.kl.item() == 1.0
+
+
 # ------------------------------------------------------------------ the flow SDE
 def flow_grpo_mean(x, v, t, t_next, noise_level, t_cap):
     """Flow-GRPO's update written out as its paper's sampler states it (dt = t_next - t < 0), independently of
