@@ -190,7 +190,9 @@ def test_a_cache_made_otherwise_is_refused_with_the_fields_that_differ(
     other = workdir / "other_tokenizer"
     torch.manual_seed(1)
     UniLIPTokenizer(tiny_config).save_pretrained(other)
-    with pytest.raises(ConfigError, match=r"made with tokenizer\.weights_sha256=[0-9a-f]{12}; this run has [0-9a-f]{12}"):
+    with pytest.raises(
+        ConfigError, match=r"made with tokenizer\.weights_sha256=[0-9a-f]{12}; this run has [0-9a-f]{12}"
+    ):
         build(tokenizer=other)
 
 
