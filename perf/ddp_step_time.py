@@ -1,6 +1,6 @@
 """Step time of tokenizer stage 2 (GAN on) under DDP with CPU processes, for any checkout of the project.
 
-    python perf/ddp_step_time.py --repo . --processes 2 --repeat 3
+    python perf/ddp_step_time.py --repo . --processes 2 --repeat 3 [--json ddp_step_time.json]
     python perf/ddp_step_time.py --repo /path/to/older/checkout      # the same, before a change
 
 Runs that checkout's `train.py` (tiny preset, bundled photos, gloo) and reports the median time per
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out")
     parser.add_argument("--repeat", type=int, default=3, help="runs per checkout, interleaved")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
     repos = [path.resolve() for path in (args.repo or [Path(__file__).resolve().parents[1]])]
     sys.path.insert(0, str(repos[0]))
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                 samples[str(repo)] += times[args.warmup :]
     report = {repo: {"median_ms": 1000 * statistics.median(t), "steps": len(t)} for repo, t in samples.items()}
     print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
 """Framework overhead: our Lightning training step vs a bare PyTorch loop doing the identical computation.
 
-    python perf/overhead.py [--steps 40] [--repeats 5] [--json overhead.json]
+    python perf/overhead.py [--steps 40] [--repeats 5] [--threads 1] [--json overhead.json]
 
 Both run the tiny preset, stage 2 with the GAN on (the full step: reconstruction, distillation
 against the frozen teacher, generator and discriminator hinge terms, LeCam, one backward,
-clipping, AdamW, schedule, EMA), on the same in-memory batches, in fp32 on the CPU, one thread
-of work each. Runs alternate (Lightning, bare, Lightning, ...) so that drift of the machine hits
-both; the reported number is the median of the per-pair ratios of time per step.
+clipping, the finite check, AdamW, schedule, EMA), on the same in-memory batches, in fp32 on the
+CPU, `--threads` intra-op threads each (one by default: on a machine other jobs share, two threads
+wait on each other's preemption and a step takes 40x longer). Runs alternate, the order swapped in
+every pair (Lightning, bare, bare, Lightning, ...), so that drift of the machine hits both; the
+reported number is the median of the per-pair ratios of time per step, with their range and the
+load average around each pair.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -91,8 +95,8 @@ def bare_step_time(cfg, batches, warmup: int) -> float:
     """The same computation as TokenizerTraining._training_step, written without Lightning."""
     module = build_tokenizer_training(cfg)
     module.configure_model()
-    configured = module.configure_optimizers()
-    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    configured = module.configure_optimizers()  # {"optimizer", "lr_scheduler"}, the scheduler stepped by hand
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]
     tokenizer, disc, loss, teacher = module.tokenizer.train(), module.discriminator.train(), module.loss, module.teacher
     generator_params = [p for ps in module.groups.values() for p in ps]
     for index, images in enumerate(batches):
@@ -105,16 +109,19 @@ def bare_step_time(cfg, batches, warmup: int) -> float:
             terms |= loss.generator_adversarial(disc(out.images))
         real, fake = disc(images), disc(out.images.detach())
         d_terms = loss.discriminator(real, fake, module.lecam(real, fake))
-        module.lecam.update(real.detach(), fake.detach())
         total = sum(terms.values()) + sum(d_terms.values())
-        if not bool(torch.isfinite(total).item()):
-            continue
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(generator_params, 1.0)
-        torch.nn.utils.clip_grad_norm_(list(disc.parameters()), 1.0)
+        norms = [
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
+            for params in (generator_params, list(disc.parameters()))
+        ]
+        # the step's finite check of the loss and both gradient norms: one host read (non-fused AdamW)
+        if not bool(torch.isfinite(torch.stack([total.detach(), *norms])).all().item()):
+            continue
         optimizer.step()
         scheduler.step()
+        module.lecam.update(real.detach(), fake.detach())
         module.ema.update()
     return (time.perf_counter() - start) / (len(batches) - warmup)
 
@@ -124,32 +131,41 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     quiet_third_party_noise()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    pairs, loads = [], []
     with tempfile.TemporaryDirectory() as tmp:
         cfg, batches = build(Path(tmp), args.steps)
-        pairs = []
-        for _ in range(args.repeats):
-            lightning_time = lightning_step_time(cfg, batches, args.warmup)
-            bare_time = bare_step_time(cfg, batches, args.warmup)
-            pairs.append((lightning_time, bare_time))
+        for repeat in range(args.repeats):
+            load = os.getloadavg()[0]
+            arms = [("lightning", lightning_step_time), ("bare", bare_step_time)]
+            times = {name: arm(cfg, batches, args.warmup) for name, arm in arms[:: 1 if repeat % 2 == 0 else -1]}
+            pairs.append((times["lightning"], times["bare"]))
+            loads.append([load, os.getloadavg()[0]])
     ratios = [a / b for a, b in pairs]
     result = {
         "what": "tiny preset, stage 2 with GAN, 112 px, batch 8, fp32, CPU",
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
         "steps_timed_per_run": args.steps - args.warmup,
         "lightning_ms_per_step": [1000 * a for a, _ in pairs],
         "bare_ms_per_step": [1000 * b for _, b in pairs],
         "median_ratio": statistics.median(ratios),
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
         "ratios": ratios,
+        "load_average_1min_before_after": loads,
     }
-    print(f"{'run':>4} {'Lightning ms/step':>18} {'bare ms/step':>13} {'ratio':>6}")
-    for index, ((a, b), ratio) in enumerate(zip(pairs, ratios, strict=True)):
-        print(f"{index:>4} {1000 * a:>18.1f} {1000 * b:>13.1f} {ratio:>6.3f}")
-    print(f"median ratio (Lightning / bare): {result['median_ratio']:.3f}")
+    print(f"{'run':>4} {'Lightning ms/step':>18} {'bare ms/step':>13} {'ratio':>6} {'load':>10}")
+    for index, ((a, b), ratio, load) in enumerate(zip(pairs, ratios, loads, strict=True)):
+        print(f"{index:>4} {1000 * a:>18.1f} {1000 * b:>13.1f} {ratio:>6.3f} {load[0]:>4.1f}-{load[1]:<4.1f}")
+    print(f"median ratio (Lightning / bare): {result['median_ratio']:.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -124,12 +124,12 @@ def make_downloads(root: Path, n: int) -> dict[str, Path]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=120)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -84,6 +84,25 @@ class GenerationSnapshot(L.Callback):
         (self.directory / "frozen.json").write_text(json.dumps(self.hashes))
 
 
+def cache_overrides(photos_dir, workdir, tokenizer_dir, stage, *extra) -> list[str]:
+    """The generation quick start at stage `stage`, shrunk: what both the cache command and train.py get."""
+    return [
+        "experiment=generate/quickstart",
+        f"paths.data_dir={photos_dir}",
+        f"paths.runs_dir={workdir / 'runs'}",
+        f"stage={stage}",
+        f"tokenizer_from={tokenizer_dir}",
+        "data.num_workers=0",
+        "data.val_num_workers=0",
+        "data.pin_memory=false",
+        "data.batch_size=8",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "module.sample_steps=2",
+        *extra,
+    ]
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One intra-op thread for the toy generator tests: tiny ops gain nothing from a second thread, and with

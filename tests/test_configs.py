@@ -75,6 +75,7 @@ def test_the_schemas_choices_are_the_ones_the_code_takes():
     from unilip.data.transforms import RESIZE_MODES
     from unilip.evaluation.config import EvalConfig
     from unilip.evaluation.protocols import RESIZES
+    from unilip.evaluation.quantize import QUANTIZE
     from unilip.schema import Data, Precision, Trainer
 
     def choices(schema, name):
@@ -87,3 +88,4 @@ def test_the_schemas_choices_are_the_ones_the_code_takes():
     assert choices(Trainer, "accelerator") == set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu"}
     assert choices(Data, "resize") == set(RESIZE_MODES)
     assert choices(EvalConfig, "protocol_resize") == set(RESIZES)
+    assert choices(EvalConfig, "quantize") == set(QUANTIZE)

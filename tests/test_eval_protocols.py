@@ -114,7 +114,7 @@ def test_rfid_reference_statistics_are_computed_once_and_reused(
     # the 2048-d one, without a 2048 x 2048 matrix square root per run on two CPU cores
     def small_fid(weights):
         metrics.build_fid(weights)  # the checks eval.py makes on the file
-        return FrechetInceptionDistance(feature=64, normalize=True, feature_extractor_weights_path=str(weights))
+        return FrechetInceptionDistance(feature=64, normalize=False, feature_extractor_weights_path=str(weights))
 
     monkeypatch.setattr("unilip.evaluation.run.build_fid", small_fid)
     fed = {"real": 0, "fake": 0}

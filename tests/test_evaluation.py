@@ -181,7 +181,7 @@ def test_rfid_with_supplied_inception_weights(tmp_path, monkeypatch):
     torch.save(state, tmp_path / "inception.pth")
     fid = build_fid(str(tmp_path / "inception.pth"))
     x, y = _photo_pairs()
-    images = torch.cat([x, x.flip(-1), y]).repeat(2, 1, 1, 1)
+    images = torch.cat([x, x.flip(-1), y]).repeat(2, 1, 1, 1).mul(255).round().to(torch.uint8)  # it takes uint8
     fid.update(images, real=True)
     fid.update(images, real=False)
     assert abs(fid.compute().item()) < 1e-2  # identical sets

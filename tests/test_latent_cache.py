@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import compose_train
+from tests.generation_helpers import cache_overrides as overrides
 from tests.generation_helpers import one_thread  # noqa: F401  (autouse fixture)
 from tests.helpers import run_tree
 from unilip.data import latent_cache
@@ -26,25 +27,6 @@ from unilip.training.config import ConfigError
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
-
-
-def overrides(photos_dir, workdir, tokenizer_dir, stage, *extra):
-    """The generation quick start at stage `stage`, shrunk: what both the cache command and train.py get."""
-    return [
-        "experiment=generate/quickstart",
-        f"paths.data_dir={photos_dir}",
-        f"paths.runs_dir={workdir / 'runs'}",
-        f"stage={stage}",
-        f"tokenizer_from={tokenizer_dir}",
-        "data.num_workers=0",
-        "data.val_num_workers=0",
-        "data.pin_memory=false",
-        "data.batch_size=8",
-        "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
-        "module.sample_steps=2",
-        *extra,
-    ]
 
 
 def compose(photos_dir, workdir, tokenizer_dir, stage, *extra):
@@ -199,16 +181,18 @@ def test_a_cache_made_otherwise_is_refused_with_the_fields_that_differ(
         return build_generation_training(compose_train(["task=generate", *args]))
 
     build()  # the settings the cache was made with: accepted
-    with pytest.raises(ConfigError, match=r"latent_scale: 4\.5 in the cache, 5\.0 in this run"):
+    with pytest.raises(ConfigError, match=r"made with latent_scale=4\.5; this run has 5\.0"):
         build("latent_scale=5.0")
-    with pytest.raises(ConfigError, match=r"dtype: 'float32' in the cache, 'bfloat16' in this run"):
+    with pytest.raises(ConfigError, match=r"made with dtype=float32; this run has bfloat16"):
         build("latent_cache.dtype=bfloat16")
-    with pytest.raises(ConfigError, match=r"source_encoder\.source_size"):
+    with pytest.raises(ConfigError, match=r"made with source_size=56; this run has 84"):
         build("mllm.source_size=84")
     other = workdir / "other_tokenizer"
     torch.manual_seed(1)
     UniLIPTokenizer(tiny_config).save_pretrained(other)
-    with pytest.raises(ConfigError, match=r"target_encoder\.tokenizer_sha256"):
+    with pytest.raises(
+        ConfigError, match=r"made with tokenizer\.weights_sha256=[0-9a-f]{12}; this run has [0-9a-f]{12}"
+    ):
         build(tokenizer=other)
 
 
@@ -220,7 +204,7 @@ def test_the_cache_command_refuses_to_add_to_a_cache_made_otherwise_and_writes_n
     args = overrides(photos_dir, workdir, tokenizer_dir, 2, *extra)
     with pytest.raises(SystemExit) as exit_info:
         cache_main([*args, f"latent_cache.dir={directory}", "latent_cache.dtype=bfloat16"])
-    assert "holds latents made differently" in str(exit_info.value.code) and "dtype" in str(exit_info.value.code)
+    assert "was made with dtype=float32; this run has bfloat16" in str(exit_info.value.code)
     with pytest.raises(SystemExit, match=r"latent_cache\.dir=<directory> is required"):
         cache_main(args)
     assert {p: p.stat().st_mtime_ns for p in directory.rglob("*")} == before

@@ -12,8 +12,12 @@ their sample counts (`index.json`, `unilip.data.index`) and `cache.json`:
 
     {"format": "unilip-latent-cache", "fingerprint": {...}, "complete": bool, "shards": {name: {...}}}
 
-The fingerprint says how the latents were made (encoder weights, latent space, size, resize, scale,
-dtypes); training compares it with how it would make them and refuses a cache made differently.
+The fingerprint says how the latents were made (the tokenizer's weights and every field of its config,
+normalisation included; the DC-AE of stage 1; latent space, image size, resize, scale, the edits' source
+size, dtypes); training compares it with how it would make them and refuses a cache made otherwise in one
+line naming the first field that differs (`refusal`). What the code itself does to a pixel (uint8 -> [0, 1],
+the resize kernel, padding) is pinned by `VERSION`, raised whenever that code changes a cached tensor; a
+cache of another version is refused, since it cannot show that it holds this run's latents.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from unilip.data.shards import DataError, _local_path, expand_urls
 MEMBER = "latents.safetensors"
 MANIFEST = "cache.json"
 FORMAT = "unilip-latent-cache"
-VERSION = 1
+# 2: the tokenizer's config joined the fingerprint (version 1 recorded only its weights, so a copy with another
+# image_mean was accepted); nothing in a version-1 cache records the normalisation that made it.
+VERSION = 2
 STATS_MEMBER = "__cache__.json"  # last member of each cached shard (its input, counts); `__` names are not samples
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -120,16 +126,41 @@ def write_manifest(directory: str | Path, manifest: Mapping[str, Any]) -> Path:
     return path
 
 
-def differences(expected: Mapping[str, Any], found: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """The fingerprint fields in which `found` differs from `expected`, as "name: found (expected ...)"."""
+def differences(expected: Mapping[str, Any], found: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The fingerprint fields in which `found` (a cache's) differs from `expected` (this run's), in name order:
+    (dotted name, the cache's value, this run's value)."""
     out = []
     for name in sorted(set(expected) | set(found)):
         mine, theirs = expected.get(name), found.get(name)
         if isinstance(mine, Mapping) and isinstance(theirs, Mapping):
             out += differences(mine, theirs, f"{prefix}{name}.")
         elif mine != theirs:
-            out.append(f"{prefix}{name}: {theirs!r} in the cache, {mine!r} in this run")
+            out.append((f"{prefix}{name}", theirs, mine))
     return out
+
+
+def _shown(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value[:12] if name.endswith("sha256") else value  # 12 hex digits tell two digests apart
+    return json.dumps(value)  # as one writes a config override: [0.5, 0.5, 0.5], null
+
+
+def refusal(where: str | Path, expected: Mapping[str, Any], found: Mapping[str, Any]) -> str | None:
+    """None when a cache's fingerprint `found` is this run's `expected`; else the start of the one-line error
+    (the caller adds the fix), naming the first field that differs with both values, then the other fields."""
+    if found.get("version") != expected.get("version"):
+        return (
+            f"the latent cache at {where} has a fingerprint of version {found.get('version')}, this unilip writes "
+            f"version {expected.get('version')} (which also records the tokenizer's config, its normalisation "
+            "included); nothing in it shows that its latents are this run's"
+        )
+    diffs = differences(expected, found)
+    if not diffs:
+        return None
+    name, theirs, mine = diffs[0]
+    others = f" (also differs: {', '.join(d[0] for d in diffs[1:])})" if len(diffs) > 1 else ""
+    made, this = _shown(name, theirs), _shown(name, mine)
+    return f"the latent cache at {where} was made with {name}={made}; this run has {this}{others}"
 
 
 def cache_urls(latent_cache: str | Path, name: str) -> str:
@@ -152,7 +183,8 @@ def with_cache(sources: Sequence[Mapping[str, Any]], latent_cache: str | Path | 
 
 
 def source_caches(sources: Mapping[str, Sequence[str]]) -> dict[str, dict[str, Any]] | None:
-    """{source name: its cache manifest} when every source's shards are cached latents, None when none is.
+    """{source name: its cache manifest, with its "directory"} when every source's shards are cached latents,
+    None when none is.
 
     `sources` maps names to expanded urls. A source is cached when its shards' directory holds a manifest.
     Mixing cached and image sources, a source spread over several caches, and an incomplete cache (an
@@ -167,7 +199,7 @@ def source_caches(sources: Mapping[str, Sequence[str]]) -> dict[str, dict[str, A
             raise DataError(f"data source {name!r} mixes cached latents ({cached[0]}) with shards of other directories")
         if cached and any(_local_path(url) is None for url in urls):
             raise DataError(f"data source {name!r} mixes cached latents ({cached[0]}) with remote shards")
-        found[name] = manifests[cached[0]] if cached else None
+        found[name] = {**manifests[cached[0]], "directory": cached[0]} if cached else None  # type: ignore[dict-item]
         if cached and not found[name].get("complete"):
             done, total = len(found[name].get("shards", {})), found[name].get("inputs", "?")
             raise DataError(

@@ -20,6 +20,10 @@ class EvalConfig:
     protocol: int = value(ge=1, hint="256: pad to 280 and crop back, as the paper; 448; or another image size")
     # unilip.evaluation.protocols.RESIZES (a test keeps the two equal; importing it here would load the models)
     protocol_resize: Literal["project", "reference"] = value()
+    # unilip.evaluation.quantize.QUANTIZE (the same test keeps them equal)
+    quantize: Literal["trunc", "round", "reference"] = value(
+        hint="trunc (the reference evaluator's uint8 conversion), round (saved PNGs), reference (its whole path)"
+    )
     batch_size: int = value(ge=1, hint="per device")
     grid_images: int = value(ge=0)
     seed: int = value(ge=0, lt=2**32)

@@ -33,8 +33,9 @@ def weights_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def reference_key(urls: list[str], image_size: int, inception_sha256: str) -> str:
-    """A digest of what the reference statistics depend on (local shards by path, size and mtime)."""
+def reference_key(urls: list[str], image_size: int, inception_sha256: str, quantize: str = "trunc") -> str:
+    """A digest of what the reference statistics depend on (local shards by path, size and mtime; under
+    `quantize=reference` the inputs' own 8-bit conversion, `unilip.evaluation.quantize`)."""
     shards = []
     for url in urls:
         path = Path(url)
@@ -43,6 +44,8 @@ def reference_key(urls: list[str], image_size: int, inception_sha256: str) -> st
             [str(path.resolve()) if stat else url, stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
         )
     material = {"shards": shards, "image_size": image_size, "crop": "center", "inception_sha256": inception_sha256}
+    if quantize == "reference":  # trunc and round feed the inputs' own levels: the key (and the caches) they share
+        material["real_levels"] = "reference"
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -55,10 +58,13 @@ class ReferenceStatistics:
             data module has prepared them).
         image_size: the evaluation crop size.
         inception_weights: the Inception weights file rFID uses.
+        quantize: the evaluation's `quantize` (`reference` changes the inputs' 8-bit images).
     """
 
-    def __init__(self, cache_dir: str | Path, urls: Any, image_size: int, inception_weights: str | Path):
-        self.cache_dir, self.urls, self.image_size = Path(cache_dir), urls, image_size
+    def __init__(
+        self, cache_dir: str | Path, urls: Any, image_size: int, inception_weights: str | Path, quantize: str = "trunc"
+    ):
+        self.cache_dir, self.urls, self.image_size, self.quantize = Path(cache_dir), urls, image_size, quantize
         self.inception_weights = Path(inception_weights)
         self._path: Path | None = None
 
@@ -68,7 +74,7 @@ class ReferenceStatistics:
             from unilip.data.shards import expand_urls
 
             urls = expand_urls(self.urls, "data.val_urls")
-            key = reference_key(urls, self.image_size, weights_digest(self.inception_weights))
+            key = reference_key(urls, self.image_size, weights_digest(self.inception_weights), self.quantize)
             self._path = self.cache_dir / f"fid_reference_{key}.safetensors"
         return self._path
 

@@ -52,7 +52,8 @@ def feature_similarity(features: torch.Tensor, reference: torch.Tensor) -> tuple
 
 
 def build_fid(inception_weights: str | None) -> nn.Module | None:
-    """torchmetrics' FID on Inception-V3 pool features, or None without weights (the caller notes it).
+    """torchmetrics' FID on Inception-V3 pool features, or None without weights (the caller notes it). It takes
+    uint8 images (`normalize=False`): the evaluation quantises them itself (`unilip.evaluation.quantize`).
 
     The weights file (torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`) is read here with
     `weights_only=True`; torch-fidelity then reads a copy we wrote, never the user's file itself
@@ -69,7 +70,7 @@ def build_fid(inception_weights: str | None) -> nn.Module | None:
     with tempfile.TemporaryDirectory() as tmp:
         checked = Path(tmp) / "inception.pth"
         torch.save(state, checked)
-        return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(checked))
+        return FrechetInceptionDistance(feature=2048, normalize=False, feature_extractor_weights_path=str(checked))
 
 
 class ExternalFeatures(nn.Module):

@@ -13,6 +13,7 @@ from unilip.data.transforms import batch_to_float
 from unilip.evaluation.fid_reference import ReferenceStatistics
 from unilip.evaluation.metrics import ExternalFeatures, feature_similarity, psnr, ssim
 from unilip.evaluation.protocols import reconstruct
+from unilip.evaluation.quantize import QUANTIZE, inception_inputs
 from unilip.models.tokenizer import FrozenEncoder, UniLIPTokenizer
 
 
@@ -28,6 +29,7 @@ class ReconstructionEvaluation(L.LightningModule):
         grid_images: how many originals/reconstructions to keep for the grid.
         resize: "project" or "reference" (`unilip.evaluation.protocols`).
         reference: cached rFID reference statistics (None: the references are fed every time).
+        quantize: how rFID's images become uint8 (`unilip.evaluation.quantize`): trunc, round or reference.
     """
 
     def __init__(
@@ -40,8 +42,13 @@ class ReconstructionEvaluation(L.LightningModule):
         grid_images: int = 8,
         resize: str = "project",
         reference: ReferenceStatistics | None = None,
+        quantize: str = "trunc",
     ):
         super().__init__()
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize={quantize!r}: use one of {QUANTIZE}")
+        if fid is not None and getattr(fid, "normalize", False):
+            raise ValueError("the FID must take uint8 images (normalize=False): the evaluation quantises them itself")
         self.tokenizer = tokenizer.eval()
         self.teacher, self.lpips, self.fid, self.external = teacher, lpips, fid, external
         self.grid_images = grid_images
@@ -49,7 +56,7 @@ class ReconstructionEvaluation(L.LightningModule):
         self.grid: list[torch.Tensor] = []
         self.fid_value: float | None = None
         self.skipped = {"samples": 0, "shards": 0}  # unreadable data of the pass, all ranks
-        self.resize, self.reference = resize, reference
+        self.resize, self.reference, self.quantize = resize, reference, quantize
         self.feed_references = True  # False once cached reference statistics are loaded
         self.fid_note: str | None = None
 
@@ -78,9 +85,10 @@ class ReconstructionEvaluation(L.LightningModule):
         if self.external is not None:
             columns["external_cosine"] = self.external(images, recon).float()
         if self.fid is not None:
+            real, fake = inception_inputs(images, recon, self.quantize)
             if self.feed_references:
-                self.fid.update(images.float(), real=True)
-            self.fid.update(recon, real=False)
+                self.fid.update(real, real=True)
+            self.fid.update(fake, real=False)
         values = {name: column.cpu().tolist() for name, column in columns.items()}
         for index, key in enumerate(batch["key"]):
             self.records.append({"key": key, **{name: value[index] for name, value in values.items()}})

@@ -20,6 +20,19 @@ METRIC_NAMES = {
     "external_cosine": "external-encoder cosine (original vs reconstruction)",
 }
 
+# how rFID's images became uint8 (`unilip.evaluation.quantize`), in the protocol and beside the value
+QUANTIZED = {
+    "trunc": "reconstructions to uint8 by truncation, floor(255 x), as the UniLIP evaluator",
+    "round": "reconstructions to uint8 by rounding, as saved PNGs",
+    "reference": "uint8 images as the UniLIP evaluation script makes them: reconstructions rounded, then truncated "
+    "after a float round trip; inputs de-normalised and truncated",
+}
+RFID_LABEL = {
+    "trunc": "rFID (uint8 by truncation)",
+    "round": "rFID (uint8 by rounding)",
+    "reference": "rFID (uint8 as the UniLIP script)",
+}
+
 
 def describe_protocol(
     image_size: int,
@@ -30,6 +43,7 @@ def describe_protocol(
     feature_fidelity: bool = True,
     external: bool = False,
     resize: str = "project",
+    quantize: str = "trunc",
 ) -> str:
     """One paragraph stating exactly what was measured (metrics that were not are not named)."""
     padded_size = image_size + (-image_size % multiple)
@@ -48,7 +62,8 @@ def describe_protocol(
         metrics.append("LPIPS (VGG) per image")
     if rfid:
         metrics.append(
-            "rFID (Inception-V3 pool features at 299 px over the whole set, against the center-cropped inputs)"
+            "rFID (Inception-V3 pool features at 299 px over the whole set, against the center-cropped inputs; "
+            f"{QUANTIZED[quantize]})"
         )
     if external:
         metrics.append("cosine between original and reconstruction under the external vision model, per image")
@@ -83,10 +98,12 @@ def write_report(
     config: dict[str, Any],
     grid: list[torch.Tensor],
     skipped: dict[str, int] | None = None,
+    rfid_quantize: str | None = None,
 ) -> dict[str, Any]:
     """Write results.json, summary.md and reconstructions.png into `out_dir`; return the results.
 
     `skipped`: {"samples", "shards"} that could not be read; any makes the results `complete: false`.
+    `rfid_quantize`: how rFID's images became uint8 (`unilip.evaluation.quantize`), recorded beside it.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     skipped = skipped or {"samples": 0, "shards": 0}
@@ -97,6 +114,7 @@ def write_report(
         "skipped": skipped,
         "aggregate": aggregate(records),
         "rfid": fid,
+        "rfid_quantize": rfid_quantize,
         "notes": notes,
         "config": config,
         "per_image": records,
@@ -133,8 +151,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
     for name, stats in results["aggregate"].items():
         lines.append(f"| {METRIC_NAMES[name]} | {stats['mean']:.4f} | {stats['min']:.4f} | {stats['max']:.4f} |")
     rfid = results["rfid"]
+    label = RFID_LABEL.get(results.get("rfid_quantize"), "rFID")
     lines.append(
-        f"| rFID | {rfid:.3f} | | |" if rfid is not None and math.isfinite(rfid) else "| rFID | not measured | | |"
+        f"| {label} | {rfid:.3f} | | |" if rfid is not None and math.isfinite(rfid) else "| rFID | not measured | | |"
     )
     if results["notes"]:
         lines += ["", *[f"- {note}" for note in results["notes"]]]

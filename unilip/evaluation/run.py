@@ -63,6 +63,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     quiet_third_party_noise()
     check_eval_config(cfg)
     resize = cfg.get("protocol_resize", "project")
+    quantize = cfg.get("quantize", "trunc")
     evaluated = load_evaluated(str(cfg.ckpt), cfg.preset)
     tokenizer = evaluated.tokenizer
     tokenizer.config.pad_to_multiple = True  # the paper's 256 px protocol: reflect-pad to 280, crop back
@@ -83,14 +84,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         feature_fidelity=teacher is not None,
         external=external is not None,
         resize=resize,
+        quantize=quantize,
     )
     log.info("protocol: %s", protocol)
 
     reference = None
     if fid is not None and cfg.get("fid_reference_cache"):
-        reference = ReferenceStatistics(cfg.fid_reference_cache, cfg.data.val_urls, cfg.protocol, cfg.inception_weights)
+        reference = ReferenceStatistics(
+            cfg.fid_reference_cache, cfg.data.val_urls, cfg.protocol, cfg.inception_weights, quantize
+        )
     module = ReconstructionEvaluation(
-        tokenizer, teacher, lpips, fid, external, grid_images=cfg.grid_images, resize=resize, reference=reference
+        tokenizer,
+        teacher,
+        lpips,
+        fid,
+        external,
+        grid_images=cfg.grid_images,
+        resize=resize,
+        reference=reference,
+        quantize=quantize,
     )
     datamodule = instantiate(cfg.data)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
@@ -113,7 +125,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if any(module.skipped.values()):
         log.warning(incomplete_warning(module.skipped, len(module.records)))
     results = write_report(
-        Path(cfg.out_dir), module.records, module.fid_value, protocol, notes, config, module.grid, module.skipped
+        Path(cfg.out_dir),
+        module.records,
+        module.fid_value,
+        protocol,
+        notes,
+        config,
+        module.grid,
+        module.skipped,
+        rfid_quantize=quantize if fid is not None else None,
     )
     log.info("results in %s:\n%s", cfg.out_dir, (Path(cfg.out_dir) / "summary.md").read_text())
     return results

@@ -42,10 +42,10 @@ from unilip.data.latent_cache import (
     FORMAT,
     MEMBER,
     STATS_MEMBER,
-    differences,
     expand_sources,
     pack,
     read_manifest,
+    refusal,
     source_caches,
     write_manifest,
 )
@@ -230,11 +230,8 @@ def cache_stage(cfg) -> dict[str, Any] | None:
     expected = cache_fingerprint(cfg, encoders.tokenizer_source, encoders.tokenizer, encoders.dit_preset)
     for name in sources:  # before anything is written: a cache made otherwise is never added to
         existing = read_manifest(out_dir / name)
-        if existing is not None and (diffs := differences(expected, existing.get("fingerprint", {}))):
-            raise ConfigError(
-                f"{out_dir / name} holds latents made differently ({'; '.join(diffs[:4])}); choose another "
-                "latent_cache.dir or delete it"
-            )
+        if existing is not None and (problem := refusal(out_dir / name, expected, existing.get("fingerprint", {}))):
+            raise ConfigError(f"{problem}; choose another latent_cache.dir, or delete this one to cache it again")
     group = _process_group(world_size)
     try:
         if rank == 0:

@@ -35,6 +35,7 @@ from unilip.tasks.generation.target_cache import (
     stage_caches,
     tokenizer_config,
     tokenizer_digest,
+    tokenizer_fields,
     validates,
 )
 from unilip.training.checkpoints import ema_state, locate, read_checkpoint
@@ -177,7 +178,8 @@ def cache_fingerprint(cfg: DictConfig, tokenizer_source: str, tokenizer, dit_pre
     """The fingerprint of this stage's cached targets (`unilip.tasks.generation.target_cache.fingerprint`)."""
     _, record = target_latents(cfg, tokenizer, tokenizer_source, dit_preset, load=False)
     dcae = dcae_identity(dit_preset) if cfg.recipe.latent_space == "dcae" else None
-    return fingerprint(cfg, tokenizer_digest(tokenizer_source), record["scale"], dcae)
+    tokenizer_record = tokenizer_fields(tokenizer_digest(tokenizer_source), tokenizer.config)
+    return fingerprint(cfg, tokenizer_record, record["scale"], dcae)
 
 
 # ------------------------------------------------------------------ the module

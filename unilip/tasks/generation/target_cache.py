@@ -4,9 +4,11 @@
 edits' source features (`unilip.data.latent_cache`); training reads them in place of the images when
 `data.latent_cache` names the cache (or the sources' urls point at cached shards). The fingerprint of
 a cache is the one this module computes from the run's config, the same function for writing and for
-checking: encoder weights (a digest of their files), latent space, image size, resize mode, latent
+checking: everything that changes a cached tensor. That is the tokenizer's weights (a digest of their
+files) and every field of its config (its normalisation `image_mean` / `image_std` is the encoder's
+preprocessing), the DC-AE of stage 1 (weights and config), latent space, image size, resize mode, latent
 scale, the edits' source size, and the compute and storage dtypes. A run whose fingerprint differs is
-refused before anything is built, with the fields that differ.
+refused before anything is built, in one line naming the first field that differs.
 
 With every training source cached, the step never runs an encoder. When validation is off as well
 (`data.val_urls=null`), nothing needs the tokenizer or the DC-AE, and they are not loaded: a stand-in
@@ -16,6 +18,7 @@ carries the tokenizer's config (what the conditioner reads: feature width, input
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
-from unilip.data.latent_cache import DTYPES, FORMAT, MANIFEST, VERSION, differences, expand_sources, with_cache
+from unilip.data.latent_cache import DTYPES, FORMAT, MANIFEST, VERSION, expand_sources, refusal, with_cache
 from unilip.data.latent_cache import source_caches as read_source_caches
 from unilip.models.generator import DiTPreset
 from unilip.models.hub import read_json, resolve_pretrained
@@ -56,8 +59,9 @@ def _weights_location(source: str | Path) -> Path:
 def tokenizer_digest(source: str | Path) -> str:
     """A digest of the weights file(s) a tokenizer source resolves to (a saved tokenizer's model.safetensors,
     a checkpoint, a released .pth, an FSDP checkpoint directory): the weights' identity, read without
-    building the tokenizer. Its config.json is left out: a latent scale written there later changes
-    nothing the cache holds (the scale is a fingerprint field of its own)."""
+    building the tokenizer. Its config.json is left out: the fingerprint holds the config field by field
+    (`tokenizer_fields`), so that a refusal names the field, and a re-indented file or a latent scale
+    written there later (the scale in use is a fingerprint field of its own) changes nothing."""
     located = _weights_location(source)
     if located.is_file():
         return files_digest([located])
@@ -96,7 +100,20 @@ def dcae_identity(preset: DiTPreset) -> dict[str, Any]:
         path = path / "vae"
     config = read_json(path / "config.json", what="DC-AE config")
     files = sorted(path.glob("*.safetensors"))
-    return {"weights_sha256": files_digest(files, path), "scaling_factor": float(config.get("scaling_factor", 1.0))}
+    return {
+        "weights_sha256": files_digest(files, path),
+        "scaling_factor": float(config.get("scaling_factor", 1.0)),
+        # diffusers' own bookkeeping (`_class_name`, `_diffusers_version`, `_name_or_path`) changes no latent
+        "config": {key: value for key, value in config.items() if not key.startswith("_")},
+    }
+
+
+def tokenizer_fields(weights_digest: str, config: TokenizerConfig) -> dict[str, Any]:
+    """The tokenizer as the fingerprint records it: its weights' digest and every field of its config (defaults
+    resolved: a config without image_mean and one that spells out the encoder's own are the same tokenizer),
+    less `latent_scale`, whose value in use is the fingerprint's `latent_scale` (an override may replace it)."""
+    fields = {key: value for key, value in config.to_dict().items() if key != "latent_scale"}
+    return {"weights_sha256": weights_digest, **fields}
 
 
 # ------------------------------------------------------------------ the fingerprint
@@ -108,25 +125,30 @@ def compute_dtype(cfg: DictConfig) -> dict[str, Any]:
     return {"weights": cfg.module.frozen_dtype or "float32", "autocast": PRECISIONS[precision]}
 
 
-def fingerprint(cfg: DictConfig, weights_digest: str, scale: float, dcae: dict[str, Any] | None) -> dict[str, Any]:
-    """What decides the tensors a cache of this stage holds (`weights_digest`: the tokenizer's; `dcae`: the
-    DC-AE identity in stage 1; `scale`: the latent scale the latents are multiplied by)."""
+def fingerprint(
+    cfg: DictConfig, tokenizer: dict[str, Any], scale: float, dcae: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What decides the tensors a cache of this stage holds (`tokenizer`: its `tokenizer_fields`, the target
+    encoder in UniLIP latent space and the edits' source encoder in every stage; `dcae`: the DC-AE identity,
+    the target encoder in stage 1; `scale`: the latent scale the latents are multiplied by), as JSON values
+    (what cache.json holds, so that the two compare equal)."""
     recipe = cfg.recipe
     dtype = cfg.latent_cache.dtype
     if dtype not in DTYPES:
         raise ConfigError(f"latent_cache.dtype={dtype}; use one of {sorted(DTYPES)}")
-    target = {"tokenizer_sha256": weights_digest} if recipe.latent_space == "unilip" else dict(dcae or {})
-    return {
+    record = {
         "version": VERSION,
         "latent_space": recipe.latent_space,
         "image_size": recipe.image_size,
         "resize": cfg.data.resize,
         "latent_scale": scale,
-        "target_encoder": target,
-        "source_encoder": {"tokenizer_sha256": weights_digest, "source_size": cfg.mllm.source_size},
+        "tokenizer": tokenizer,
+        "dcae": dict(dcae or {}) if recipe.latent_space == "dcae" else None,
+        "source_size": cfg.mllm.source_size,
         "compute": compute_dtype(cfg),
         "dtype": dtype,
     }
+    return json.loads(json.dumps(record))  # tuples -> lists, as read back from cache.json
 
 
 def stage_caches(cfg: DictConfig) -> dict[str, dict[str, Any]] | None:
@@ -135,17 +157,20 @@ def stage_caches(cfg: DictConfig) -> dict[str, dict[str, Any]] | None:
     return read_source_caches(expand_sources(sources))
 
 
+REBUILD = (
+    "rebuild it for this run (python -m unilip.tasks.generation.cache_latents <this run's overrides> "
+    "latent_cache.dir=<a new directory>), or run with the settings its {manifest} records"
+)
+
+
 def check_caches(caches: dict[str, dict[str, Any]], expected: dict[str, Any]) -> None:
-    """Refuse caches made otherwise than this run would make them, naming the fields that differ."""
+    """Refuse caches made otherwise than this run would make them, in one line naming what differs."""
     for name, manifest in caches.items():
-        found = manifest.get("fingerprint", {})
-        if manifest.get("format") != FORMAT or (diffs := differences(expected, found)):
-            raise ConfigError(
-                f"the cached latents of source {name!r} were made differently from this run ("
-                + "; ".join(diffs[:4])
-                + "); cache them again with this run's overrides (python -m unilip.tasks.generation.cache_latents ...) "
-                f"into another latent_cache.dir, or run with the settings in their {MANIFEST}"
-            )
+        where = manifest.get("directory", name)
+        if manifest.get("format") != FORMAT:
+            raise ConfigError(f"{where} is not a latent cache (format={manifest.get('format')!r})")
+        if problem := refusal(where, expected, manifest.get("fingerprint", {})):
+            raise ConfigError(f"{problem}; {REBUILD.format(manifest=MANIFEST)}")
 
 
 def validates(cfg: DictConfig) -> bool:
