@@ -124,9 +124,9 @@ def test_the_kl_is_flow_grpos_by_default_and_the_exact_step_kl_as_an_option(modu
     assert result.kl.item() == pytest.approx(sum(per_step) / STEPS, rel=1e-4)
     # module.flow_kl=step: each step's KL divided by its dt (the exact KL of the two Gaussian steps)
     step = losses(module, rollout, flow_kl="step")
-    expected = sum(kl / dt for kl, dt in zip(per_step, dts)) / STEPS
+    expected = sum(kl / dt for kl, dt in zip(per_step, dts, strict=True)) / STEPS
     assert step.kl.item() == pytest.approx(expected, rel=1e-4)
-    assert step.kl.item() > 2 * result.kl.item()  # every dt is below 1/2 with 3 shifted steps
+    assert step.kl.item() > 1.5 * result.kl.item()  # dt = 0.25, 0.74, 0.009: 3 shifted steps
     with pytest.raises(ValueError, match="flow_kl='exact'"):
         type(module)(module.networks, dict(module.trained.named()), 2, torch.optim.AdamW, flow_kl="exact")
 
