@@ -31,7 +31,8 @@ pytestmark = pytest.mark.skipif(not FLOW_GRPO, reason="set UNILIP_FLOW_GRPO to a
 
 TOLERANCE = 1e-6  # fp32 on both sides, the same formulas in another order (see `close`)
 # A gradient through step k carries (x_next - mean) / std^2: a rounding of the mean (~1e-7 of |x| ~ 7) moves it
-# by ~1e-7 |x| / std relative, ~2e-5 at the last step's std of 0.03. Measured here: 3e-6 of the largest.
+# by up to ~1e-7 |x| / std relative, 1e-4 at the last step (std 0.006); summed over steps and elements, measured
+# here: 3e-6 of the largest element.
 GRADIENT_TOLERANCE = 1e-5
 STEPS, SHIFT, NOISE_LEVEL, GUIDANCE, BETA, CLIP = 10, 3.0, 0.7, 4.5, 0.04, 0.2
 GROUP, PROMPTS, CHANNELS, SIDE, WIDTH = 4, 2, 4, 4, 6
