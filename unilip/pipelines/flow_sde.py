@@ -66,6 +66,14 @@ class Trajectory:
     def samples(self) -> torch.Tensor:
         return self.latents[-1]
 
+    def dt(self, k: int) -> float:
+        """Step k's length in time, t_k - t_{k+1} > 0."""
+        return float(self.times[k]) - float(self.times[k + 1])  # as `step_std` takes it
+
+    def sigma(self, k: int) -> float:
+        """Step k's noise level sigma_t (its std is sigma_t sqrt(dt)): Flow-GRPO's `std_dev_t`."""
+        return self.stds[k] / math.sqrt(self.dt(k))
+
 
 def step_log_prob(
     velocity: Velocity, trajectory: Trajectory, k: int, with_mean: bool = False

@@ -142,6 +142,8 @@ class UnifiedModule(Module):
     group_size: int = value(ge=2, hint="GRPO compares G outputs of one input")
     clip_range: float = value(gt=0)
     kl_weight: float = value(ge=0)
+    flow_kl: Literal["flow_grpo", "step"] = value()
+    null_branch_gradient: bool = value()
     updates_per_rollout: int = value(ge=1)
     rollout_chunk: int | None = value(ge=1, hint="null: the whole rollout")
 

@@ -36,9 +36,8 @@ from unilip.logs import is_logging_step
 from unilip.models.captioner import save_captioner
 from unilip.models.generator import from_state
 from unilip.models.lora import LoRASpec, adapters_disabled, add_lora, load_adapters, merged_state_dict
-from unilip.pipelines.flow_sde import step_log_prob
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR
-from unilip.tasks.unified.grpo import GRPOLoss, group_advantages, grpo_loss, token_kl
+from unilip.tasks.unified.grpo import FLOW_KL, GRPOLoss, flow_step_loss, group_advantages, grpo_loss, token_kl
 from unilip.tasks.unified.rollouts import (
     Rendering,
     RewardTerms,
@@ -85,6 +84,10 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         lr, final_lr, warmup_steps, max_steps, weight_decay: AdamW on the trained parameters, cosine schedule.
         group_size: G, outputs per input whose rewards are compared.
         clip_range, kl_weight: GRPO's eps_clip and beta.
+        flow_kl: stage 2's KL per SDE step, `flow_grpo` (Flow-GRPO's, beta carries over) or `step` (the exact
+            KL of the two steps, 1 / dt times larger); see `grpo.flow_kl`.
+        null_branch_gradient: stage 2's policy gradient flows through the null prompt's prediction of the guided
+            velocity too (False: detached, as in Flow-GRPO).
         updates_per_rollout: optimizer steps on each rollout (mu; 1: on-policy, the ratio is 1).
         terms: the length and format terms of stage 1's reward.
         rendering: the frozen generator's sampler (stage 1's rollouts, validation).
@@ -114,6 +117,8 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         group_size: int = 8,
         clip_range: float = 0.2,
         kl_weight: float = 0.04,
+        flow_kl: str = "flow_grpo",
+        null_branch_gradient: bool = False,
         updates_per_rollout: int = 1,
         terms: RewardTerms | dict | None = None,
         rendering: Rendering | dict | None = None,
@@ -142,7 +147,10 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         self.stage, self.optimizer_factory = stage, optimizer
         self.lr, self.final_lr, self.warmup_steps, self.max_steps = lr, final_lr, warmup_steps, max_steps
         self.weight_decay = weight_decay
+        if flow_kl not in FLOW_KL:
+            raise ValueError(f"flow_kl={flow_kl!r}; use one of {FLOW_KL}")
         self.group_size, self.clip_range, self.kl_weight = group_size, clip_range, kl_weight
+        self.flow_kl, self.null_branch_gradient = flow_kl, null_branch_gradient
         self.updates_per_rollout = updates_per_rollout
         self.terms = terms if isinstance(terms, RewardTerms) else RewardTerms(**(terms or {}))
         self.rendering = rendering if isinstance(rendering, Rendering) else Rendering(**(rendering or {}))
@@ -256,24 +264,17 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
 
     def flow_losses(self, rollout: Rollout, advantages: torch.Tensor) -> GRPOLoss:
         """Stage 2: GRPO over the SDE steps, one backward per step (the gradient of the mean over steps);
-        KL to the reference policy in closed form (two Gaussians of the same std)."""
+        KL to the reference policy in closed form (two Gaussians of the same std, `grpo.flow_kl`)."""
         trajectory, (condition, mask) = rollout.trajectory, rollout.condition
         scale = self.sampling.guidance_scale
-        velocity = velocity_of(self.networks.generator, condition, mask, scale)
+        velocity = velocity_of(self.networks.generator, condition, mask, scale, self.null_branch_gradient)
         reference = velocity_of(self._reference_forward(), condition, mask, scale)
         steps = trajectory.log_probs.shape[0]
         parts = []
         for k in range(steps):
-            log_prob, mean = step_log_prob(velocity, trajectory, k, with_mean=True)
-            old = trajectory.log_probs[k] if self.updates_per_rollout > 1 else log_prob.detach()
-            kl = None
-            if self.kl_weight > 0:
-                with torch.no_grad():
-                    _, reference_mean = step_log_prob(reference, trajectory, k, with_mean=True)
-                kl = ((mean - reference_mean) ** 2).flatten(1).mean(1) / (2 * trajectory.stds[k] ** 2)
-                kl = kl.unsqueeze(1)
-            part = grpo_loss(log_prob.unsqueeze(1), old.unsqueeze(1), advantages, None, self.clip_range, kl,
-                             self.kl_weight)  # fmt: skip
+            old = trajectory.log_probs[k] if self.updates_per_rollout > 1 else None
+            part = flow_step_loss(velocity, reference, trajectory, k, advantages, old, self.clip_range,
+                                  self.kl_weight, self.flow_kl)  # fmt: skip
             self.manual_backward(part.loss / steps)
             parts.append(part)
         mean = {f: torch.stack([getattr(p, f).detach() for p in parts]).mean() for f in GRPOLoss.__dataclass_fields__}

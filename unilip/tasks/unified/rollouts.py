@@ -211,14 +211,22 @@ def condition(networks: UnifiedNetworks, texts: list[str], guided: bool) -> tupl
         return networks.generator.condition(networks.conditioner, batch, None), batch.attention_mask
 
 
-def velocity_of(dit_forward: Callable, condition: torch.Tensor, mask: torch.Tensor, scale: float) -> Velocity:
-    """The (guided) velocity v(x, t) of a DiT forward `dit_forward(x, timestep x 1000, condition, mask)`."""
+def velocity_of(
+    dit_forward: Callable, condition: torch.Tensor, mask: torch.Tensor, scale: float, null_gradient: bool = False
+) -> Velocity:
+    """The (guided) velocity v(x, t) of a DiT forward `dit_forward(x, timestep x 1000, condition, mask)`.
+
+    With guidance, the null prompt's prediction is detached unless `null_gradient`: the policy gradient then
+    flows through the conditional branch alone, as in Flow-GRPO (train_sd3.py, `compute_log_prob`).
+    """
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if condition.shape[0] == x.shape[0]:  # unguided
             return dit_forward(x, t * 1000, condition, mask).float()
         both = dit_forward(torch.cat([x, x]), torch.cat([t, t]) * 1000, condition, mask).float()
         conditional, null = both.chunk(2)
+        if not null_gradient:
+            null = null.detach()
         return null + scale * (conditional - null)
 
     return velocity
