@@ -160,7 +160,7 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         self.ema_decay, self.ema = ema_decay, None
         self.nonfinite = NonFiniteGuard(max_nonfinite_streak)
         self.skip_nonfinite = skip_nonfinite
-        self.captioner_lora = captioner_lora or LoRASpec()
+        self.captioner_lora = captioner_lora  # None: the base captioner, no adapters to save
         self.dit_lora = dit_lora
         self.gradient_checkpointing = gradient_checkpointing
         self.sample_dir = Path(sample_dir) if sample_dir else None
