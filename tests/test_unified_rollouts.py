@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+import unilip.tasks.unified.grpo as grpo_module
 import unilip.tasks.unified.module as unified_module
 from tests import sampling_helpers
 from tests.conftest import compose_train
@@ -122,7 +123,8 @@ def test_the_first_update_of_a_rollout_has_ratio_one(photos_dir, generator_dir, 
         return grpo_loss(log_probs, old_log_probs, advantages, mask, *args, **kwargs)
 
     grpo_loss = unified_module.grpo_loss
-    monkeypatch.setattr(unified_module, "grpo_loss", spy)
+    monkeypatch.setattr(unified_module, "grpo_loss", spy)  # stage 1 calls it from the module
+    monkeypatch.setattr(grpo_module, "grpo_loss", spy)  # stage 2 through grpo.flow_step_loss
     extra = ["module.updates_per_rollout=2", "module.kl_weight=0"]
     train(_cfg(photos_dir, tmp_path, generator_dir, stage, *extra, f"stages.stage{stage}.lr=0.05", steps=2))
     per_update = 1 if stage == 1 else 2  # stage 2: one call per SDE step
