@@ -225,7 +225,7 @@ def _(c):
     return train(c, "model=tiny_dinov2", f"model.encoder_weights={c.path('siglip')}")
 
 
-@case("train: a latent cache made with another tokenizer", "were made differently from this run (source_encoder")
+@case("train: a latent cache made with another tokenizer", "was made with tokenizer.weights_sha256=")
 def _(c):
     from unilip.tasks.generation.cache_latents import main as cache_latents
 
