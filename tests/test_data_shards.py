@@ -189,13 +189,21 @@ def test_loader_benchmark_writes_its_table(tmp_path, caplog):
 
 
 def _copy_of(photos: Path, built: list):
-    """A stand-in for `build_photo_shards` that copies a finished set (seconds faster) and counts its calls."""
+    """A stand-in for `build_photo_shards` that copies a finished set (seconds faster) and counts its calls.
+
+    Like the real build, the manifest arrives last: a waiting rank that sees it must find every shard.
+    """
 
     def build(out_dir) -> None:
         import shutil
 
+        from unilip.data.samples import MANIFEST
+
         built.append(str(out_dir))
-        shutil.copytree(photos, out_dir, dirs_exist_ok=True)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for source in sorted(photos.iterdir(), key=lambda path: path.name == MANIFEST):
+            shutil.copy2(source, out_dir / source.name)
 
     return build
 
