@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from unilip.errors import ConfigError
-from unilip.logs import one_line_errors
+from unilip.logs import cli_logging, one_line_errors
 from unilip.pretrained import ExportMismatchError, home_of, load_tokenizer
 
 log = logging.getLogger("unilip.export")
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-verify", action="store_true", help="skip reloading and comparing features")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging()
 
     with one_line_errors():
         out = args.out

@@ -39,6 +39,46 @@ def quiet_third_party_noise() -> None:
             lightning.removeHandler(handler)
 
 
+CLI_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def cli_logging(level: int = logging.INFO, fmt: str = CLI_FORMAT) -> None:
+    """For command-line tools: progress and diagnostics on stderr, one `LEVEL logger: message` line each
+    (a no-op where the application has configured logging already, as Hydra does)."""
+    logging.basicConfig(level=level, format=fmt)
+
+
+class _Stdout(logging.StreamHandler):
+    """A handler on whatever `sys.stdout` is when a record is written (a test's capture, a redirection made
+    after the logger was set up), not the stream of the moment it was created."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def output(name: str) -> logging.Logger:
+    """A command-line tool's results, the lines a user or a script reads (a JSON record, a summary, the URL
+    of a server), written to stdout as the bare message. Diagnostics stay on stderr (`cli_logging`), so
+    `tool > result.json` captures the result alone; a library caller can silence or redirect these lines
+    through `logging.getLogger(f"{name}.output")` like any other logger."""
+    logger = logging.getLogger(f"{name}.output")
+    if not any(isinstance(handler, _Stdout) for handler in logger.handlers):
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
 def is_logging_step(trainer) -> bool:
     """Whether Lightning writes this training step's `self.log(..., on_step=True)` values to the loggers
     (every `log_every_n_steps`). Each `self.log` call costs Lightning ~0.1-0.5 ms of bookkeeping, so the

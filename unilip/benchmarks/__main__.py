@@ -7,20 +7,19 @@ Under torchrun the prompts are split over the processes.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from unilip.benchmarks import BENCHMARKS
-from unilip.logs import one_line_errors
+from unilip.logs import cli_logging, one_line_errors, output
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        output(__name__).info(__doc__)
         return None
     name, overrides = argv[0], argv[1:]
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging()
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -33,8 +32,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         cfg = compose_config("benchmark", [f"benchmark={name}", *overrides])
         results = run_benchmark(cfg)
     if results is not None and results["scores"] is None:  # rank 0, no scores yet: how to get them
-        print(f"{name}: images in {cfg.out}; score them with the official scorer:")
-        print("\n".join(results["score_commands"]))
+        output(__name__).info(
+            "%s: images in %s; score them with the official scorer:\n%s",
+            name,
+            cfg.out,
+            "\n".join(results["score_commands"]),
+        )
     return results
 
 

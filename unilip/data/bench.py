@@ -33,6 +33,7 @@ from unilip.data.samples import PHOTOS, load_photo
 from unilip.data.shards import ShardSink, SkipCounter, expand_urls, read_shard
 from unilip.data.streams import TrainSource
 from unilip.data.transforms import SampleTransform, collate, crop_box, decode_image, render, to_float
+from unilip.logs import cli_logging
 
 log = logging.getLogger(__name__)
 
@@ -176,5 +177,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli_logging(fmt="%(message)s")
     raise SystemExit(main())

@@ -34,7 +34,7 @@ from pathlib import Path
 from unilip.data.prepare import writer
 from unilip.data.prepare.writer import DEFAULT_MAX_SIZE, Record
 from unilip.errors import ConfigError, UnreadableFileError
-from unilip.logs import one_line_errors
+from unilip.logs import cli_logging, one_line_errors
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=0, help="processes that verify/encode images (default 0)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging()
     with one_line_errors():
         report = make_shards(args)
     log.info(

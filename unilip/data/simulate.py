@@ -25,6 +25,7 @@ import numpy as np
 
 from unilip.data.shards import ShardSink, expand_urls
 from unilip.data.streams import EvalStream, TrainSource, TrainStream
+from unilip.logs import cli_logging
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--synthetic", type=int, help="simulate on this many made-up shards instead")
     parser.add_argument("--samples-per-shard", type=int, default=4, help="samples per made-up shard")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli_logging(fmt="%(message)s")
     with tempfile.TemporaryDirectory() as tmp:
         if args.synthetic:
             urls = synthetic_shards(Path(tmp), args.synthetic, args.samples_per_shard)

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from unilip.errors import ConfigError
-from unilip.logs import one_line_errors
+from unilip.logs import cli_logging, one_line_errors, output
 
 INSTALL = 'pip install -e ".[demo]"'
 DESCRIPTION = (
@@ -62,7 +62,7 @@ def announce(host: str, port: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own requests to the page it serves
     with one_line_errors():
         if args.refresh <= 0:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as error:  # the port is taken
             shutil.rmtree(options.downloads, ignore_errors=True)
             raise ConfigError(f"cannot serve on {args.host}:{args.port} ({error}); choose another --port") from None
-    print(announce(args.host, app.server_port), flush=True)
+    output(__name__).info(announce(args.host, app.server_port))
     try:
         app.block_thread()
     finally:

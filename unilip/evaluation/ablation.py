@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 from unilip.evaluation.run import evaluate
+from unilip.logs import cli_logging
 from unilip.models.presets import compose_config
 from unilip.training.run import train
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every training run")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging()
     rows = run_arms(args.runs_dir.resolve(), args.data_dir.resolve(), args.overrides)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table(rows) + "\n")

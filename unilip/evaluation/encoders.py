@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from unilip.evaluation.run import evaluate
+from unilip.logs import cli_logging
 from unilip.models.presets import compose_config
 from unilip.training.run import train
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated tokenizer presets (conf/model/)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every training run")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging()
     rows = []
     for preset in args.presets.split(","):
         rows += run_preset(preset, args.runs_dir.resolve(), args.data_dir.resolve(), args.overrides)

@@ -92,11 +92,12 @@ def main(argv: list[str] | None = None) -> LatentStats:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--write", action="store_true", help="store the scale in the saved tokenizer")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from unilip.logs import cli_logging, one_line_errors, output
+
+    cli_logging()
     from unilip.data import ShardDataModule
     from unilip.data.shards import DataError
     from unilip.data.transforms import to_float
-    from unilip.logs import one_line_errors
     from unilip.models.presets import tokenizer_preset
     from unilip.training.checkpoints import locate
     from unilip.training.config import ConfigError
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> LatentStats:
         batches = (to_float(batch["image"].to(args.device)) for batch in data.val_dataloader())
         with torch.no_grad():
             stats = measure(tokenizer.encode, batches, args.samples)
-        print(json.dumps({**asdict(stats), "scale": stats.scale}))
+        output(__name__).info(json.dumps({**asdict(stats), "scale": stats.scale}))
         if args.write:
             log.info("wrote latent_scale=%.4f to %s", stats.scale, write_scale(located, stats, args.shards, args.size))
     return stats

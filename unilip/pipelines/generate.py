@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unilip.logs import one_line_errors
+from unilip.logs import cli_logging, one_line_errors
 from unilip.pipelines.generation import SCHEDULERS, UniLIPPipeline
 from unilip.pipelines.manifest import MANIFEST, SamplingError, generator_record, identity
 from unilip.pipelines.sampling import RunResult, SampleJob, SamplerSettings, pending_samples, run_sampling
@@ -218,7 +218,7 @@ SEED_RULE = (
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging()
     if args.mode == "prompts":
         with one_line_errors(OSError, ValueError):
             _sample_prompt_file(args)

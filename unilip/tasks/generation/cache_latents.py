@@ -54,6 +54,7 @@ from unilip.data.shards import DataError, SkipCounter, read_shard
 from unilip.data.streams import _batches, _worker
 from unilip.data.transforms import SampleTransform, to_float
 from unilip.errors import ConfigError
+from unilip.logs import cli_logging, output
 
 log = logging.getLogger(__name__)
 
@@ -337,8 +338,7 @@ def _finish(out_dir, jobs, sources, expected, encoders, reports, world_size) -> 
         f"({per_sample / 1e3:.1f} kB per sample), {seconds:.1f} s "
         f"({summary['samples'] / max(seconds, 1e-9):.1f} samples/s, {world_size} process(es))"
     )
-    log.info(line)
-    print(line)
+    output(__name__).info(line)
     return summary
 
 
@@ -366,9 +366,9 @@ def _gather(report: Report, world_size: int) -> list[Report]:
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+        output(__name__).info(__doc__)
         return None
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging()
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from unilip.logs import quiet_third_party_noise
+from unilip.logs import cli_logging, output, quiet_third_party_noise
 from unilip.models.presets import compose_config
 from unilip.models.toy import save_toy_generator
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (more thrash on a loaded machine)")
     parser.add_argument("overrides", nargs="*", help="config overrides for both stages (key=value)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging(logging.WARNING)
     quiet_third_party_noise()
     torch.set_num_threads(args.threads)
     from unilip.training.run import train
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": seconds,
             "seconds_per_step": per_step,
         }
-        print(
+        output(__name__).info(
             f"stage {stage}: mean reward {np.mean(before):.4f} -> {np.mean(after):.4f} (gain {gains.mean():+.4f} "
             f"+- {gain_se:.4f} over {len(seeds)} measurements; {args.steps} steps, {per_step:.2f} s per step, "
             f"{seconds:.0f} s in all)"
