@@ -186,24 +186,15 @@ def test_ema_matches_a_hand_computed_average():
 def test_ema_with_decay_other_than_a_half_matches_hand_values():
     """decay = 0.9, where decay and 1 - decay differ: each update keeps 90 % of the average, adds 10 % of the
     weights (by hand: 0 -> 0.9 * 0 + 0.1 * 10 = 1 -> 0.9 * 1 + 0.1 * 20 = 2.9)."""
-    param = torch.nn.Parameter(torch.zeros(2))
-    ema = EMA({"w": param}, decay=0.9, warmup=False)
-    param.data.fill_(10.0)
-    ema.update()
-    assert torch.allclose(ema.shadows()[0], torch.full((2,), 1.0))
-    param.data.fill_(20.0)
-    ema.update()
-    assert torch.allclose(ema.shadows()[0], torch.full((2,), 2.9))
     # with warm-up the decay is (1 + n) / (10 + n) while below 0.99: 1/10, then 2/11
     # (by hand: 0 -> 0.1 * 0 + 0.9 * 10 = 9 -> 2/11 * 9 + 9/11 * 20 = 198/11 = 18)
-    param = torch.nn.Parameter(torch.zeros(2))
-    ema = EMA({"w": param}, decay=0.99, warmup=True)
-    param.data.fill_(10.0)
-    ema.update()
-    assert torch.allclose(ema.shadows()[0], torch.full((2,), 9.0))
-    param.data.fill_(20.0)
-    ema.update()
-    assert torch.allclose(ema.shadows()[0], torch.full((2,), 18.0))
+    for decay, warmup, expected in [(0.9, False, [1.0, 2.9]), (0.99, True, [9.0, 18.0])]:
+        param = torch.nn.Parameter(torch.zeros(2))
+        ema = EMA({"w": param}, decay=decay, warmup=warmup)
+        for weight, average in zip([10.0, 20.0], expected, strict=True):
+            param.data.fill_(weight)
+            ema.update()
+            assert torch.allclose(ema.shadows()[0], torch.full((2,), average)), (decay, warmup, weight)
 
 
 def test_ema_warmup_decay():

@@ -199,17 +199,16 @@ def straight(photos_dir, tmp_path_factory):
     return run_dir
 
 
-def test_slurm_requeue_checkpoints_requeues_and_resumes_exactly(photos_dir, straight, tmp_path):
-    """SIGUSR1 (SLURM's `--signal=USR1@...`) to a running job: it stops after a step, writes last.ckpt, calls
-    `scontrol requeue <job id>` and exits without a result; `resume=auto` then finishes the run exactly as
-    the uninterrupted one."""
+def _one_task_slurm_job(job_id: str, tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The environment SLURM gives a one-task job, with a stand-in `scontrol` on the PATH that records its
+    arguments in the returned file."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol_calls"
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     (bin_dir / "scontrol").chmod(0o755)
     slurm = {
-        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_ID": job_id,
         "SLURM_JOB_NAME": "unilip",
         "SLURM_NTASKS": "1",
         "SLURM_NTASKS_PER_NODE": "1",
@@ -219,6 +218,14 @@ def test_slurm_requeue_checkpoints_requeues_and_resumes_exactly(photos_dir, stra
         "SLURM_NODELIST": "localhost",
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
     }
+    return slurm, calls
+
+
+def test_slurm_requeue_checkpoints_requeues_and_resumes_exactly(photos_dir, straight, tmp_path):
+    """SIGUSR1 (SLURM's `--signal=USR1@...`) to a running job: it stops after a step, writes last.ckpt, calls
+    `scontrol requeue <job id>` and exits without a result; `resume=auto` then finishes the run exactly as
+    the uninterrupted one."""
+    slurm, calls = _one_task_slurm_job("4242", tmp_path)
     run_dir = tmp_path / "requeued"
     started = tmp_path / "started"
     command = _command(
@@ -262,22 +269,7 @@ def test_slurm_requeue_writes_its_own_checkpoint_between_periodic_ones(photos_di
     at all (a requeue that wrote none would lose every step since the start); checkpoint_every=2: the periodic
     one at step 2 must not stand in for it (Lightning's own save at the end of fit writes last.ckpt only when
     no checkpoint was written before, so only this case sees the requeue's own save go missing)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "scontrol_calls"
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    slurm = {
-        "SLURM_JOB_ID": "4343",
-        "SLURM_JOB_NAME": "unilip",
-        "SLURM_NTASKS": "1",
-        "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "0",
-        "SLURM_NODELIST": "localhost",
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-    }
+    slurm, calls = _one_task_slurm_job("4343", tmp_path)
     run_dir = tmp_path / "requeued"
     settings = [o for o in RESUMABLE if not o.startswith("checkpoint_every=")]
     command = _command(

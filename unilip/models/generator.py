@@ -197,6 +197,19 @@ class GeneratorConfig:
         return dataclasses.asdict(self)
 
 
+def dit_velocity(
+    dit: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """A SANA transformer's velocity (`UniLIPGenerator.forward`; also for a frozen copy of its DiT)."""
+    return dit(
+        hidden_states=latents,
+        encoder_hidden_states=condition.to(latents.dtype),
+        timestep=timestep,
+        encoder_attention_mask=mask.to(latents.dtype),
+        return_dict=False,
+    )[0]
+
+
 class UniLIPGenerator(nn.Module):
     """Queries + connector + projection + SANA DiT: the parameters generation training updates.
 
@@ -266,13 +279,7 @@ class UniLIPGenerator(nn.Module):
         self, latents: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """Velocity: (B, 32, h, w) noisy latents, (B,) timesteps t * 1000, (B, L, C) condition, (B, L) mask."""
-        return self.dit(
-            hidden_states=latents,
-            encoder_hidden_states=condition.to(latents.dtype),
-            timestep=timestep,
-            encoder_attention_mask=mask.to(latents.dtype),
-            return_dict=False,
-        )[0]
+        return dit_velocity(self.dit, latents, timestep, condition, mask)
 
     # ------------------------------------------------------------------ weights in and out
     def save_pretrained(self, directory: str | Path, meta: dict[str, Any] | None = None) -> None:

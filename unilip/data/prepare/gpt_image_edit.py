@@ -18,12 +18,11 @@ records keep their order (parts in the list's order, records in each JSON's orde
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from unilip.data.prepare.writer import Conversion, Record
+from unilip.data.prepare.writer import Conversion, Record, load_json_list
 from unilip.errors import ConfigError, UnreadableFileError
 
 LIST_FILES = ("gptedit.txt", "data.txt")
@@ -38,7 +37,7 @@ def plan(download: Path) -> Conversion:
     parts = _parts(download)
     total, not_selected = 0, []
     for _, annotation in parts:
-        for index, item in enumerate(_load(annotation)):
+        for index, item in enumerate(load_json_list(annotation)):
             reason = _not_selected(item)
             if reason:
                 not_selected.append((f"{annotation.name}[{index}]", reason))
@@ -50,7 +49,7 @@ def plan(download: Path) -> Conversion:
 def _records(parts: list[tuple[Path, Path]]) -> Iterator[Record]:
     number = 0
     for images, annotation in parts:
-        for item in _load(annotation):
+        for item in load_json_list(annotation):
             if _not_selected(item):
                 continue
             source, target = item["image"]
@@ -109,13 +108,3 @@ def _parts(download: Path) -> list[tuple[Path, Path]]:
     if not parts:
         raise ConfigError(f"{listing} lists no parts; one line per part: <image folder>,<annotation JSON>,false")
     return parts
-
-
-def _load(annotation: Path) -> list:
-    try:
-        items = json.loads(annotation.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UnreadableFileError(f"{annotation}: not a JSON file ({error})") from None
-    if not isinstance(items, list):
-        raise UnreadableFileError(f"{annotation}: expected a JSON list of records, got a {type(items).__name__}")
-    return items

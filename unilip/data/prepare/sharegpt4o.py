@@ -17,13 +17,12 @@ used as they are. Records keep the JSON's order and are numbered `00000000`, ...
 
 from __future__ import annotations
 
-import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from unilip.data.prepare.writer import Conversion, ImageRef, Record, TarMember
+from unilip.data.prepare.writer import Conversion, ImageRef, Record, TarMember, load_json_list
 from unilip.errors import ConfigError, UnreadableFileError
 
 T2I_JSON = "text_to_image.json"
@@ -42,7 +41,7 @@ def _plan(download: Path, name: str, edit: bool) -> Conversion:
     path = download / name
     if not path.is_file():
         raise ConfigError(f"{download} holds no {name}; is it the ShareGPT-4o-Image download?")
-    items = _load(path)
+    items = load_json_list(path)
     not_selected = [(f"{name}[{i}]", reason) for i, item in enumerate(items) if (reason := _not_selected(item, edit))]
     total = len(items) - len(not_selected)
     return Conversion(lambda: _records(download, path, edit), total, not_selected)
@@ -51,7 +50,7 @@ def _plan(download: Path, name: str, edit: bool) -> Conversion:
 def _records(download: Path, path: Path, edit: bool) -> Iterator[Record]:
     images = Images(download)
     number = 0
-    for item in _load(path):
+    for item in load_json_list(path):
         if _not_selected(item, edit):
             continue
         key, prompt = f"{number:08d}", item["input_prompt"]
@@ -110,13 +109,3 @@ def archive_members(archives: list[Path]) -> dict[str, TarMember]:
 
 def _normal(name: str) -> str:
     return name.removeprefix("./")
-
-
-def _load(path: Path) -> list:
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UnreadableFileError(f"{path}: not a JSON file ({error})") from None
-    if not isinstance(items, list):
-        raise UnreadableFileError(f"{path}: expected a JSON list of records, got a {type(items).__name__}")
-    return items

@@ -16,6 +16,7 @@ is skipped and named, never fatal. Encoded bytes are kept as they are unless the
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from unilip.data.prepare.runner import check_output, finish, run_jobs, temporary
 from unilip.data.transforms import as_rgb
+from unilip.errors import UnreadableFileError
 
 READABLE = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 DEFAULT_MAX_SIZE = 1024  # shorter side, px: above every training and evaluation size (224 to 512 px)
@@ -86,6 +88,17 @@ class Conversion:
     records: Callable[[], Iterator[Record]]
     total: int
     not_selected: list[tuple[str, str]] = field(default_factory=list)
+
+
+def load_json_list(path: Path) -> list:
+    """A dataset's annotation file: a JSON list of records (anything else is one clear error)."""
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UnreadableFileError(f"{path}: not a JSON file ({error})") from None
+    if not isinstance(items, list):
+        raise UnreadableFileError(f"{path}: expected a JSON list of records, got a {type(items).__name__}")
+    return items
 
 
 def read_image(ref: ImageRef) -> bytes:

@@ -31,19 +31,19 @@ from torch.optim import Optimizer
 
 from unilip.data.shards import DataError
 from unilip.data.transforms import batch_to_float
-from unilip.logs import is_logging_step
 from unilip.models.generator import UniLIPGenerator, from_state
 from unilip.models.mllm import DualConditioner
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR, UniLIPPipeline
-from unilip.training.distributed import GradientLayoutProbe, gathered_state_dict
+from unilip.training.distributed import gathered_state_dict
 from unilip.training.ema import EMA, ValidatesWithEMA
 from unilip.training.flops import flop_counter
 from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
-from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
+from unilip.training.nonfinite import NonFiniteGuard
 from unilip.training.param_groups import decay_groups
 from unilip.training.rng import gather_rng_states, restore_rng_states
 from unilip.training.schedules import cosine_with_warmup
 from unilip.training.sharding import shard_generator
+from unilip.training.steps import backward_step, optimizer_step
 from unilip.training.validation import EpochMeans, log_epoch_means
 
 log = logging.getLogger(__name__)
@@ -290,30 +290,12 @@ class GenerationTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule)
         noise = torch.randn(x0.shape, generator=self.rng).to(x0)
         loss = self.flow_loss(x0, prompt, features, t, noise)
         optimizer.zero_grad(set_to_none=True)
-        probe = GradientLayoutProbe(self.parameters()) if self._probe_layouts else None
-        self.manual_backward(loss)
-        if probe is not None:
-            self._probe_layouts = False
-            probe.apply()
+        backward_step(self, loss)
         params = [p for ps in self.trainable_parameters().values() for p in ps if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip is not None else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        # sync-free on one device or DDP; under FSDP2 the flag would have to meet sharded parameters.
-        # A finite loss can have non-finite gradients: the norm is checked with it.
-        sync_free = self.skip_nonfinite and takes_found_inf(optimizer) and getattr(self, "device_mesh", None) is None
-        bad = self.nonfinite.flag(loss, norm) if self.skip_nonfinite else None
-        if self.nonfinite.skip_now(bad, sync_free, self.global_step):
-            return
-        if sync_free:
-            optimizer.optimizer.found_inf = bad  # fused AdamW leaves weights and moments alone if 1
-        optimizer.step()
-        scheduler.step()
-        if self.ema is not None:
-            self.ema.update()
-        logging_step = is_logging_step(self.trainer)
-        if bad is not None:
-            self.nonfinite.count(bad, self.global_step, check=sync_free and logging_step)
-        if not logging_step:
+        # a finite loss can have non-finite gradients: the norm is checked with it
+        if not optimizer_step(self, optimizer, scheduler, [loss, norm]):
             return
         self.log_dict(
             {"loss/flow": loss.detach(), "grad_norm": norm, "lr": optimizer.param_groups[0]["lr"]}, on_step=True

@@ -32,20 +32,20 @@ from torch.optim import Optimizer
 from unilip.data.shards import DataError
 from unilip.data.transforms import batch_to_float
 from unilip.evaluation.metrics import feature_similarity, psnr, ssim
-from unilip.logs import is_logging_step
 from unilip.losses import LeCamRegularizer, TokenizerLoss
 from unilip.models.hub import enable_activation_checkpointing
 from unilip.models.tokenizer import FrozenEncoder, UniLIPTokenizer
 from unilip.tasks.tokenizer.sharding import shard_tokenizer
 from unilip.tasks.tokenizer.stages import apply_stage, check_stage
-from unilip.training.distributed import GradientLayoutProbe, average_gradients, exclude_from_ddp, gathered_state_dict
+from unilip.training.distributed import average_gradients, exclude_from_ddp, gathered_state_dict
 from unilip.training.ema import EMA, ValidatesWithEMA
 from unilip.training.flops import flop_counter
 from unilip.training.frozen import FrozenNetworks, FrozenStaysInEval
-from unilip.training.nonfinite import NonFiniteGuard, takes_found_inf
+from unilip.training.nonfinite import NonFiniteGuard
 from unilip.training.param_groups import decay_groups
 from unilip.training.rng import gather_rng_states, restore_rng_states
 from unilip.training.schedules import cosine_with_warmup
+from unilip.training.steps import backward_step, optimizer_step
 from unilip.training.validation import EpochMeans, log_epoch_means
 
 log = logging.getLogger(__name__)
@@ -238,10 +238,6 @@ class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
             logits = (logits_real.detach(), logits_fake.detach())
         return generator, discriminator, logits
 
-    def _sync_free(self, optimizer) -> bool:
-        """Skip bad steps on the device (fused AdamW's `found_inf`); not under FSDP2 (sharded parameters)."""
-        return self.skip_nonfinite and takes_found_inf(optimizer) and getattr(self, "device_mesh", None) is None
-
     def _clip(self, params: list[nn.Parameter]) -> torch.Tensor:
         params = [p for p in params if p.grad is not None]
         if not params:
@@ -277,34 +273,20 @@ class TokenizerTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
         generator, discriminator, logits = self._losses(images)
         total = sum(generator.values()) + sum(discriminator.values(), torch.zeros((), device=images.device))
         optimizer.zero_grad(set_to_none=True)
-        probe = GradientLayoutProbe(self.parameters()) if self._probe_layouts else None
-        self.manual_backward(total)
-        if probe is not None:
-            self._probe_layouts = False
-            probe.apply()
+        backward_step(self, total)
         norms = {"grad_norm/generator": self._clip([p for ps in self.groups.values() for p in ps])}
         if discriminator and self.average_discriminator_gradients:
             average_gradients(self.discriminator)
         if discriminator:
             norms["grad_norm/discriminator"] = self._clip(list(self.discriminator.parameters()))
+
         # A finite loss can still have non-finite gradients: the norms (inf or NaN if any gradient
         # is) are checked with the loss, on every rank together.
-        sync_free = self._sync_free(optimizer)
-        bad = self.nonfinite.flag(total, *norms.values()) if self.skip_nonfinite else None
-        if self.nonfinite.skip_now(bad, sync_free, self.global_step):
-            return
-        if sync_free:
-            optimizer.optimizer.found_inf = bad  # fused AdamW leaves weights and moments alone if 1
-        optimizer.step()
-        scheduler.step()
-        if logits is not None:
-            self.lecam.update(*logits, keep=None if bad is None else 1.0 - bad)
-        if self.ema is not None:
-            self.ema.update()
-        logging_step = is_logging_step(self.trainer)
-        if bad is not None:
-            self.nonfinite.count(bad, self.global_step, check=sync_free and logging_step)
-        if not logging_step:
+        def update_lecam(bad: torch.Tensor | None) -> None:  # a skipped step's logits stay out of the averages
+            if logits is not None:
+                self.lecam.update(*logits, keep=None if bad is None else 1.0 - bad)
+
+        if not optimizer_step(self, optimizer, scheduler, [total, *norms.values()], update_lecam):
             return
         logged = {f"loss/{name}": value.detach() for name, value in (generator | discriminator).items()}
         logged["loss/total"] = total.detach()

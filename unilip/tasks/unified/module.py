@@ -19,6 +19,7 @@ registered instead (`sharding.py`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from unilip.data.shards import DataError
 from unilip.data.transforms import to_float
 from unilip.logs import is_logging_step
 from unilip.models.captioner import save_captioner
-from unilip.models.generator import from_state
+from unilip.models.generator import dit_velocity, from_state
 from unilip.models.lora import LoRASpec, adapters_disabled, add_lora, load_adapters, merged_state_dict
 from unilip.pipelines.generation import TEXT_TOKENIZER_DIR
 from unilip.tasks.unified.grpo import FLOW_KL, GRPOLoss, flow_step_loss, group_advantages, grpo_loss, token_kl
@@ -251,16 +252,7 @@ class UnifiedTraining(FrozenStaysInEval, ValidatesWithEMA, L.LightningModule):
 
             return base
 
-        def copy(latents, timestep, condition, mask):
-            return reference(
-                hidden_states=latents,
-                encoder_hidden_states=condition.to(latents.dtype),
-                timestep=timestep,
-                encoder_attention_mask=mask.to(latents.dtype),
-                return_dict=False,
-            )[0]
-
-        return copy
+        return functools.partial(dit_velocity, reference)
 
     def flow_losses(self, rollout: Rollout, advantages: torch.Tensor) -> GRPOLoss:
         """Stage 2: GRPO over the SDE steps, one backward per step (the gradient of the mean over steps);
