@@ -55,6 +55,17 @@ TARGETS: dict[str, dict[str, list[str]]] = {
         "names": ["unilip.training.nonfinite.*"],
         "tests": ["tests/test_nonfinite.py"],
     },
+    # the guarded optimiser step the tokenizer and generation modules share (moved out of them)
+    "steps": {
+        "files": ["unilip/training/steps.py"],
+        "names": ["unilip.training.steps.*"],
+        "tests": [
+            "tests/test_training.py",
+            "tests/test_generation_training.py",
+            "-k",
+            "non_finite or sync_free",
+        ],
+    },
     "schedules": {
         "files": ["unilip/training/schedules.py"],
         "names": ["unilip.training.schedules.*"],
