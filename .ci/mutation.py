@@ -60,10 +60,11 @@ TARGETS: dict[str, dict[str, list[str]]] = {
         "files": ["unilip/training/steps.py"],
         "names": ["unilip.training.steps.*"],
         "tests": [
+            "tests/test_steps.py",
             "tests/test_training.py",
             "tests/test_generation_training.py",
             "-k",
-            "non_finite or sync_free",
+            "test_steps or non_finite or sync_free",
         ],
     },
     "schedules": {
