@@ -318,20 +318,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout to mutate (default: this one)")
     parser.add_argument("--before", action="store_true", help="use the tests of the suite before the unit tests")
     parser.add_argument("--sample", type=int, help="run only this many randomly chosen mutants per target")
-    parser.add_argument("--survivors", action="store_true", help="run the last run's survivors again (new tests)")
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="run the last run's survivors again (new tests); mutmut then counts only those: run the whole "
+        "target again for the table",
+    )
     args = parser.parse_args(argv)
     chosen = [t for t in TARGETS if not args.targets or t in args.targets or slug(t) in args.targets]
     results = read(args.out) if args.out.exists() else {}
+    if args.report:  # the recorded results only: a target without a scratch copy here must not be re-counted
+        print(report({target: result for target, result in results.items() if target in chosen}))
+        return
     for target in chosen:
         tests = BEFORE_TESTS[target] if args.before else TARGETS[target]["tests"]
         scratch = prepare(target, args.work, args.repo.resolve(), tests)
         names = TARGETS[target]["names"]
         if args.sample and not args.report:
             names = sample(scratch, target, args.sample)
-        if args.survivors and not args.report:
+        if args.survivors:
             names = list(collect(target, scratch, args.repo)["survivors"]) or names
-        if not args.report:
-            mutmut(scratch, "run", "--max-children", str(args.max_children), *names)
+        mutmut(scratch, "run", "--max-children", str(args.max_children), *names)
         results[target] = collect(target, scratch, args.repo)
         if args.sample:
             results[target]["sampled"] = args.sample
