@@ -33,8 +33,10 @@ def test_the_streak_counts_consecutive_bad_steps_and_stops_the_run_at_its_limit(
         assert (guard.total.item(), guard.streak.item()) == (total, streak)
     guard.count(bad, step=7, check=False)  # a streak of 3, not checked (sync-free, not a logging step)
     assert guard.streak.item() == 3
-    with pytest.raises(RuntimeError, match=r"not finite for 4 steps in a row \(up to step 8\)"):
+    with pytest.raises(RuntimeError, match=r"not finite for 4 steps in a row \(up to step 8\)") as stopped:
         guard.count(bad, step=8, check=True)
+    # sync-free, the bad steps 5-8 were counted as steps: the last good one (the checkpoint to go back to) is 4
+    assert stopped.value.since == 4
     assert {name for name, _ in guard.named_buffers()} == {"total", "streak"}  # saved in checkpoints
 
 
@@ -50,8 +52,9 @@ def test_skip_now_skips_and_counts_only_bad_synced_steps(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "non-finite loss or gradients at step 5: step skipped (1 in a row)"
     ]
-    with pytest.raises(RuntimeError, match=r"2 steps in a row \(up to step 6\)"):
+    with pytest.raises(RuntimeError, match=r"2 steps in a row \(up to step 6\)") as stopped:
         guard.skip_now(torch.tensor(1.0), sync_free=False, step=6)
+    assert stopped.value.since == 6  # synced skips do not count as steps: the step count stood at the last good one
     assert NonFiniteGuard().max_streak == 20  # the documented default: 20 bad steps in a row stop a run
 
 
