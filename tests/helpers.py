@@ -243,3 +243,14 @@ class RecordOptimizerSteps(L.Callback):
 
         with open(self.out, "w") as file:
             json.dump(self.rows, file)
+
+
+def random_inception_state(monkeypatch) -> dict[str, torch.Tensor]:
+    """The weights of torch-fidelity's FID Inception, randomly initialised (seed 0): no download."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    with monkeypatch.context() as patch:
+        patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        patch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        torch.manual_seed(0)
+        return inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio
 
 from tests.conftest import compose_eval
+from tests.helpers import random_inception_state
 from unilip.evaluation.protocols import reconstruct
 from unilip.evaluation.run import evaluate
 from unilip.models import UniLIPTokenizer
@@ -92,13 +93,7 @@ def test_eval_with_reference_resize_reports_the_authors_reconstructions(photos_d
 @pytest.fixture
 def inception_file(tmp_path, monkeypatch):
     """A randomly initialised Inception of the FID architecture, saved as a weights file (no download)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
-
-    with monkeypatch.context() as patch:
-        patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        patch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        torch.manual_seed(0)
-        state = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    state = random_inception_state(monkeypatch)
     torch.save(state, tmp_path / "inception.pth")
     return tmp_path / "inception.pth"
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import compose_eval
+from tests.helpers import random_inception_state
 from unilip.evaluation.quantize import QUANTIZE, inception_inputs
 
 
@@ -108,14 +109,9 @@ def saved_tokenizer(tiny_tokenizer, tmp_path):
 @pytest.fixture
 def recorded_fid(tmp_path, monkeypatch):
     """eval.py's FID on 64-d pool features of a random Inception, recording the uint8 images it is fed."""
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    with monkeypatch.context() as patch:
-        patch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        patch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        torch.manual_seed(0)
-        state = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    state = random_inception_state(monkeypatch)
     weights = tmp_path / "inception.pth"
     torch.save(state, weights)
     fed: dict[str, list[torch.Tensor]] = {"real": [], "fake": []}
