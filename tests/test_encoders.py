@@ -7,6 +7,7 @@ its tokens are dropped and merged by hand.
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -176,10 +177,22 @@ def test_non_square_input(kind, tokenizer):
         torch.testing.assert_close(out.features, home_features(kind, tokenizer, images), rtol=0, atol=1e-6)
 
 
-def test_normalisation_is_the_encoders_own(kind):
+def test_normalisation_is_the_encoders_own(kind, tokenizer):
     expected = {"internvit": IMAGENET, "siglip": (HALF, HALF), "siglip2": (HALF, HALF)}.get(kind, IMAGENET)
     config = tiny(kind)
     assert (config.image_mean, config.image_std) == expected
+    # `normalise` (the checks outside the tokenizer feed it) against transformers' own image normalisation
+    from transformers.image_transforms import normalize
+
+    images = torch.rand(2, 3, 8, 6, generator=torch.Generator().manual_seed(0))
+    theirs = [normalize(image.numpy(), *expected, input_data_format="channels_first") for image in images]
+    torch.testing.assert_close(tokenizer.encoder.normalise(images), torch.as_tensor(np.stack(theirs)))
+
+
+def test_a_siglip_without_its_pooling_head_has_no_unused_parameters():
+    config = tiny("siglip")
+    headless = UniLIPTokenizer(dataclasses.replace(config, vision={**config.vision, "vision_use_head": False}))
+    assert not hasattr(headless.encoder.core, "head") and headless.encoder.unused_parameters() == []
 
 
 def test_every_parameter_is_in_one_part_or_unused_and_frozen(kind, tokenizer):
@@ -245,9 +258,15 @@ def test_the_encoders_modules_keep_their_names(kind, tokenizer):
 def test_a_config_the_encoder_cannot_honour_is_refused():
     with pytest.raises(ConfigError, match=r"encoder='clip' is not a known encoder; use one of internvit, siglip"):
         dataclasses.replace(tiny("siglip"), encoder="clip")
-    with pytest.raises(ConfigError, match=r"llm_hidden_size=48: the siglip encoder has no InternVL projector"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^llm_hidden_size=48: the siglip encoder has no InternVL projector; remove llm_hidden_size "
+        r"from the preset$",
+    ):
         dataclasses.replace(tiny("siglip"), llm_hidden_size=48)
-    with pytest.raises(ConfigError, match=r"internvit encoder needs llm_hidden_size"):
+    with pytest.raises(
+        ConfigError, match=r"^the internvit encoder needs llm_hidden_size \(the InternVL projector's output width\)$"
+    ):
         dataclasses.replace(tiny("internvit"), llm_hidden_size=None)
     with pytest.raises(ConfigError, match=r"downsample_ratio=0.3"):
         dataclasses.replace(tiny("dinov2"), downsample_ratio=0.3)
