@@ -205,7 +205,7 @@ def prepare(target: str, work: Path, repo: Path, tests: list[str]) -> Path:
         # a mutant's CPU-time limit is 2 x this x (its tests' time + 1 s); at mutmut's 15 a failing test's
         # fixture set-up (tiny models, configs) could hit it, and a timeout counts as killed
         "timeout_multiplier": 60.0,
-        "also_copy": ["conf", "train.py", "eval.py"],  # tests compose the real configs
+        "also_copy": ["conf", "train.py", "eval.py", "docs"],  # tests compose the real configs, read docs/results.md
     }
     lines = ["", "[tool.mutmut]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
     (scratch / "pyproject.toml").write_text((repo / "pyproject.toml").read_text() + "\n".join(lines) + "\n")
