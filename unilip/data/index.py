@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directories", nargs="+", type=Path, help="directories of .tar shards")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from unilip.logs import one_line_errors
+    from unilip.logs import cli_logging, one_line_errors
 
+    cli_logging()
     with one_line_errors(OSError, ValueError, tarfile.TarError):
         for directory in args.directories:
             shards = sorted(directory.glob("*.tar"))

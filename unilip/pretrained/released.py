@@ -131,11 +131,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--dit-weights", help="SANA pipeline whose scheduler config gives the sampler's flow_shift")
     parser.add_argument("--flow-shift", type=float, help="instead of reading it from the SANA scheduler config")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from hydra.utils import instantiate
 
-    from unilip.logs import one_line_errors
+    from unilip.logs import cli_logging, one_line_errors
     from unilip.models.presets import compose_config
+
+    cli_logging()
 
     with one_line_errors(OSError, ValueError, StateDictMismatchError):
         cfg = compose_config("train", [f"experiment={PRESETS[args.preset]}", "stage=3", "run_dir=unused"])

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from unilip.data.prepare import __doc__ as DOC
 from unilip.data.prepare.datasets import DATASETS, default_workers, prepare
 from unilip.data.prepare.writer import DEFAULT_MAX_SIZE
-from unilip.logs import one_line_errors
+from unilip.logs import cli_logging, one_line_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"downscale images whose shorter side exceeds this many pixels (default {DEFAULT_MAX_SIZE}; 0: never)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli_logging()
     with one_line_errors():
         prepare(args.dataset, args.download, args.out, args.workers, args.samples_per_shard, args.max_size)
     return 0
