@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -186,6 +187,38 @@ def test_rfid_with_supplied_inception_weights(tmp_path, monkeypatch):
     fid.update(images, real=False)
     assert abs(fid.compute().item()) < 1e-2  # identical sets
     assert build_fid(None) is None
+
+
+class _Payload:
+    """Not a tensor or a container of them: a weights-only load must refuse a file holding it."""
+
+
+def test_an_inception_file_holding_other_objects_is_refused(tmp_path):
+    torch.save({"w": torch.zeros(1), "payload": _Payload()}, tmp_path / "inception.pth")
+    with pytest.raises(pickle.UnpicklingError):
+        build_fid(str(tmp_path / "inception.pth"))
+
+
+def test_rfid_is_torchmetrics_fid_on_uint8_images(tmp_path, monkeypatch):
+    """build_fid's FID is torchmetrics' own, set up independently for uint8 input: the same statistics of two
+    different sets."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from tests.helpers import random_inception_state
+
+    torch.save(random_inception_state(monkeypatch), tmp_path / "inception.pth")
+    ours = build_fid(str(tmp_path / "inception.pth"))
+    theirs = FrechetInceptionDistance(normalize=False, feature_extractor_weights_path=str(tmp_path / "inception.pth"))
+    x, y = _photo_pairs()
+    real = torch.cat([x, y]).repeat(2, 1, 1, 1).mul(255).round().to(torch.uint8)
+    fake = torch.cat([y, x.flip(-1)]).repeat(2, 1, 1, 1).mul(255).round().to(torch.uint8)
+    for fid in (ours, theirs):
+        fid.update(real, real=True)
+        fid.update(fake, real=False)
+    # the random network's distance is ~0 for any two sets; the statistics it accumulates are what differ
+    assert not torch.allclose(theirs.real_features_sum, theirs.fake_features_sum)
+    for name in ("real_features_sum", "real_features_cov_sum", "fake_features_sum", "fake_features_cov_sum"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), msg=name)
 
 
 def _run_eval(photos_dir, out, *overrides):
