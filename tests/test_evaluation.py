@@ -2,7 +2,7 @@
 
 import json
 import os
-import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -193,10 +193,21 @@ class _Payload:
     """Not a tensor or a container of them: a weights-only load must refuse a file holding it."""
 
 
-def test_an_inception_file_holding_other_objects_is_refused(tmp_path):
+def test_an_inception_file_that_is_missing_broken_or_holds_other_objects_is_a_user_error(tmp_path):
+    """Each is one `error:` line in eval.py (a UserError / OSError), naming the file; a file holding other
+    objects than tensors is refused, not unpickled."""
+    from unilip.errors import UnreadableFileError
+
+    absent = tmp_path / "absent.pth"
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(f'inception_weights={absent} does not exist')}$"):
+        build_fid(str(tmp_path / "absent.pth"))
     torch.save({"w": torch.zeros(1), "payload": _Payload()}, tmp_path / "inception.pth")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(UnreadableFileError, match=r"inception_weights '.*inception\.pth' is not a plain PyTorch"):
         build_fid(str(tmp_path / "inception.pth"))
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "truncated.pth")
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "truncated.pth").read_bytes()[:500])
+    with pytest.raises(UnreadableFileError, match=r"inception_weights '.*truncated\.pth' cannot be read"):
+        build_fid(str(tmp_path / "truncated.pth"))
 
 
 def test_rfid_is_torchmetrics_fid_on_uint8_images(tmp_path, monkeypatch):
@@ -351,3 +362,107 @@ def test_external_features_are_the_cosine_of_the_models_pooled_embeddings(tmp_pa
     assert not torch.equal(ExternalFeatures(str(tmp_path / "clip")).embed(images), external.embed(images))
     CLIPImageProcessor(size={"shortest_edge": 32}, do_center_crop=False).save_pretrained(tmp_path / "clip")
     assert ExternalFeatures(str(tmp_path / "clip")).size == 32  # no crop: the shortest edge
+    assert not any(parameter.requires_grad for parameter in external.parameters())  # frozen
+
+
+def _tiny_clip_processor(path, side=24):
+    from transformers import CLIPImageProcessor
+
+    mean, std = [0.4, 0.45, 0.5], [0.2, 0.25, 0.3]
+    crop = {"height": side, "width": side}
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size=crop, image_mean=mean, image_std=std).save_pretrained(
+        path
+    )
+    return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+
+def _resized(images, side, mean, std):
+    import torch.nn.functional as F
+
+    return (F.interpolate(images, size=(side, side), mode="bicubic", antialias=True).clamp(0, 1) - mean) / std
+
+
+def test_external_features_from_a_text_and_vision_checkpoint_use_its_vision_tower(tmp_path):
+    """A whole CLIP checkpoint (text and vision, as published): the features are its vision tower's pooled output,
+    the same numbers as the full model's `vision_model` gives."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from unilip.evaluation.metrics import ExternalFeatures
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=24,
+                  patch_size=8)  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+    full = CLIPModel(CLIPConfig(text_config=text, vision_config=vision)).eval()
+    full.save_pretrained(tmp_path / "clip")
+    mean, std = _tiny_clip_processor(tmp_path / "clip")
+    external = ExternalFeatures(str(tmp_path / "clip"))
+    images = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        expected = full.vision_model(pixel_values=_resized(images, 24, mean, std)).pooler_output
+        torch.testing.assert_close(external.embed(images), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_external_features_of_a_model_without_pooled_output_average_its_tokens(tmp_path):
+    """A model whose output has no `pooler_output` (ViT-MAE, unmasked): the embedding is the mean of its last
+    hidden states over the tokens."""
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    from unilip.evaluation.metrics import ExternalFeatures
+
+    torch.manual_seed(0)
+    config = ViTMAEConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=24, patch_size=8, mask_ratio=0.0)  # fmt: skip
+    model = ViTMAEModel(config).eval()
+    model.save_pretrained(tmp_path / "mae")
+    mean, std = _tiny_clip_processor(tmp_path / "mae")
+    external = ExternalFeatures(str(tmp_path / "mae"))
+    images, other = torch.rand(3, 3, 40, 40), torch.rand(3, 3, 40, 40)
+    with torch.no_grad():
+        embed = [model(pixel_values=_resized(x, 24, mean, std)).last_hidden_state.mean(dim=1) for x in (images, other)]
+        assert embed[0].shape == (3, 32)
+        torch.testing.assert_close(external.embed(images), embed[0], atol=1e-5, rtol=1e-5)  # tokens shuffled
+        torch.testing.assert_close(external(images, other), torch.nn.functional.cosine_similarity(*embed), atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
+
+
+def test_external_features_input_size_from_a_processor_without_centre_crop(tmp_path):
+    """SigLIP's processor resizes to a fixed height and width and has no centre crop: that size is the input."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from unilip.evaluation.metrics import ExternalFeatures
+
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8)  # fmt: skip
+    SiglipVisionModel(config).save_pretrained(tmp_path / "siglip")
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
+    external = ExternalFeatures(str(tmp_path / "siglip"))
+    assert external.size == 32
+    assert external(torch.rand(2, 3, 40, 40), torch.rand(2, 3, 40, 40)).shape == (2,)
+
+
+def test_external_features_with_weights_missing_is_a_user_error_naming_them(tmp_path):
+    """A checkpoint whose config asks for more layers than its weights hold: one line naming how many weights are
+    missing and the first five (eval.py prints it as `error:`), not a model run on random weights."""
+    import json
+
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from unilip.errors import UnreadableFileError
+    from unilip.evaluation.metrics import ExternalFeatures
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=24, patch_size=8)  # fmt: skip
+    CLIPVisionModel(config).save_pretrained(tmp_path / "clip")
+    _tiny_clip_processor(tmp_path / "clip")
+    saved = json.loads((tmp_path / "clip" / "config.json").read_text())
+    (tmp_path / "clip" / "config.json").write_text(json.dumps({**saved, "num_hidden_layers": 2}))
+    first = ["layer_norm1.bias", "layer_norm1.weight", "layer_norm2.bias", "layer_norm2.weight", "mlp.fc1.bias"]
+    listed = ", ".join(f"encoder.layers.1.{name}" for name in first)
+    expected = (
+        f"external_features={tmp_path / 'clip'}: the checkpoint lacks 16 weights its config asks for ({listed}, ...);"
+        " point it at a complete transformers image model directory"
+    )
+    with pytest.raises(UnreadableFileError) as error:
+        ExternalFeatures(str(tmp_path / "clip"))
+    assert str(error.value) == expected

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from unilip.errors import UnreadableFileError
+from unilip.models.hub import load_torch_file
+
 log = logging.getLogger(__name__)
 
 PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; it is reported as this cap
@@ -56,8 +59,8 @@ def build_fid(inception_weights: str | None) -> nn.Module | None:
     uint8 images (`normalize=False`): the evaluation quantises them itself (`unilip.evaluation.quantize`).
 
     The weights file (torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`) is read here with
-    `weights_only=True`; torch-fidelity then reads a copy we wrote, never the user's file itself
-    (it unpickles without restriction).
+    `weights_only=True` (a truncated or foreign file is an `UnreadableFileError` naming it); torch-fidelity
+    then reads a copy we wrote, never the user's file itself (it unpickles without restriction).
     """
     if inception_weights is None:
         return None
@@ -66,7 +69,7 @@ def build_fid(inception_weights: str | None) -> nn.Module | None:
     path = Path(inception_weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"inception_weights={path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, what="inception_weights")
     with tempfile.TemporaryDirectory() as tmp:
         checked = Path(tmp) / "inception.pth"
         torch.save(state, checked)
@@ -89,8 +92,13 @@ class ExternalFeatures(nn.Module):
         self.model, info = AutoModel.from_pretrained(
             path, config=getattr(config, "vision_config", config), output_loading_info=True
         )
-        if info["missing_keys"]:
-            raise ValueError(f"external feature model {path}: weights missing for {info['missing_keys'][:5]}")
+        if info["missing_keys"]:  # a set in transformers 5
+            missing = sorted(info["missing_keys"])
+            raise UnreadableFileError(
+                f"external_features={path}: the checkpoint lacks {len(missing)} weights its config asks for"
+                f" ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); point it at a complete"
+                " transformers image model directory"
+            )
         processor = AutoImageProcessor.from_pretrained(path)
         size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
         side = size.get("height") or size.get("shortest_edge")
