@@ -4,7 +4,9 @@ skipped and counted exactly, and a training stream that resumes bit-exactly."""
 from __future__ import annotations
 
 import io
+import itertools
 import random
+import re
 import tarfile
 import zlib
 from pathlib import Path
@@ -397,3 +399,108 @@ def test_pipe_urls_stream_and_a_failing_pipe_is_one_skipped_shard(tmp_path):
     )
     assert [k for b in loader for k in b["key"]] == ["p0", "p1"]
     assert loader.skipped == {"samples": 0, "shards": 1}
+
+
+def _stream(urls: list[str], **kw):
+    """A TrainStream of one source, run in this process (`iterate(worker, num_workers)`)."""
+    from unilip.data.streams import TrainStream
+
+    sources = kw.pop("sources", [TrainSource("a", tuple(urls), 1.0)])
+    options = dict(batch_size=4, seed=0, epoch=0, rank=0, num_workers=1, rotation=0, positions=[0], shuffle_buffer=8,
+                   max_consecutive_failures=5) | kw  # fmt: skip
+    return TrainStream(sources, SampleTransform(16, train=True), **options)
+
+
+def test_physical_worker_w_plays_virtual_worker_w_plus_rotation(tmp_path):
+    """With 3 workers rotated by 1 (a resumed loader), worker 0 continues virtual worker 1's stream, worker 2
+    virtual worker 0's: the same batches as the unrotated workers 1 and 0 give."""
+    urls = shards(tmp_path, 2, per_shard=6)
+    plain = _stream(urls, num_workers=3, positions=[0, 0, 0])
+    rotated = _stream(urls, num_workers=3, rotation=1, positions=[0, 0, 0])
+    for worker, vworker in [(0, 1), (1, 2), (2, 0)]:
+        got = next(rotated.iterate(worker, 3))
+        assert got["__meta__"]["vworker"] == vworker
+        assert got["key"] == next(plain.iterate(vworker, 3))["key"]
+    with pytest.raises(RuntimeError, match=r"^TrainStream built for 3 workers runs in 2$"):
+        next(rotated.iterate(0, 2))
+
+
+def test_training_augmentation_is_drawn_per_sample_and_the_buffer_of_one_keeps_file_order(tmp_path):
+    """shuffle_buffer=1 holds nothing back: samples come in the shard's order. Each is randomly cropped and
+    flipped (training), so some differ from their centre crop; two streams of one seed are identical."""
+    (url,) = shards(tmp_path, 1, per_shard=8)
+    batch = next(_stream([url], batch_size=8, shuffle_buffer=1).iterate(0, 1))
+    assert batch["key"] == [f"s0_{j}" for j in range(8)]
+    raw = list(read_shard(url, SkipCounter()))
+    centre = torch.stack([torch.from_numpy(SampleTransform(16, train=False)(sample, None)["image"]) for sample in raw])
+    centre = centre.permute(0, 3, 1, 2)
+    evaluation = EvalLoader([url], SampleTransform(16, train=False), batch_size=8)
+    assert torch.equal(next(iter(evaluation))["image"], centre)  # the comparison below is like for like
+    differs = [not torch.equal(batch["image"][i], centre[i]) for i in range(8)]
+    assert any(differs), "every training image was its centre crop: no augmentation"
+    again = next(_stream([url], batch_size=8, shuffle_buffer=1).iterate(0, 1))
+    assert torch.equal(batch["image"], again["image"])
+
+
+def test_the_shuffle_buffer_releases_earlier_samples_as_it_reads(tmp_path):
+    """A buffer of 20 over a 40-sample shard: of the first 21 samples out, some were read among the first 19
+    (held in the buffer), and the shard's last sample is not always the one just read."""
+    urls = shards(tmp_path, 1, per_shard=40)
+    (batch,) = take(train_loader(urls, shuffle_buffer=20, batch_size=40, batches_per_epoch=1), 1)
+    first = [int(key.split("_")[1]) for key in batch["key"][:21]]
+    assert any(index < 19 for index in first)
+    assert first != list(range(19, 40))
+
+
+def test_two_sources_are_mixed_in_the_same_order_by_two_streams_of_one_seed(tmp_path):
+    sources = [TrainSource(name, tuple(shards(tmp_path, 1, 10, prefix=name)), 0.5) for name in ("x", "y")]
+    keys = [[k for batch in itertools.islice(_stream([], sources=sources).iterate(0, 1), 4) for k in batch["key"]]
+            for _ in range(2)]  # fmt: skip
+    assert keys[0] == keys[1]
+    assert {k[0] for k in keys[0]} == {"x", "y"}
+
+
+def test_empty_shard_reads_stop_the_run_after_exactly_max_consecutive_failures(tmp_path, monkeypatch):
+    """Every read empty (no error either): the third read stops the run, and the message names the last url read;
+    with unreadable shards it names the last error instead."""
+    import unilip.data.streams as streams
+
+    reads = []
+    monkeypatch.setattr(streams, "read_shard", lambda url, counter: reads.append(url) or iter([]))
+    url = str(tmp_path / "empty.tar")
+    message = f"training source 'a': 3 shard reads in a row gave no sample (last: {url})"
+    with pytest.raises(DataError, match=f"^{re.escape(message)}"):
+        take(train_loader([url], max_consecutive_failures=3), 1)
+    assert len(reads) == 3
+    monkeypatch.undo()
+    with pytest.raises(DataError, match=r"\(last: .*nothere.tar: FileNotFoundError: "):
+        take(train_loader([str(tmp_path / "nothere.tar")], max_consecutive_failures=3), 1)
+
+
+@pytest.mark.parametrize("rank,logged", [(0, True), (1, False)])
+def test_only_rank_0_logs_each_skipped_sample(tmp_path, caplog, rank, logged):
+    """Skips are counted on every rank but named in the log by rank 0 only (one line per skip, not one per rank),
+    in training and in validation."""
+    from unilip.data.streams import EvalStream
+
+    bad = write_shard(tmp_path / "bad.tar", ["g0", "b0", "g1", "g2", "g3", "g4"], bad=("b0",))
+    urls = [str(tmp_path / "gone.tar"), str(bad)]
+    with caplog.at_level("WARNING"):
+        next(_stream([str(bad)], rank=rank, shuffle_buffer=1).iterate(0, 1))
+        list(EvalStream(urls, SampleTransform(16, train=False), 4, rank, 1, 5).iterate(0, 1))
+    assert caplog.text.count("skipped sample b0") == (2 if logged else 0)
+    assert caplog.text.count("skipped shard") == (1 if logged else 0)  # validation's unreadable shard
+
+
+def test_evaluation_batches_have_the_batch_size_and_name_their_worker_slot(tmp_path):
+    """Worker w of rank r (of R ranks, W workers) reports slot r * W + w; its batches hold batch_size samples, the
+    last one what is left, then an image-less end item."""
+    from unilip.data.streams import EvalStream
+
+    urls = shards(tmp_path, 4, per_shard=7)
+    stream = EvalStream(urls, SampleTransform(16, train=False), 3, rank=1, world_size=2, max_consecutive_failures=5)
+    items = list(stream.iterate(1, 2))  # rank 1 worker 1 of 2: shard 3 only (eval_shards)
+    assert [len(item["key"]) for item in items[:-1]] == [3, 3, 1]
+    assert [item["key"][0] for item in items[:-1]] == ["s3_0", "s3_3", "s3_6"]
+    assert {item["__meta__"]["slot"] for item in items} == {3}
+    assert items[-1]["__meta__"]["end"] and "key" not in items[-1]

@@ -354,7 +354,6 @@ class EvalLoader:
             self.batch_size,
             rank=self.rank,
             world_size=self.world_size,
-            num_workers=self.num_workers,
             max_consecutive_failures=self.max_consecutive_failures,
         )
         per_slot: dict[int, list[int]] = {}

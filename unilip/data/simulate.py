@@ -45,7 +45,7 @@ def simulate_evaluation(urls: Sequence[str], world_size: int, num_workers: int) 
     seen: Counter[str] = Counter()
     per_rank, reads = [], 0
     for rank in range(world_size):
-        stream = EvalStream(urls, _KeysOnly(), 256, rank, world_size, num_workers, max_consecutive_failures=100)
+        stream = EvalStream(urls, _KeysOnly(), 256, rank, world_size, max_consecutive_failures=100)
         count = 0
         for worker in range(num_workers):
             for item in stream.iterate(worker, num_workers):

@@ -162,15 +162,14 @@ class TrainStream(IterableDataset):
             # Shards drawn with replacement: every rank and worker has an endless stream, with no
             # coordination and no shard-count constraint (webdataset's `resampled=True`).
             url = shard_rng.choice(source.urls)
-            got = 0
+            empty_reads += 1  # until this read gives a sample
             for sample in read_shard(url, counter):
-                got += 1
+                empty_reads = 0
                 buffer.append(sample)
                 if len(buffer) >= self.shuffle_buffer:
                     pick = shuffle_rng.randrange(len(buffer))
                     buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
                     yield buffer.pop()
-            empty_reads = 0 if got else empty_reads + 1
             if empty_reads >= self.max_failures:
                 raise DataError(
                     f"training source {source.name!r}: {empty_reads} shard reads in a row gave no sample"
@@ -204,7 +203,6 @@ class EvalStream(IterableDataset):
         batch_size: int,
         rank: int,
         world_size: int,
-        num_workers: int,
         max_consecutive_failures: int,
     ) -> None:
         super().__init__()
@@ -212,7 +210,6 @@ class EvalStream(IterableDataset):
         self.transform = transform
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
-        self.num_vworkers = max(1, num_workers)
         self.max_failures = max_consecutive_failures
 
     def __iter__(self) -> Iterator[dict]:
