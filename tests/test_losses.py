@@ -2,6 +2,7 @@
 
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,46 @@ def test_tokenizer_loss_weights_and_names():
     s, t = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
     assert loss.distillation(s, t)["distill"].item() == pytest.approx(2.0 * ((s - t) ** 2).mean().item(), rel=1e-6)
     assert loss.generator_adversarial(torch.ones(2, 1, 3, 3))["gan_g"].item() == pytest.approx(-0.1)
+    assert loss.generator_adversarial(torch.full((2, 1, 3, 3), 2.0))["gan_g"].item() == pytest.approx(-0.2)
+
+
+def test_the_loss_classes_defaults_are_the_recipes_objective():
+    """`TokenizerLoss()` in Python is the objective conf/loss/unilip.yaml and the paper give: L2 + 1.1 x (LPIPS +
+    0.1 ConvNeXt-S logits at 224 px) + 0.1 GAN with LeCam 0.001 (EMA decay 0.999), no L1, no distillation."""
+    from omegaconf import OmegaConf
+
+    loss = TokenizerLoss()
+    got = {
+        name: getattr(loss, f"{name}_weight") for name in ("l2", "l1", "lpips", "convnext", "distill", "gan", "lecam")
+    }
+    expected = {"l2": 1.0, "l1": 0.0, "lpips": 1.1, "convnext": 0.11, "distill": 0.0, "gan": 0.1, "lecam": 0.001}
+    assert got == pytest.approx(expected)
+    assert loss.convnext.input_size == 224
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "loss" / "unilip.yaml")
+    from_config = {name: config[f"{name}_weight"] for name in ("l2", "l1", "gan", "lecam")}
+    from_config |= {"lpips": config.perceptual_weight * config.lpips_weight}
+    from_config |= {"convnext": config.perceptual_weight * config.convnext_weight}
+    assert from_config == pytest.approx({name: expected[name] for name in from_config})
+    reg = LeCamRegularizer()
+    reg.update(torch.tensor([1.0]), torch.tensor([0.0]))  # the first update copies the means
+    reg.update(torch.tensor([0.0]), torch.tensor([1.0]))
+    assert reg.ema_real.item() == pytest.approx(0.999, rel=1e-5)
+    assert reg.ema_fake.item() == pytest.approx(0.001, rel=1e-4)  # float32: 1 - 0.999
+
+
+def test_the_tokenizer_loss_hands_its_weight_files_to_both_networks(tmp_path):
+    """`loss.lpips_vgg_weights` and `loss.convnext_weights` reach the networks: both read the files given."""
+    import timm
+    from safetensors.torch import save_file
+
+    vgg, convnext = torchvision.models.vgg16(), timm.create_model("convnext_small", pretrained=False)
+    torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")
+    save_file(convnext.state_dict(), tmp_path / "convnext.safetensors")
+    loss = TokenizerLoss(lpips_vgg_weights=str(tmp_path / "vgg16.pth"),
+                         convnext_weights=str(tmp_path / "convnext.safetensors"))  # fmt: skip
+    assert loss.lpips.pretrained and loss.convnext.pretrained
+    assert torch.equal(getattr(loss.lpips.net.net.slice1, "0").weight, vgg.features[0].weight)
+    assert torch.equal(loss.convnext.net.stem[0].weight, convnext.stem[0].weight)
 
 
 def test_lpips_reads_user_vgg_weights(tmp_path):
@@ -69,8 +110,10 @@ def test_perceptual_losses_warn_loudly_without_weights(caplog, monkeypatch):
     with caplog.at_level(logging.WARNING):
         assert not LPIPSLoss(None).pretrained
         assert not ConvNeXtLogitLoss(None, input_size=32).pretrained
-    assert "LPIPS: no VGG-16 weights (set loss.lpips_vgg_weights=<vgg16-397923af.pth>); using a RANDOM" in caplog.text
-    assert "backbone: this is not the LPIPS of the recipe" in caplog.text
+    assert caplog.records[0].getMessage() == (
+        "LPIPS: no VGG-16 weights (set loss.lpips_vgg_weights=<vgg16-397923af.pth>); using a RANDOM "
+        "backbone: this is not the LPIPS of the recipe"
+    )
     assert "set loss.convnext_weights=<convnext_small weights>); using a RANDOM network" in caplog.text
 
 
@@ -110,6 +153,40 @@ def test_a_failed_download_names_the_option_to_set(monkeypatch):
         "could not download perceptual-loss weights (OSError: no network); "
         "set loss.lpips_vgg_weights=<local weights file>"
     )
+    import timm
+
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False: offline())
+    with pytest.raises(RuntimeError, match=r"\(OSError: no network\); set loss.convnext_weights=<local weights file>$"):
+        ConvNeXtLogitLoss("download")
+
+
+def test_a_downloaded_vgg16_is_then_read_from_the_hub_cache(monkeypatch, capsys):
+    """After `lpips_vgg_weights=download` fetched torchvision's VGG-16 into the hub cache, LPIPS uses that file
+    (lpips' pretrained backbone), frozen; building it prints nothing."""
+    import lpips as library
+
+    built, real = [], library.LPIPS
+
+    def record(net, pnet_rand, verbose):
+        built.append(pnet_rand)
+        return real(net=net, pnet_rand=True, verbose=verbose)
+
+    real_vgg16, downloads = torchvision.models.vgg16, []
+
+    def downloaded(**kwargs):  # the download, done; lpips builds its own backbone with this function too
+        if kwargs.get("weights") == "IMAGENET1K_V1":
+            return downloads.append(True)
+        return real_vgg16(**kwargs)
+
+    monkeypatch.setattr(torchvision.models, "vgg16", downloaded)
+    monkeypatch.setattr(library, "LPIPS", record)
+    monkeypatch.setattr("unilip.losses.perceptual._torchvision_vgg16_cached", lambda: True)
+    lpips = LPIPSLoss("download")
+    assert lpips.pretrained and built == [False] and downloads == [True]
+    assert not any(parameter.requires_grad for parameter in lpips.parameters())
+    monkeypatch.undo()
+    LPIPSLoss(None)
+    assert capsys.readouterr().out == ""
 
 
 def test_convnext_logit_loss_is_the_mse_of_imagenet_logits():
@@ -127,8 +204,10 @@ def test_convnext_logit_loss_is_the_mse_of_imagenet_logits():
     with torch.no_grad():
         expected = (logits(y) - logits(x)).square().mean(dim=1)
         assert torch.allclose(loss(x, y), expected, rtol=1e-5)
-        tall = torch.rand(1, 3, 64, 80)  # one side already 64: still resized
+        tall = torch.rand(1, 3, 80, 64)  # one side already 64: still resized
         assert torch.allclose(loss(tall, x[:1]), (logits(x[:1]) - logits(tall)).square().mean(dim=1), rtol=1e-5)
+        wide = torch.rand(1, 3, 64, 80)
+        assert torch.allclose(loss(wide, x[:1]), (logits(x[:1]) - logits(wide)).square().mean(dim=1), rtol=1e-5)
 
 
 def test_downloaded_convnext_weights_are_not_called_random(caplog, monkeypatch):
