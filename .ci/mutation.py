@@ -155,9 +155,27 @@ TARGETS: dict[str, dict[str, list[str]]] = {
         "names": ["unilip.models.encoders.*"],
         "tests": ["tests/test_encoders.py", "tests/test_encoder_export.py"],
     },
-    "benchmarks": {
+    # scoring (official outputs read back into numbers, the summary) and layouts (the jobs and files the official
+    # scorers expect); not the harness's command-line plumbing or the unified bench's captioning
+    "benchmark scoring and layouts": {
         "files": ["unilip/benchmarks/*"],
-        "names": ["unilip.benchmarks.*"],
+        "names": [
+            "unilip.benchmarks.*collect*",
+            "unilip.benchmarks.*jobs*",
+            "unilip.benchmarks.*prepare*",
+            "unilip.benchmarks.gedit.x*_csv*",
+            "unilip.benchmarks.gedit.x__group_means*",
+            "unilip.benchmarks.imgedit.x*_images_root*",
+            "unilip.benchmarks.wise.x*_folder*",
+            "unilip.benchmarks.wise.x_scores_file*",
+            "unilip.benchmarks.wise.x__read_scores*",
+            "unilip.benchmarks.wise.x__category*",
+            "unilip.benchmarks.base.x_mean*",
+            "unilip.benchmarks.scoring.x_summary_markdown*",
+            "unilip.benchmarks.scoring.x__flatten*",
+            "unilip.benchmarks.scoring.x__value*",
+            "unilip.benchmarks.scoring.x_read_results*",
+        ],
         "tests": ["tests/test_benchmarks.py", "tests/test_benchmark_scorers.py", "tests/test_unified_bench.py"],
     },
 }
