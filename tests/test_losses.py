@@ -2,6 +2,7 @@
 
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -378,18 +379,44 @@ def test_tokenizer_loss_weighs_each_term_and_keeps_the_recipes_defaults():
     assert "lecam" not in loss.discriminator(real, fake, None)
 
 
-def test_perceptual_weights_that_are_not_a_checkpoint_or_miss_a_tensor_are_refused(tmp_path):
+def test_perceptual_weights_that_are_missing_not_a_checkpoint_or_miss_a_tensor_are_user_errors(tmp_path):
+    """Each is one `error:` line in train.py (a UserError or OSError) naming the file and what is wrong with it."""
     from unilip.errors import UserError
 
+    absent = tmp_path / "absent.pth"
+    message = f"perceptual-loss weights '{absent}' do not exist"
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+        ConvNeXtLogitLoss(str(absent))
     bad = tmp_path / "convnext.pth"
     bad.write_text("not weights")
-    with pytest.raises(UserError, match=r"perceptual-loss weights .*convnext\.pth"):
+    with pytest.raises(UserError, match=r"^perceptual-loss weights '.*convnext\.pth' is not a plain PyTorch weights"):
         ConvNeXtLogitLoss(str(bad))
+    (tmp_path / "convnext.safetensors").write_text("not weights")
+    with pytest.raises(UserError, match=r"^perceptual-loss weights '.*convnext\.safetensors' is not a readable safe"):
+        ConvNeXtLogitLoss(str(tmp_path / "convnext.safetensors"))
     state = ConvNeXtLogitLoss(None).net.state_dict()
-    state.pop(next(iter(state)))
+    state.pop("stem.0.weight")
     torch.save(state, tmp_path / "partial.pth")
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(
+        UserError, match=r"'.*partial\.pth' \(timm convnext_small\) does not .*missing keys: stem\.0\.weight"
+    ):
         ConvNeXtLogitLoss(str(tmp_path / "partial.pth"))
+    vgg = torchvision.models.vgg16().state_dict()
+    vgg.pop("features.28.bias")
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    with pytest.raises(
+        UserError,
+        match=r"^perceptual-loss weights '.*vgg16\.pth' lack 1 of VGG-16's tensors \(features\.28\.bias\); give",
+    ):
+        LPIPSLoss(str(tmp_path / "vgg16.pth"))
+
+
+def test_the_perceptual_networks_stay_in_eval_mode(tmp_path):
+    """Lightning puts the module tree in training mode each epoch: the frozen networks ignore it (LPIPS' dropout
+    would otherwise change its value)."""
+    for network in (LPIPSLoss(None), ConvNeXtLogitLoss(None, input_size=32)):
+        network.train()
+        assert not any(module.training for module in network.modules())
 
 
 def test_the_cached_vgg16_is_torchvisions_own_file(tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ class LPIPSLoss(nn.Module):
         use_cache = vgg_weights is None and _torchvision_vgg16_cached()
         self.net = lpips.LPIPS(net="vgg", pnet_rand=not use_cache, verbose=False)
         if vgg_weights is not None:
-            self._load_vgg(_load_weights_file(vgg_weights))
+            self._load_vgg(_load_weights_file(vgg_weights), vgg_weights)
         elif not use_cache:
             log.warning(
                 "LPIPS: no VGG-16 weights (set loss.lpips_vgg_weights=<vgg16-397923af.pth>); using a RANDOM "
@@ -79,14 +79,20 @@ class LPIPSLoss(nn.Module):
         self.pretrained = vgg_weights is not None or use_cache
         self.requires_grad_(False).eval()
 
-    def _load_vgg(self, state: dict[str, torch.Tensor]) -> None:
+    def _load_vgg(self, state: dict[str, torch.Tensor], path: str) -> None:
         # lpips splits torchvision's `features.N` layers into slice1..slice5, keeping the indices.
-        own = self.net.net.state_dict()
-        mapped = {}
-        for key in own:
-            index, name = re.fullmatch(r"slice\d\.(\d+)\.(\w+)", key).groups()
-            mapped[key] = state[f"features.{index}.{name}"]
-        self.net.net.load_state_dict(mapped, strict=True)
+        from unilip.models.hub import StateDictMismatchError, load_strict
+
+        names = {key: "features.{}.{}".format(*re.fullmatch(r"slice\d\.(\d+)\.(\w+)", key).groups())
+                 for key in self.net.net.state_dict()}  # fmt: skip
+        missing = sorted(set(names.values()) - set(state))
+        if missing:
+            raise StateDictMismatchError(
+                f"perceptual-loss weights '{path}' lack {len(missing)} of VGG-16's tensors ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}); give torchvision's vgg16-397923af.pth"
+            )
+        mapped = {key: state[name] for key, name in names.items()}
+        load_strict(self.net.net, mapped, what=f"perceptual-loss weights '{path}' (torchvision VGG-16)")
 
     def train(self, mode: bool = True) -> LPIPSLoss:
         return super().train(False)  # always frozen, dropout off
@@ -115,7 +121,11 @@ class ConvNeXtLogitLoss(nn.Module):
         else:
             self.net = timm.create_model(model_name, pretrained=False)
         if weights not in (None, "download"):
-            self.net.load_state_dict(_load_weights_file(weights), strict=True)
+            from unilip.models.hub import load_strict
+
+            load_strict(
+                self.net, _load_weights_file(weights), what=f"perceptual-loss weights '{weights}' (timm {model_name})"
+            )
         elif weights is None:
             log.warning(
                 "ConvNeXt logit loss: no weights (set loss.convnext_weights=<%s weights>); using a RANDOM "
