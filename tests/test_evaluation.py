@@ -460,7 +460,7 @@ def test_external_features_with_weights_missing_is_a_user_error_naming_them(tmp_
     first = ["layer_norm1.bias", "layer_norm1.weight", "layer_norm2.bias", "layer_norm2.weight", "mlp.fc1.bias"]
     listed = ", ".join(f"encoder.layers.1.{name}" for name in first)
     expected = (
-        f"external_features={tmp_path / 'clip'}: the checkpoint lacks 16 weights its config asks for ({listed}, ...);"
+        f"external_features={tmp_path / 'clip'}: the checkpoint lacks 16 weights its config asks for (first: {listed});"
         " point it at a complete transformers image model directory"
     )
     with pytest.raises(UnreadableFileError) as error:

@@ -96,8 +96,7 @@ class ExternalFeatures(nn.Module):
             missing = sorted(info["missing_keys"])
             raise UnreadableFileError(
                 f"external_features={path}: the checkpoint lacks {len(missing)} weights its config asks for"
-                f" ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); point it at a complete"
-                " transformers image model directory"
+                f" (first: {', '.join(missing[:5])}); point it at a complete transformers image model directory"
             )
         processor = AutoImageProcessor.from_pretrained(path)
         size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
