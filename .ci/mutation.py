@@ -127,7 +127,13 @@ TARGETS: dict[str, dict[str, list[str]]] = {
     "latent cache": {
         "files": ["unilip/data/latent_cache.py", "unilip/tasks/generation/target_cache.py"],
         "names": ["unilip.data.latent_cache.*", "unilip.tasks.generation.target_cache.*"],
-        "tests": ["tests/test_latent_cache.py", "-m", "not slow"],
+        "tests": [
+            "tests/test_latent_cache.py",
+            "tests/test_latent_cache_fingerprint.py",
+            "tests/test_dcae_identity.py",
+            "-m",
+            "not slow",
+        ],
     },
     "export name mapping": {
         "files": [
