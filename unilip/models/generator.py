@@ -98,6 +98,15 @@ class DiTPreset:
         return float(shift)
 
 
+def diffusers_files(subfolder: str) -> tuple[str, ...]:
+    """What to download of one diffusers model: its `subfolder/` in a pipeline repo, or a model repo's own files.
+
+    huggingface_hub matches these with `fnmatch`, whose `*` crosses `/`: `*.safetensors` would fetch every
+    component of a SANA pipeline (its transformer and text encoder, gigabytes) for the DC-AE alone.
+    """
+    return (f"{subfolder}/*.json", f"{subfolder}/*.safetensors", "config.json", "diffusion_pytorch_model*")
+
+
 def load_diffusers_model(
     cls: type, source: str, subfolder: str, option: str, expected: dict | None = None
 ) -> nn.Module:
@@ -105,7 +114,7 @@ def load_diffusers_model(
 
     `expected` (preset keyword arguments) must agree with the checkpoint's config on every key it names.
     """
-    patterns = (f"{subfolder}/*.json", f"{subfolder}/*.safetensors", "*.json", "*.safetensors")
+    patterns = diffusers_files(subfolder)
     path = resolve_pretrained(source, what=f"{cls.__name__} weights", option=option, allow_patterns=patterns)
     if (path / subfolder).is_dir():
         path = path / subfolder

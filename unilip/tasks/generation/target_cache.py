@@ -28,7 +28,7 @@ from torch import nn
 
 from unilip.data.latent_cache import DTYPES, FORMAT, MANIFEST, VERSION, expand_sources, refusal, with_cache
 from unilip.data.latent_cache import source_caches as read_source_caches
-from unilip.models.generator import DiTPreset
+from unilip.models.generator import DiTPreset, diffusers_files
 from unilip.models.hub import read_json, resolve_pretrained
 from unilip.models.tokenizer import CONFIG_NAME, WEIGHTS_NAME, TokenizerConfig
 from unilip.training.checkpoints import locate, read_checkpoint
@@ -92,9 +92,8 @@ def dcae_identity(preset: DiTPreset) -> dict[str, Any]:
     if preset.dcae_weights is None:
         config = dict(preset.dcae or {})
         return {"random_seed": preset.seed + 1, "config": config, "scaling_factor": config.get("scaling_factor", 1.0)}
-    patterns = ("vae/*.json", "vae/*.safetensors", "*.json", "*.safetensors")
     path = resolve_pretrained(
-        preset.dcae_weights, what="DC-AE weights", option="dit.dcae_weights", allow_patterns=patterns
+        preset.dcae_weights, what="DC-AE weights", option="dit.dcae_weights", allow_patterns=diffusers_files("vae")
     )
     if (path / "vae").is_dir():
         path = path / "vae"
