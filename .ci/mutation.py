@@ -236,14 +236,43 @@ def prepare(target: str, work: Path, repo: Path, tests: list[str]) -> Path:
     return scratch
 
 
+# A mutant's pytest session leaves its temporary directory behind (mutmut ends the forked session before pytest
+# removes it): hundreds of them, some with the 528 MB VGG-16 the loss tests write, filled a 250 GB disk and
+# truncated mutmut's own records mid-run. Each target's sessions get their own temporary root, pruned of
+# directories no session has touched for this long (longer than any one mutant's tests).
+STALE_TMP_S = 15 * 60
+
+
+def prune_temporary(root: Path, older_than_s: float = STALE_TMP_S) -> None:
+    """Remove pytest's numbered session directories under `root` not modified for `older_than_s` seconds."""
+    now = time.time()
+    for session in root.glob("pytest-of-*/pytest-*"):
+        try:
+            if session.is_dir() and not session.is_symlink() and now - session.stat().st_mtime > older_than_s:
+                shutil.rmtree(session, ignore_errors=True)
+        except FileNotFoundError:
+            continue
+
+
 def mutmut(scratch: Path, *args: str) -> str:
+    temporary = scratch / ".pytest-tmp"
+    temporary.mkdir(exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "mutmut", *args], cwd=scratch, env=env, capture_output=True, text=True
-    )
-    if result.returncode not in (0, 1):
-        raise SystemExit(f"mutmut {' '.join(args)} failed in {scratch}:\n{result.stderr[-3000:]}")
-    return result.stdout
+    env["PYTEST_DEBUG_TEMPROOT"] = str(temporary)  # pytest's root for tmp_path (pytest-of-<user>/pytest-N)
+    with subprocess.Popen(
+        [sys.executable, "-m", "mutmut", *args], cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    ) as process:  # fmt: skip
+        while True:
+            try:
+                stdout, stderr = process.communicate(timeout=60)
+                break
+            except subprocess.TimeoutExpired:
+                prune_temporary(temporary)
+    prune_temporary(temporary, older_than_s=0)
+    if process.returncode not in (0, 1):
+        raise SystemExit(f"mutmut {' '.join(args)} failed in {scratch}:\n{stderr[-3000:]}")
+    return stdout
 
 
 def collect(target: str, scratch: Path, repo: Path) -> dict:
