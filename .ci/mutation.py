@@ -240,7 +240,7 @@ def prepare(target: str, work: Path, repo: Path, tests: list[str]) -> Path:
 # removes it): hundreds of them, some with the 528 MB VGG-16 the loss tests write, filled a 250 GB disk and
 # truncated mutmut's own records mid-run. Each target's sessions get their own temporary root, pruned of
 # directories no session has touched for this long (longer than any one mutant's tests).
-STALE_TMP_S = 15 * 60
+STALE_TMP_S = 5 * 60
 
 
 def prune_temporary(root: Path, older_than_s: float = STALE_TMP_S) -> None:
