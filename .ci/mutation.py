@@ -113,7 +113,12 @@ TARGETS: dict[str, dict[str, list[str]]] = {
     "rollouts": {
         "files": ["unilip/tasks/unified/rollouts.py"],
         "names": ["unilip.tasks.unified.rollouts.*"],
-        "tests": ["tests/test_unified_rollouts.py", "tests/test_unified_grpo.py"],
+        "tests": [
+            "tests/test_unified_rollout_parts.py",
+            "tests/test_unified_flow_grpo.py",
+            "tests/test_unified_rollouts.py",
+            "tests/test_unified_grpo.py",
+        ],
     },
     "requeue": {
         "files": ["unilip/training/requeue.py"],
