@@ -162,3 +162,54 @@ def test_a_cache_with_the_old_fingerprint_is_refused_with_the_way_to_rebuild_it(
         build(photos_dir, workdir, tokenizer_dir, (old, extra), f"latent_cache.dir={old}")
     message = str(refused.value)
     assert "\n" not in message and "version 1" in message and "cache_latents" in message, message
+
+
+def test_a_released_pth_tokenizer_is_its_own_file_and_the_preset_config(tmp_path):
+    """A released tokenizer (`1b_unilip.pth`) holds no config: the preset is its config, and its identity is the
+    file's bytes, wherever the file lies; any other single file must be a unilip checkpoint."""
+    from unilip.tasks.generation.target_cache import tokenizer_config, tokenizer_digest
+
+    preset = object()
+    state = {"encoder.weight": torch.arange(6.0).view(2, 3)}
+    digests = {}
+    for name in ("1b_unilip.pth", "tokenizer.pt"):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        torch.save(state, tmp_path / "a" / name)
+        assert tokenizer_config(tmp_path / "a" / name, preset) is preset
+        assert tokenizer_config(str(tmp_path / "a" / name), preset) is preset
+        (tmp_path / "b").mkdir(exist_ok=True)
+        shutil.copy(tmp_path / "a" / name, tmp_path / "b" / name)
+        digests[name] = tokenizer_digest(tmp_path / "a" / name)
+        assert len(digests[name]) == 64 and tokenizer_digest(str(tmp_path / "b" / name)) == digests[name]
+    changed = tmp_path / "c" / "1b_unilip.pth"
+    changed.parent.mkdir()
+    torch.save({"encoder.weight": torch.arange(6.0).view(2, 3) + 1}, changed)
+    assert tokenizer_digest(changed) != digests["1b_unilip.pth"]
+    torch.save(state, tmp_path / "weights.bin")
+    with pytest.raises(ConfigError, match=r"weights\.bin is not a tokenizer run directory, checkpoint or saved"):
+        tokenizer_config(tmp_path / "weights.bin", preset)
+
+
+def test_a_refusal_shortens_digests_and_shows_every_other_value_whole():
+    run = {
+        "version": latent_cache.VERSION,
+        "tokenizer": {"weights_sha256": "a" * 64, "encoder": "internvit-300m-448px-v2.5-long-name"},
+        "image_mean": [0.5, 0.5, 0.5],
+        "dtype": None,
+    }
+    cache = json.loads(json.dumps(run))
+    cache["tokenizer"]["weights_sha256"] = "b" * 64
+    assert latent_cache.refusal("cache/x", run, cache) == (
+        f"the latent cache at cache/x was made with tokenizer.weights_sha256={'b' * 12}; this run has {'a' * 12}"
+    )
+    cache = json.loads(json.dumps(run))
+    cache["tokenizer"]["encoder"] = "siglip2-so400m-patch16-naflex-other"
+    assert latent_cache.refusal("cache/x", run, cache) == (
+        "the latent cache at cache/x was made with tokenizer.encoder=siglip2-so400m-patch16-naflex-other; this run "
+        "has internvit-300m-448px-v2.5-long-name"
+    )
+    cache = {**json.loads(json.dumps(run)), "image_mean": [0.485, 0.456, 0.406], "dtype": "bfloat16"}
+    assert latent_cache.refusal("cache/x", run, cache) == (
+        "the latent cache at cache/x was made with dtype=bfloat16; this run has null (also differs: image_mean)"
+    )
+    assert latent_cache.refusal("cache/x", run, json.loads(json.dumps(run))) is None

@@ -51,18 +51,13 @@ def files_digest(files: list[Path], root: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def _weights_location(source: str | Path) -> Path:
-    path = Path(source)
-    return path if path.suffix in (".pth", ".pt") else locate(path, "tokenizer")
-
-
 def tokenizer_digest(source: str | Path) -> str:
     """A digest of the weights file(s) a tokenizer source resolves to (a saved tokenizer's model.safetensors,
     a checkpoint, a released .pth, an FSDP checkpoint directory): the weights' identity, read without
     building the tokenizer. Its config.json is left out: the fingerprint holds the config field by field
     (`tokenizer_fields`), so that a refusal names the field, and a re-indented file or a latent scale
     written there later (the scale in use is a fingerprint field of its own) changes nothing."""
-    located = _weights_location(source)
+    located = locate(source, "tokenizer")  # a run directory's result or last checkpoint; a file as it is
     if located.is_file():
         return files_digest([located])
     if (located / WEIGHTS_NAME).is_file():
@@ -75,7 +70,7 @@ def tokenizer_digest(source: str | Path) -> str:
 
 def tokenizer_config(source: str | Path, preset: TokenizerConfig) -> TokenizerConfig:
     """The config of the tokenizer `source` holds, read without its weights (a released .pth: `preset`)."""
-    located = _weights_location(source)
+    located = locate(source, "tokenizer")
     if located.suffix in (".pth", ".pt"):
         return preset
     if (located / CONFIG_NAME).exists():
@@ -98,9 +93,9 @@ def dcae_identity(preset: DiTPreset) -> dict[str, Any]:
     if (path / "vae").is_dir():
         path = path / "vae"
     config = read_json(path / "config.json", what="DC-AE config")
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("*.safetensors"))  # one folder: each file by its name
     return {
-        "weights_sha256": files_digest(files, path),
+        "weights_sha256": files_digest(files),
         "scaling_factor": float(config.get("scaling_factor", 1.0)),
         # diffusers' own bookkeeping (`_class_name`, `_diffusers_version`, `_name_or_path`) changes no latent
         "config": {key: value for key, value in config.items() if not key.startswith("_")},
