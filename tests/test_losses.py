@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from unilip.errors import UserError
 from unilip.losses import ConvNeXtLogitLoss, LeCamRegularizer, LPIPSLoss, TokenizerLoss, hinge_d_loss, hinge_g_loss
 from unilip.models.discriminator import PatchDiscriminator
 from unilip.training.ema import EMA
@@ -429,3 +430,47 @@ def test_the_cached_vgg16_is_torchvisions_own_file(tmp_path, monkeypatch):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / name).write_bytes(b"")
     assert _torchvision_vgg16_cached()
+
+
+def test_perceptual_weights_saved_inside_a_checkpoint_are_unwrapped_and_a_non_state_dict_is_refused(tmp_path):
+    """A weights file may hold the state dict itself or a training checkpoint with it under `state_dict`; a file
+    holding anything else (a bare tensor, a list) is one error naming the file."""
+    import timm
+
+    vgg, convnext = torchvision.models.vgg16(), timm.create_model("convnext_small", pretrained=False)
+    torch.save({"state_dict": vgg.state_dict(), "epoch": 3}, tmp_path / "vgg16.ckpt")
+    torch.save({"state_dict": convnext.state_dict()}, tmp_path / "convnext.pth")
+    lpips = LPIPSLoss(str(tmp_path / "vgg16.ckpt"))
+    assert torch.equal(getattr(lpips.net.net.slice5, "28").weight, vgg.features[28].weight)
+    assert torch.equal(ConvNeXtLogitLoss(str(tmp_path / "convnext.pth")).net.head.fc.weight, convnext.head.fc.weight)
+    for held, name in [(torch.zeros(3), "Tensor"), ([torch.zeros(3)], "list")]:
+        torch.save(held, tmp_path / "held.pth")
+        for build in (LPIPSLoss, ConvNeXtLogitLoss):
+            with pytest.raises(UserError, match=rf"^perceptual-loss weights '.*held\.pth' hold a {name}, not a state"):
+                build(str(tmp_path / "held.pth"))
+
+
+def test_a_vgg_file_short_of_tensors_names_the_first_three_and_one_of_the_wrong_shape_names_the_file(tmp_path):
+    full = torchvision.models.vgg16().state_dict()
+    three = ["features.0.bias", "features.2.bias", "features.5.bias"]
+    for dropped, listed in [(three, ", ".join(three)), ([*three, "features.7.bias"], ", ".join(three) + ", ...")]:
+        torch.save({k: v for k, v in full.items() if k not in dropped}, tmp_path / "vgg16.pth")
+        with pytest.raises(UserError) as refused:
+            LPIPSLoss(str(tmp_path / "vgg16.pth"))
+        assert str(refused.value) == (
+            f"perceptual-loss weights '{tmp_path / 'vgg16.pth'}' lack {len(dropped)} of VGG-16's tensors ({listed}); "
+            "give torchvision's vgg16-397923af.pth"
+        )
+    torch.save({**full, "features.0.weight": torch.zeros(64, 3, 5, 5)}, tmp_path / "vgg16.pth")
+    # (lpips' own name of features.0.weight: its slices keep torchvision's layer indices)
+    match = r"^perceptual-loss weights '.*vgg16\.pth' \(torchvision VGG-16\) does not match .*slice1\.0\.weight \(64, 3"
+    with pytest.raises(UserError, match=match):
+        LPIPSLoss(str(tmp_path / "vgg16.pth"))
+
+
+def test_the_convnext_normalisation_is_not_checkpoint_state():
+    """The ImageNet mean and std are constants, not state: the loss's state dict is its network's, so a checkpoint
+    holds no copy of them and one written before them still loads strictly."""
+    loss = ConvNeXtLogitLoss(None, input_size=32)
+    assert list(loss.state_dict()) == [f"net.{key}" for key in loss.net.state_dict()]
+    assert loss.mean.shape == loss.std.shape == (1, 3, 1, 1)

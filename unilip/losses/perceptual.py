@@ -26,12 +26,15 @@ def _load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"perceptual-loss weights '{path}' do not exist")
-    from unilip.models.hub import load_safetensors, load_torch_file
+    from unilip.models.hub import StateDictMismatchError, load_safetensors, load_torch_file
 
     if path.suffix == ".safetensors":
         return load_safetensors(path, what="perceptual-loss weights")
     state = load_torch_file(path, what="perceptual-loss weights")
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        what = type(state).__name__
+        raise StateDictMismatchError(f"perceptual-loss weights '{path}' hold a {what}, not a state dict")
+    return state.get("state_dict", state)  # a training checkpoint's weights, or the state dict itself
 
 
 def _download(build, option: str):
