@@ -92,3 +92,23 @@ def test_mistakes_are_one_line(generator_dir, encoders, tmp_path):
     with pytest.raises(SystemExit, match=r"^error: prompts=.* does not exist"):
         run(generator_dir, tmp_path / "out", tmp_path / "missing", encoders)
     assert not (tmp_path / "out").exists()
+
+
+def test_scored_rows_are_kept_on_a_rerun_and_an_unreadable_photo_is_left_out(generator_dir, encoders, tmp_path):
+    """collect scores only images that have no row yet (a row already written is the score, not recomputed),
+    and only images that were regenerated: an unreadable photo has none and is listed, not scored."""
+    photos = tmp_path / "photos"
+    data.photo_files(photos, ["a.jpg", "b.jpg"], side=48)
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    first = run(generator_dir, out, photos, encoders)["scores"]
+    assert first["images"] == 2 and [row["key"] for row in first["unreadable"]] == ["broken"]
+    assert not (out / "images" / "broken.png").exists()
+    per_image = out / "scores" / "per_image.jsonl"
+    rows = [json.loads(line) for line in per_image.read_text().splitlines()]
+    rows[0]["clip"] = 0.25  # a value no encoder gave: kept only if the row is not scored again
+    per_image.write_text("".join(json.dumps(row) + "\n" for row in rows) + json.dumps({"note": "no key"}) + "\n")
+    again = run(generator_dir, out, photos, encoders)["scores"]
+    assert again["encoders"]["clip"] == pytest.approx((0.25 + rows[1]["clip"]) / 2)
+    assert again["encoders"]["dinov2"] == pytest.approx(first["encoders"]["dinov2"])
+    assert again["images"] == 2

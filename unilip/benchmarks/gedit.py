@@ -126,9 +126,6 @@ class GEditBench(Benchmark):
                 dataset[self._rows[job.key]]["input_image_raw"].convert("RGB").save(temporary, format="PNG")
                 temporary.replace(path)
 
-    def _csv_folder(self, out: Path) -> Path:
-        return out / SCORES / "gedit" / self.model_name / self.backbone
-
     def score_steps(self, out: Path, scorer: str | None, python: str, size: int) -> list[ScoreStep]:
         argv = (
             python, "run_gedit_score.py",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -144,7 +143,3 @@ def _value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return "n/a" if value is None else str(value)
-
-
-def read_results(out: Path) -> dict[str, Any]:
-    return json.loads((out / "results.json").read_text())
