@@ -473,4 +473,3 @@ def test_the_convnext_normalisation_is_not_checkpoint_state():
     holds no copy of them and one written before them still loads strictly."""
     loss = ConvNeXtLogitLoss(None, input_size=32)
     assert list(loss.state_dict()) == [f"net.{key}" for key in loss.net.state_dict()]
-    assert loss.mean.shape == loss.std.shape == (1, 3, 1, 1)
