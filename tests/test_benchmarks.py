@@ -285,3 +285,21 @@ def test_mistakes_are_one_line_and_leave_nothing(generator_dir, tmp_path):
         with pytest.raises(SystemExit, match=rf"^error: .*{message}"):
             main(argv)
     assert not out.exists()
+
+
+def test_wise_score_lines_calculate_py_skips_are_skipped_and_reading_goes_on(tmp_path):
+    """The judge's JSONL as WISE's Calculate.py reads it: blank lines, lines that are not JSON and records without
+    an integer prompt_id are skipped, each followed here by a line that still counts; a record whose values are
+    not all numbers is present without a score."""
+    from unilip.benchmarks.wise import _read_scores
+
+    def record(prompt_id, *values, **extra):
+        names = ("consistency", "realism", "aesthetic_quality")[: len(values)]
+        return json.dumps({"prompt_id": prompt_id, **dict(zip(names, values, strict=True)), **extra})
+
+    path = tmp_path / "scores.jsonl"
+    lines = ["", record(1, 2, 1.5, 2), "  ", "not json {", record(2, 1, 1, "n/a"), record("3", 2, 2, 2),
+             record(4, 0, 0, 1, explanation="café, naïve"), record(5, 1, 2)]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert _read_scores(path) == {1: (2.0, 1.5, 2.0), 2: None, 4: (0.0, 0.0, 1.0), 5: None}
+    assert _read_scores(tmp_path / "absent.jsonl") == {}
