@@ -177,6 +177,9 @@ def test_geneval_scored_by_the_given_scorer(generator_dir, tmp_path):
     assert results["scores"]["tags"] == {"single_object": 1.0, "two_object": 0.5, "counting": 0.5}
     assert results["scores"]["overall"] == pytest.approx((1.0 + 0.5 + 0.5) / 3)
     assert results["judge"]["scorer_commit"] == commit and "Mask2Former" in results["judge"]["name"]
+    assert results["scores"]["images"] == 12  # 3 prompts x 4 samples, each one record
+    assert results["scores"]["rule"].startswith("overall = mean over tags") and "summary_scores.py" in results[
+        "scores"]["rule"]  # fmt: skip
     written = json.loads((out / "results.json").read_text())
     assert written["scores"] == results["scores"] and written["sampler"]["steps"] == 2
     assert "| overall | 0.6667 |" in (out / "summary.md").read_text()
@@ -303,3 +306,28 @@ def test_wise_score_lines_calculate_py_skips_are_skipped_and_reading_goes_on(tmp
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert _read_scores(path) == {1: (2.0, 1.5, 2.0), 2: None, 4: (0.0, 0.0, 1.0), 5: None}
     assert _read_scores(tmp_path / "absent.jsonl") == {}
+
+
+def test_geneval_prompt_file_mistakes_name_the_file_the_line_and_what_to_give(tmp_path):
+    """Each is the whole error line, before the generator is even read (generator=g does not exist)."""
+    out = tmp_path / "out"
+    base = ["geneval", "generator=g", f"out={out}"]
+    good = json.dumps({"tag": "single_object", "prompt": "a photo of a cat"})
+    not_json, no_prompt = tmp_path / "not_json.jsonl", tmp_path / "no_prompt.jsonl"
+    not_json.write_text(f"{good}\n{good}\n{{oops\n")
+    no_prompt.write_text(f"{good}\n" + json.dumps(["a photo of a cat"]) + "\n")
+    absent = tmp_path / "absent.jsonl"
+    cases = [
+        (f"prompts={absent}", f"prompts={absent} does not exist; give GenEval's prompts/evaluation_metadata.jsonl"),
+        (f"prompts={not_json}", f"{not_json}:3: not a JSON line (Expecting property name enclosed in double quotes)"),
+        (f"prompts={no_prompt}", f'{no_prompt}:2: no "prompt"; is this evaluation_metadata.jsonl?'),
+    ]
+    for argument, message in cases:
+        with pytest.raises(SystemExit) as refused:
+            main([*base, argument])
+        assert refused.value.code == f"error: {message}"
+    no_prompt.write_text(json.dumps({"tag": "single_object", "text": "a photo of a cat"}) + "\n")
+    with pytest.raises(SystemExit) as refused:
+        main([*base, f"prompts={no_prompt}"])
+    assert refused.value.code == f'error: {no_prompt}:1: no "prompt"; is this evaluation_metadata.jsonl?'
+    assert not out.exists()
