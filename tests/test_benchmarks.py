@@ -331,3 +331,15 @@ def test_geneval_prompt_file_mistakes_name_the_file_the_line_and_what_to_give(tm
         main([*base, f"prompts={no_prompt}"])
     assert refused.value.code == f'error: {no_prompt}:1: no "prompt"; is this evaluation_metadata.jsonl?'
     assert not out.exists()
+
+
+def test_wise_categories_are_calculate_pys_id_ranges():
+    """WISE_legacy/Calculate.py: ids 1-400 Cultural, 401-567 Time, 568-700 Space, 701-800 Biology, 801-900
+    Physics, 901-1000 Chemistry; an id outside them has no category."""
+    from unilip.benchmarks.wise import _category
+
+    ranges = {"Cultural": (1, 400), "Time": (401, 567), "Space": (568, 700), "Biology": (701, 800),
+              "Physics": (801, 900), "Chemistry": (901, 1000)}  # fmt: skip
+    for category, (first, last) in ranges.items():
+        assert _category(first) == _category(last) == category
+    assert _category(0) is None and _category(-3) is None and _category(1001) is None
