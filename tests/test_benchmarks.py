@@ -343,3 +343,29 @@ def test_wise_categories_are_calculate_pys_id_ranges():
     for category, (first, last) in ranges.items():
         assert _category(first) == _category(last) == category
     assert _category(0) is None and _category(-3) is None and _category(1001) is None
+
+
+def test_wise_scores_count_only_numeric_rows_of_known_ids_and_overall_needs_every_category(tmp_path):
+    """Calculate.py: an id whose values are not all numbers is present (not missing) but unscored, an id outside
+    the six ranges is ignored; with a category left without a score there is no overall."""
+    from unilip.benchmarks.wise import FILES, WISE, scores_file
+
+    def line(prompt_id, consistency, realism=2, aesthetic=2):
+        return json.dumps({"prompt_id": prompt_id, "consistency": consistency, "realism": realism,
+                           "aesthetic_quality": aesthetic}) + "\n"  # fmt: skip
+
+    out = tmp_path / "out"
+    rows = {
+        "cultural_common_sense": line(1, 2) + line(1001, 2),  # 1001: no category
+        "spatio-temporal_reasoning": line(401, 1) + line(568, "n/a"),  # Space: present, unscored
+        "natural_science": line(701, 0) + line(801, 2) + line(901, 2, 0, 0),
+    }
+    for name in FILES:
+        scores_file(out, name).parent.mkdir(parents=True, exist_ok=True)
+        scores_file(out, name).write_text(rows[name])
+    scores = WISE(str(data.wise_prompts(tmp_path))).collect(out)
+    # WiScore (0.7 c + 0.2 r + 0.1 a) / 2 by hand
+    assert scores["categories"] == pytest.approx(
+        {"Cultural": 1.0, "Time": 0.65, "Space": None, "Biology": 0.3, "Physics": 1.0, "Chemistry": 0.7}
+    )
+    assert scores["images"] == 5 and scores["missing_prompt_ids"] == 0 and scores["overall"] is None

@@ -364,3 +364,26 @@ def test_two_processes_write_the_cache_one_process_writes(photos_dir, workdir, t
             assert {k: v["samples"] for k, v in mine["shards"].items()} == {
                 k: v["samples"] for k, v in theirs["shards"].items()
             }
+
+
+def test_a_cached_sample_without_a_caption_and_batches_of_mixed_rows_and_of_mixed_shapes():
+    """A cached sample without `txt` has the empty caption; a batch mixes edit rows (with source features) and
+    text-to-image rows; latents of two shapes in one batch are refused, naming both."""
+    dtype = torch.float32
+    plain = {"__key__": "a", latent_cache.MEMBER: latent_cache.pack(torch.ones(4, 2, 2), None, dtype)}
+    edit = {"__key__": "b", "txt": b"  a red cube \n",
+            latent_cache.MEMBER: latent_cache.pack(torch.zeros(4, 2, 2), torch.full((3, 5), 2.0), dtype)}  # fmt: skip
+    first, second = latent_cache.cached_example(plain), latent_cache.cached_example(edit)
+    assert first["caption"] == "" and first["source_features"] is None and first["key"] == "a"
+    assert second["caption"] == "a red cube" and second["source_features"].shape == (3, 5)
+    batch = latent_cache.collate_cached([first, second])
+    assert batch["latent"].shape == (2, 4, 2, 2) and batch["caption"] == ["", "a red cube"]
+    assert batch["has_source"].tolist() == [False, True] and batch["key"] == ["a", "b"]
+    assert torch.equal(batch["source_features"], torch.full((1, 3, 5), 2.0))
+    assert "source_features" not in latent_cache.collate_cached([first, first])
+    other = {"__key__": "c", latent_cache.MEMBER: latent_cache.pack(torch.ones(4, 3, 3), None, dtype)}
+    with pytest.raises(ValueError) as refused:
+        latent_cache.collate_cached([first, latent_cache.cached_example(other)])
+    assert str(refused.value) == (
+        "cached latents of different shapes [(4, 2, 2), (4, 3, 3)] in one batch; the caches differ"
+    )
