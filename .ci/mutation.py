@@ -389,8 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--survivors",
         action="store_true",
-        help="run the last run's survivors again (new tests); mutmut then counts only those: run the whole "
-        "target again for the table",
+        help="run the last run's survivors and untested mutants again (new tests); the other results are kept",
     )
     parser.add_argument(
         "--resume",
@@ -410,8 +409,9 @@ def main(argv: list[str] | None = None) -> None:
         names = TARGETS[target]["names"]
         if args.sample and not args.report:
             names = sample(scratch, target, args.sample)
-        if args.survivors:
-            names = list(collect(target, scratch, args.repo)["survivors"]) or names
+        if args.survivors:  # and the mutants no test reached (a test may reach them now)
+            last = collect(target, scratch, args.repo)
+            names = [*last["survivors"], *last["no_tests"]] or names
         if args.resume:
             names = pending(scratch, target)
         if names or not args.resume:

@@ -172,7 +172,7 @@ def build(photos_dir, generator_dir, runs, stage: int, *extra: str):
             *extra,
         ]
     )
-    return build_unified_training(cfg).networks
+    return build_unified_training(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -181,13 +181,35 @@ def generator_dir(tmp_path_factory, tiny_config):
 
 
 @pytest.fixture(scope="module")
-def caption_networks(tmp_path_factory, photos_dir, generator_dir):
+def caption_module(tmp_path_factory, photos_dir, generator_dir):
     return build(photos_dir, generator_dir, tmp_path_factory.mktemp("runs"), 1)
 
 
 @pytest.fixture(scope="module")
-def image_networks(tmp_path_factory, photos_dir, generator_dir):
+def image_module(tmp_path_factory, photos_dir, generator_dir):
     return build(photos_dir, generator_dir, tmp_path_factory.mktemp("runs"), 2)
+
+
+@pytest.fixture(scope="module")
+def caption_networks(caption_module):
+    return caption_module.networks
+
+
+@pytest.fixture(scope="module")
+def image_networks(image_module):
+    return image_module.networks
+
+
+def test_each_trained_parameter_is_found_by_its_name_in_the_task(caption_module, image_module):
+    """`captioner.<name in the LLM>` (stage 1's adapters) and `dit.<name in the DiT>` (stage 2's) name the very
+    parameters the stage trains (what sharding and checkpoints look them up by)."""
+    for module, owner in [(caption_module, "captioner."), (image_module, "dit.")]:
+        named = module.trained.named()
+        assert named and all(name.startswith(owner) for name in named)
+        for name, param in named.items():
+            assert module.networks.trained_parameter(name) is param, name
+    with pytest.raises(KeyError):
+        caption_module.networks.trained_parameter("llm.model.embed_tokens.weight")
 
 
 def sources() -> torch.Tensor:
