@@ -432,17 +432,25 @@ def test_the_cached_vgg16_is_torchvisions_own_file(tmp_path, monkeypatch):
     assert _torchvision_vgg16_cached()
 
 
+def constant_state(build, marked: str) -> dict[str, torch.Tensor]:
+    """A network's state dict without initialising it (built on the meta device): zeros, `marked` all 0.5."""
+    with torch.device("meta"):
+        shapes = {key: value.shape for key, value in build().state_dict().items()}
+    return {key: torch.full(shape, 0.5) if key == marked else torch.zeros(shape) for key, shape in shapes.items()}
+
+
 def test_perceptual_weights_saved_inside_a_checkpoint_are_unwrapped_and_a_non_state_dict_is_refused(tmp_path):
     """A weights file may hold the state dict itself or a training checkpoint with it under `state_dict`; a file
     holding anything else (a bare tensor, a list) is one error naming the file."""
     import timm
 
-    vgg, convnext = torchvision.models.vgg16(), timm.create_model("convnext_small", pretrained=False)
-    torch.save({"state_dict": vgg.state_dict(), "epoch": 3}, tmp_path / "vgg16.ckpt")
-    torch.save({"state_dict": convnext.state_dict()}, tmp_path / "convnext.pth")
+    vgg = constant_state(torchvision.models.vgg16, "features.28.weight")
+    convnext = constant_state(lambda: timm.create_model("convnext_small", pretrained=False), "head.fc.weight")
+    torch.save({"state_dict": vgg, "epoch": 3}, tmp_path / "vgg16.ckpt")
+    torch.save({"state_dict": convnext}, tmp_path / "convnext.pth")
     lpips = LPIPSLoss(str(tmp_path / "vgg16.ckpt"))
-    assert torch.equal(getattr(lpips.net.net.slice5, "28").weight, vgg.features[28].weight)
-    assert torch.equal(ConvNeXtLogitLoss(str(tmp_path / "convnext.pth")).net.head.fc.weight, convnext.head.fc.weight)
+    assert torch.equal(getattr(lpips.net.net.slice5, "28").weight, vgg["features.28.weight"])
+    assert torch.equal(ConvNeXtLogitLoss(str(tmp_path / "convnext.pth")).net.head.fc.weight, convnext["head.fc.weight"])
     for held, name in [(torch.zeros(3), "Tensor"), ([torch.zeros(3)], "list")]:
         torch.save(held, tmp_path / "held.pth")
         for build in (LPIPSLoss, ConvNeXtLogitLoss):
@@ -451,7 +459,7 @@ def test_perceptual_weights_saved_inside_a_checkpoint_are_unwrapped_and_a_non_st
 
 
 def test_a_vgg_file_short_of_tensors_names_the_first_three_and_one_of_the_wrong_shape_names_the_file(tmp_path):
-    full = torchvision.models.vgg16().state_dict()
+    full = constant_state(torchvision.models.vgg16, "")
     three = ["features.0.bias", "features.2.bias", "features.5.bias"]
     for dropped, listed in [(three, ", ".join(three)), ([*three, "features.7.bias"], ", ".join(three) + ", ...")]:
         torch.save({k: v for k, v in full.items() if k not in dropped}, tmp_path / "vgg16.pth")

@@ -71,9 +71,10 @@ class LPIPSLoss(nn.Module):
             _download(lambda: __import__("torchvision").models.vgg16(weights="IMAGENET1K_V1"), "loss.lpips_vgg_weights")
             vgg_weights = None
         use_cache = vgg_weights is None and _torchvision_vgg16_cached()
+        state = _load_weights_file(vgg_weights) if vgg_weights is not None else None  # a bad file: before building
         self.net = lpips.LPIPS(net="vgg", pnet_rand=not use_cache, verbose=False)
-        if vgg_weights is not None:
-            self._load_vgg(_load_weights_file(vgg_weights), vgg_weights)
+        if state is not None:
+            self._load_vgg(state, vgg_weights)
         elif not use_cache:
             log.warning(
                 "LPIPS: no VGG-16 weights (set loss.lpips_vgg_weights=<vgg16-397923af.pth>); using a RANDOM "
@@ -119,16 +120,15 @@ class ConvNeXtLogitLoss(nn.Module):
         super().__init__()
         import timm
 
+        state = _load_weights_file(weights) if weights not in (None, "download") else None  # a bad file: first
         if weights == "download":
             self.net = _download(lambda: timm.create_model(model_name, pretrained=True), "loss.convnext_weights")
         else:
             self.net = timm.create_model(model_name, pretrained=False)
-        if weights not in (None, "download"):
+        if state is not None:
             from unilip.models.hub import load_strict
 
-            load_strict(
-                self.net, _load_weights_file(weights), what=f"perceptual-loss weights '{weights}' (timm {model_name})"
-            )
+            load_strict(self.net, state, what=f"perceptual-loss weights '{weights}' (timm {model_name})")
         elif weights is None:
             log.warning(
                 "ConvNeXt logit loss: no weights (set loss.convnext_weights=<%s weights>); using a RANDOM "
