@@ -5,7 +5,8 @@
     python .ci/mutation.py losses nonfinite --max-children 2   # default: one worker
     python .ci/mutation.py --report                 # the table from the last results, no new runs
     python .ci/mutation.py flow --survivors         # after adding tests: run the survivors again
-    python .ci/mutation.py losses --resume          # an interrupted run: only the mutants without a result
+    python .ci/mutation.py losses --resume          # an interrupted run (or changed functions): the mutants
+                                                    # without a result
     python .ci/mutation.py --repo /path/to/old/checkout --before --sample 30 --out /tmp/before
 
 Each target is a set of functions and the fast tests that guard them. mutmut (3.x) runs in a scratch
@@ -414,7 +415,12 @@ def main(argv: list[str] | None = None) -> None:
             names = [*last["survivors"], *last["no_tests"]] or names
         if args.resume:
             names = pending(scratch, target)
-        if names or not args.resume:
+            # a run regenerates the mutants of functions changed since (their results reset): run those too
+            while names:
+                mutmut(scratch, "run", "--max-children", str(args.max_children), *names)
+                left = pending(scratch, target)
+                names = [] if set(left) >= set(names) else left
+        else:
             mutmut(scratch, "run", "--max-children", str(args.max_children), *names)
         results[target] = collect(target, scratch, args.repo)
         if args.sample:
