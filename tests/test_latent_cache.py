@@ -387,3 +387,28 @@ def test_a_cached_sample_without_a_caption_and_batches_of_mixed_rows_and_of_mixe
     assert str(refused.value) == (
         "cached latents of different shapes [(4, 2, 2), (4, 3, 3)] in one batch; the caches differ"
     )
+
+
+def test_a_malformed_cached_sample_is_refused_saying_what_is_wrong():
+    """What the loader logs when it skips a cached sample: each message whole."""
+    save = latent_cache.save_tensors
+    with pytest.raises(ValueError, match=r"^cached latents do not parse \(SafetensorError: "):
+        latent_cache.unpack(b"not a safetensors file")
+    cases = [
+        ({"latent": torch.zeros(4, 2, 2), "extra": torch.zeros(1)},
+         "cached sample holds ['extra', 'latent'], expected latent [+ source_features]"),
+        ({"source_features": torch.zeros(3, 5)},
+         "cached sample holds ['source_features'], expected latent [+ source_features]"),
+        ({"latent": torch.zeros(2, 2)}, "cached latent of shape (2, 2) and torch.float32; expected (C, h, w) float"),
+        ({"latent": torch.zeros(4, 2, 2, dtype=torch.int64)},
+         "cached latent of shape (4, 2, 2) and torch.int64; expected (C, h, w) float"),
+        ({"latent": torch.zeros(4, 2, 2), "source_features": torch.zeros(3)},
+         "cached source features of shape (3,); expected (N, D) float"),
+        ({"latent": torch.full((4, 2, 2), float("nan"))}, "cached sample holds non-finite values"),
+        ({"latent": torch.zeros(4, 2, 2), "source_features": torch.full((3, 5), float("inf"))},
+         "cached sample holds non-finite values"),
+    ]  # fmt: skip
+    for tensors, message in cases:
+        with pytest.raises(ValueError) as refused:
+            latent_cache.unpack(save(tensors))
+        assert str(refused.value) == message

@@ -158,9 +158,10 @@ REBUILD = (
 
 
 def check_caches(caches: dict[str, dict[str, Any]], expected: dict[str, Any]) -> None:
-    """Refuse caches made otherwise than this run would make them, in one line naming what differs."""
-    for name, manifest in caches.items():
-        where = manifest.get("directory", name)
+    """Refuse caches made otherwise than this run would make them, in one line naming what differs (`caches`:
+    `stage_caches`, each manifest with the directory it was read from)."""
+    for manifest in caches.values():
+        where = manifest["directory"]
         if manifest.get("format") != FORMAT:
             raise ConfigError(f"{where} is not a latent cache (format={manifest.get('format')!r})")
         if problem := refusal(where, expected, manifest.get("fingerprint", {})):
