@@ -368,4 +368,45 @@ def test_wise_scores_count_only_numeric_rows_of_known_ids_and_overall_needs_ever
     assert scores["categories"] == pytest.approx(
         {"Cultural": 1.0, "Time": 0.65, "Space": None, "Biology": 0.3, "Physics": 1.0, "Chemistry": 0.7}
     )
-    assert scores["images"] == 5 and scores["missing_prompt_ids"] == 0 and scores["overall"] is None
+    assert {key: value for key, value in scores.items() if key != "categories"} == {
+        "overall": None,
+        "images": 5,
+        "missing_prompt_ids": 0,
+        "rule": "WiScore = (0.7 consistency + 0.2 realism + 0.1 aesthetic) / 2; overall = 0.4 Cultural + 0.167 Time "
+        "+ 0.133 Space + 0.1 (Biology + Physics + Chemistry), only when every prompt id has a score "
+        "(WISE_legacy/Calculate.py --category all)",
+    }
+
+
+def test_wise_jobs_are_one_per_prompt_id_with_consecutive_seeds_and_bad_items_are_refused_whole(tmp_path):
+    from unilip.benchmarks.dpg import DPGBench
+    from unilip.benchmarks.wise import WISE
+    from unilip.pipelines.manifest import SamplingError
+
+    folder = data.wise_prompts(tmp_path)
+    jobs = WISE(str(folder)).jobs(tmp_path / "out", seed=10)
+    assert [job.key for job in jobs] == ["1", "401", "568", "701", "801", "901"]  # the reference's file order
+    assert [job.seed for job in jobs] == list(range(10, 16))
+    assert [job.outputs for job in jobs] == [(f"images/{key}.png",) for key in ("1", "401", "568", "701", "801", "901")]
+    assert jobs[0].prompt == "Traditional food of the Mid-Autumn Festival"
+    file = folder / "natural_science.json"
+    items = json.loads(file.read_text())
+    for bad in ({"prompt_id": 999}, {"Prompt": "a cat"}, ["prompt_id", "Prompt"]):
+        file.write_text(json.dumps([*items, bad]))
+        with pytest.raises(SamplingError) as refused:
+            WISE(str(folder)).jobs(tmp_path / "out", seed=0)
+        assert str(refused.value) == f'{folder}/natural_science.json: every item needs "prompt_id" and "Prompt"'
+    file.write_text(json.dumps([*items, {**items[0], "Prompt": "again"}]))
+    with pytest.raises(SamplingError) as refused:
+        WISE(str(folder)).jobs(tmp_path / "out", seed=0)
+    assert str(refused.value) == f"{folder}/natural_science.json: prompt_id 701 appears twice"
+    file.unlink()
+    (folder / "cultural_common_sense.json").unlink()
+    hint = "WISE's WISE_legacy/data folder (cultural_common_sense.json, ...; there since upstream commit d6bfe42)"
+    with pytest.raises(SamplingError) as refused:
+        WISE(str(folder)).jobs(tmp_path / "out", seed=0)
+    assert str(refused.value) == f"prompts={folder} lacks cultural_common_sense.json, natural_science.json; give {hint}"
+    with pytest.raises(FileNotFoundError) as refused:
+        DPGBench(str(tmp_path / "absent")).jobs(tmp_path / "out", seed=0)
+    hint = "DPG-Bench's dpg_bench/prompts folder of <item_id>.txt files"
+    assert str(refused.value) == f"prompts={tmp_path / 'absent'} does not exist; give {hint}"
