@@ -305,7 +305,7 @@ def test_an_image_rollout_samples_a_group_of_images_of_one_caption_and_scores_ea
     image_networks, monkeypatch
 ):
     networks, images = image_networks, sources()
-    sampling = SDESampling(steps=3, noise_level=0.7, guidance_scale=4.5, size=56)
+    sampling = SDESampling(steps=3, noise_level=0.7, guidance_scale=4.5, size=57)  # 3 latents, decoded to 84 px
     count = len(images) * GROUP
     seen = []
     real_sample_sde = rollouts.sample_sde
@@ -327,7 +327,7 @@ def test_an_image_rollout_samples_a_group_of_images_of_one_caption_and_scores_ea
     assert not torch.equal(condition[0], condition[count])
     # the SDE: N noises on the latent grid, the shifted times, the noise level asked for
     (call,) = seen
-    assert call["noise"].shape == (count, networks.latents.channels, 2, 2) and call["noise_level"] == 0.7
+    assert call["noise"].shape == (count, networks.latents.channels, 3, 3) and call["noise_level"] == 0.7
     times = call["times"]
     # diffusers' flow-matching schedule at shift s = 3 (t -> s t / (1 + (s - 1) t)): 3 steps evenly from 1 to its
     # smallest training sigma, shift(0.001), each shifted once more, then 0
@@ -337,16 +337,27 @@ def test_an_image_rollout_samples_a_group_of_images_of_one_caption_and_scores_ea
     assert [float(t) for t in times] == pytest.approx(expected, rel=1e-5)
     trajectory = rollout.trajectory
     assert len(trajectory.latents) == 4 and torch.equal(trajectory.latents[0], call["noise"])
-    decoded = networks.latents.decode(trajectory.samples, (56, 56)).float().clamp(0, 1)
+    decoded = networks.latents.decode(trajectory.samples, (57, 57)).float().clamp(0, 1)
     torch.testing.assert_close(rollout.rendered, decoded)
-    assert rollout.rendered.shape == (count, 3, 56, 56)
+    assert rollout.rendered.shape == (count, 3, 57, 57)
+    torch.testing.assert_close(rollout.features, networks.captioner.image_features(images))
     assert set(rollout.terms) == {f"sim/{name}" for name in networks.similarity.names}
     assert_each_row_scored_against_its_own_source(networks, rollout)
     weights = networks.similarity.weights
     torch.testing.assert_close(rollout.rewards, sum(weights[name] * rollout.terms[f"sim/{name}"] for name in weights))
-    # greedy captions do not depend on the seed; the images do
+    # greedy captions do not depend on the seed; the images do, and only on it
     other = image_rollout(networks, images, GROUP, torch.Generator().manual_seed(8), sampling, flow_shift=3.0)
     assert other.texts == rollout.texts and not torch.allclose(other.rendered, rollout.rendered)
+    torch.manual_seed(123)  # the global generator plays no part
+    again = image_rollout(networks, images, GROUP, torch.Generator().manual_seed(7), sampling, flow_shift=3.0)
+    assert torch.equal(again.rendered, rollout.rendered) and torch.equal(again.trajectory.latents, trajectory.latents)
+    # sampled captions come from the rollout's generator too
+    sampled = [
+        image_rollout(networks, images, GROUP, torch.Generator().manual_seed(9), sampling, 3.0, greedy_captions=False)
+        for _ in range(2)
+    ]
+    assert torch.equal(sampled[0].captions.tokens, sampled[1].captions.tokens)
+    assert torch.equal(sampled[0].rendered, sampled[1].rendered)
     # without guidance, only the prompt rows
     sampling.guidance_scale = 1.0
     unguided = image_rollout(networks, images, GROUP, torch.Generator().manual_seed(7), sampling, flow_shift=3.0)
