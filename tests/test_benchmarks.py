@@ -410,3 +410,9 @@ def test_wise_jobs_are_one_per_prompt_id_with_consecutive_seeds_and_bad_items_ar
         DPGBench(str(tmp_path / "absent")).jobs(tmp_path / "out", seed=0)
     hint = "DPG-Bench's dpg_bench/prompts folder of <item_id>.txt files"
     assert str(refused.value) == f"prompts={tmp_path / 'absent'} does not exist; give {hint}"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SamplingError) as refused:
+        DPGBench(str(tmp_path / "empty")).jobs(tmp_path / "out", seed=0)
+    assert str(refused.value) == (
+        f"prompts={tmp_path / 'empty'} holds no .txt prompt files; give ELLA's dpg_bench/prompts folder"
+    )

@@ -102,7 +102,9 @@ def test_scored_rows_are_kept_on_a_rerun_and_an_unreadable_photo_is_left_out(gen
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "out"
     first = run(generator_dir, out, photos, encoders)["scores"]
-    assert first["images"] == 2 and [row["key"] for row in first["unreadable"]] == ["broken"]
+    assert first["images"] == 2 and first["unreadable"] == [
+        {"key": "broken", "reason": f"image {photos / 'broken.jpg'} unreadable"}
+    ]
     assert not (out / "images" / "broken.png").exists()
     per_image = out / "scores" / "per_image.jsonl"
     rows = [json.loads(line) for line in per_image.read_text().splitlines()]

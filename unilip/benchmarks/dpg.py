@@ -79,15 +79,13 @@ class DPGBench(Benchmark):
         overall = re.search(r"DPG-Bench score: ([0-9.eE+-]+)", text)
         if overall is None:
             return None  # the scorer has not finished (it writes the summary last)
-        categories, section = {}, None
+        categories, in_l1 = {}, False  # the tab-indented "name: value" lines under "L1 category scores:"
         for line in text.splitlines():
-            if line.startswith(("L1 category scores", "L2 category scores")):
-                section = line[:2]
-            elif section == "L1" and line.startswith("\t") and ": " in line:
+            if not line.startswith("\t"):
+                in_l1 = line.startswith("L1 category scores")
+            elif in_l1 and ": " in line:
                 name, value = line.strip().rsplit(": ", 1)
                 categories[name] = float(value)
-            elif not line.startswith("\t"):
-                section = None
         root = str(out / IMAGES)
         scored = sum(1 for line in text.splitlines() if line.startswith(root))
         grids = sum(1 for path in (out / IMAGES).iterdir() if path.is_file()) if (out / IMAGES).is_dir() else scored
