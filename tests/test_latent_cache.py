@@ -412,3 +412,18 @@ def test_a_malformed_cached_sample_is_refused_saying_what_is_wrong():
         with pytest.raises(ValueError) as refused:
             latent_cache.unpack(save(tensors))
         assert str(refused.value) == message
+
+
+def test_a_run_validates_when_it_has_validation_shards_and_does_not_limit_them_to_zero():
+    """Whether a cached run still needs its encoders: only validation encodes images and decodes samples."""
+    from omegaconf import OmegaConf
+
+    from unilip.tasks.generation.target_cache import validates
+
+    def cfg(val_urls, **trainer):
+        return OmegaConf.create({"data": {"val_urls": val_urls}, "trainer": trainer})
+
+    assert validates(cfg("photos/val-{0..1}.tar")) and validates(cfg(["a.tar"], limit_val_batches=0.5))
+    assert validates(cfg("v.tar", limit_val_batches=2))
+    assert not validates(cfg(None)) and not validates(cfg("", limit_val_batches=1.0))
+    assert not validates(cfg("v.tar", limit_val_batches=0)) and not validates(cfg("v.tar", limit_val_batches=0.0))
