@@ -213,3 +213,23 @@ def test_a_refusal_shortens_digests_and_shows_every_other_value_whole():
         "the latent cache at cache/x was made with dtype=bfloat16; this run has null (also differs: image_mean)"
     )
     assert latent_cache.refusal("cache/x", run, json.loads(json.dumps(run))) is None
+
+
+def test_a_run_directory_is_read_as_its_saved_tokenizer_and_a_broken_config_is_named(tokenizer_dir, tmp_path):
+    """tokenizer_from may be a finished run (`<run>/tokenizer/`): its config and digest are the saved
+    tokenizer's, read without building it."""
+    from unilip.models.hub import UnreadableFileError
+    from unilip.tasks.generation.target_cache import tokenizer_config, tokenizer_digest
+
+    saved = json.loads((tokenizer_dir / "config.json").read_text())["config"]
+    run = tmp_path / "run"
+    shutil.copytree(tokenizer_dir, run / "tokenizer")
+    preset = object()
+    for source in (tokenizer_dir, run, str(run)):
+        config = tokenizer_config(source, preset)
+        assert config is not preset and config.vision == saved["vision"]
+        assert config.latent_channels == saved["latent_channels"]
+    assert tokenizer_digest(run) == tokenizer_digest(tokenizer_dir)
+    (run / "tokenizer" / "config.json").write_text("{")
+    with pytest.raises(UnreadableFileError, match=r"^tokenizer config '.*run/tokenizer/config\.json' is not valid"):
+        tokenizer_config(run, preset)
