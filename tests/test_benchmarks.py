@@ -416,3 +416,21 @@ def test_wise_jobs_are_one_per_prompt_id_with_consecutive_seeds_and_bad_items_ar
     assert str(refused.value) == (
         f"prompts={tmp_path / 'empty'} holds no .txt prompt files; give ELLA's dpg_bench/prompts folder"
     )
+
+
+def test_gedit_jobs_of_one_language_keep_every_row_of_it(tmp_path):
+    """benchmark.language=en or cn: that language's rows, wherever they lie in the dataset (the Chinese row
+    comes after the English ones), with consecutive seeds."""
+    from unilip.benchmarks.gedit import GEditBench
+
+    dataset_dir = data.gedit_dataset(tmp_path)
+    english = GEditBench(str(dataset_dir), language="en").jobs(tmp_path / "out", seed=5)
+    assert [job.key for job in english] == ["background_change/en/a1b2", "color_alter/en/c3d4"]
+    assert [job.seed for job in english] == [5, 6]
+    chinese = GEditBench(str(dataset_dir), language="cn").jobs(tmp_path / "out", seed=5)
+    assert [(job.key, job.prompt, job.seed) for job in chinese] == [("color_alter/cn/c3d4", "把猫变成蓝色", 5)]
+    assert chinese[0].outputs == ("images/unilip/fullset/color_alter/cn/c3d4.png",)
+    everything = GEditBench(str(dataset_dir)).jobs(tmp_path / "out", seed=0)
+    assert [job.key for job in everything] == [
+        "background_change/en/a1b2", "color_alter/en/c3d4", "color_alter/cn/c3d4"
+    ]  # fmt: skip
