@@ -284,9 +284,12 @@ def test_a_caption_rollout_renders_each_caption_with_its_images_noise_and_scores
     assert again.texts == rollout.texts and torch.equal(again.rendered, rollout.rendered)
     spy.calls.clear()
     rendering.shared_noise = False
-    caption_rollout(networks, images, GROUP, torch.Generator().manual_seed(3), rendering, terms)
+    for _ in range(2):  # from the rollout's generator alone
+        torch.manual_seed(len(spy.calls))
+        caption_rollout(networks, images, GROUP, torch.Generator().manual_seed(3), rendering, terms)
     noise = spy.calls[0]["noise"]
     assert noise.shape[0] == count and len({tuple(row.flatten().tolist()) for row in noise}) == count
+    assert torch.equal(spy.calls[1]["noise"], noise)
 
 
 def test_a_chunked_caption_rollout_renders_a_chunk_at_a_time_and_gives_the_same_result(caption_networks, monkeypatch):
