@@ -430,7 +430,61 @@ def test_gedit_jobs_of_one_language_keep_every_row_of_it(tmp_path):
     chinese = GEditBench(str(dataset_dir), language="cn").jobs(tmp_path / "out", seed=5)
     assert [(job.key, job.prompt, job.seed) for job in chinese] == [("color_alter/cn/c3d4", "把猫变成蓝色", 5)]
     assert chinese[0].outputs == ("images/unilip/fullset/color_alter/cn/c3d4.png",)
+    assert (
+        chinese[0].source == str(tmp_path / "out" / "sources" / "gedit" / "color_alter/cn/c3d4.png")
+        and chinese[0].keep_aspect
+    )
+    square = GEditBench(str(dataset_dir), language="cn", aspect="square").jobs(tmp_path / "out", seed=5)
+    assert not square[0].keep_aspect  # aspect=square: the benchmark's size, not the source's aspect
     everything = GEditBench(str(dataset_dir)).jobs(tmp_path / "out", seed=0)
     assert [job.key for job in everything] == [
         "background_change/en/a1b2", "color_alter/en/c3d4", "color_alter/cn/c3d4"
     ]  # fmt: skip
+
+
+def test_geneval_and_dpg_jobs_are_keyed_seeded_and_laid_out_per_prompt(tmp_path):
+    """GenEval: prompt N is folder N (5 digits), 4 samples, seed + N, its metadata line beside it. DPG-Bench: one
+    2 x 2 grid per prompt file named by its stem, seed + its index in sorted order; an empty file is refused."""
+    from unilip.benchmarks.dpg import DPGBench
+    from unilip.benchmarks.geneval import GenEval
+    from unilip.pipelines.manifest import SamplingError
+
+    prompts = data.geneval_prompts(tmp_path)
+    lines = prompts.read_text().splitlines()
+    jobs = GenEval(str(prompts)).jobs(tmp_path / "out", seed=7)
+    assert [(job.key, job.seed, job.samples, job.grid) for job in jobs] == [
+        (f"{index:05d}", 7 + index, 4, False) for index in range(len(lines))
+    ]
+    assert jobs[1].outputs == tuple(f"images/00001/samples/{k:04d}.png" for k in range(4))
+    assert jobs[1].extra_files == (("images/00001/metadata.jsonl", lines[1].strip() + "\n"),)
+    folder = data.dpg_prompts(tmp_path)
+    stems = sorted(p.stem for p in folder.glob("*.txt"))
+    jobs = DPGBench(str(folder)).jobs(tmp_path / "out", seed=3)
+    assert [(job.key, job.seed, job.outputs, job.samples, job.grid) for job in jobs] == [
+        (stem, 3 + index, (f"images/{stem}.png",), 4, True) for index, stem in enumerate(stems)
+    ]
+    (folder / "zzz.txt").write_text(" \n")
+    with pytest.raises(SamplingError) as refused:
+        DPGBench(str(folder)).jobs(tmp_path / "out", seed=3)
+    assert str(refused.value) == f"{folder / 'zzz.txt'} is empty"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SamplingError) as refused:
+        GenEval(str(empty)).jobs(tmp_path / "out", seed=0)
+    assert str(refused.value) == f"{empty} holds no prompts"
+
+
+def test_dpg_scores_count_the_grids_the_scorer_left_out(tmp_path):
+    from unilip.benchmarks.dpg import DPGBench
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a", "b", "c"):
+        (images / f"{name}.png").write_bytes(b"")
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "dpg_results.txt").write_text(
+        f"{images}/a.png, 1.0\n{images}/b.png, 0.5\nL1 category scores:\n\tentity: 75.0\nDPG-Bench score: 75.0\n"
+    )
+    assert DPGBench("unused").collect(tmp_path) == {
+        "overall": 75.0, "categories": {"entity": 75.0}, "images": 2, "unscored": 1, "unit": "percent"
+    }  # fmt: skip

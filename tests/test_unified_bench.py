@@ -106,6 +106,9 @@ def test_scored_rows_are_kept_on_a_rerun_and_an_unreadable_photo_is_left_out(gen
         {"key": "broken", "reason": f"image {photos / 'broken.jpg'} unreadable"}
     ]
     assert not (out / "images" / "broken.png").exists()
+    words = [len((out / "captions" / f"{key}.txt").read_text().split()) for key in ("a", "b")]
+    assert first["caption_words"] == pytest.approx(sum(words) / 2)
+    assert first["rule"].startswith("per encoder: cosine of the pooled features") and "Score_i2i.py" in first["rule"]
     per_image = out / "scores" / "per_image.jsonl"
     rows = [json.loads(line) for line in per_image.read_text().splitlines()]
     rows[0]["clip"] = 0.25  # a value no encoder gave: kept only if the row is not scored again
