@@ -213,6 +213,14 @@ def test_each_trained_parameter_is_found_by_its_name_in_the_task(caption_module,
         caption_module.networks.trained_parameter("llm.model.embed_tokens.weight")
 
 
+def test_the_rendering_pipeline_is_the_networks_with_their_flow_shift(caption_networks, monkeypatch):
+    monkeypatch.setattr(caption_networks, "flow_shift", 1.7)
+    pipe = caption_networks.pipeline("euler")
+    assert (pipe.scheduler, pipe.flow_shift) == ("euler", 1.7)
+    assert pipe.generator is caption_networks.generator and pipe.latents is caption_networks.latents
+    assert pipe.conditioner is caption_networks.conditioner
+
+
 def sources() -> torch.Tensor:
     """Two different images in [0, 1]."""
     images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))

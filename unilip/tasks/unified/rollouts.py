@@ -87,7 +87,7 @@ class UnifiedNetworks(FrozenNetworks):
         networks = {"captioner": self.captioner.language_model, "dit": self.generator.dit}
         return networks[owner].get_parameter(rest)
 
-    def pipeline(self, scheduler: str = "dpm") -> UniLIPPipeline:
+    def pipeline(self, scheduler: str) -> UniLIPPipeline:
         return UniLIPPipeline(self.generator, self.conditioner, self.latents, scheduler, self.flow_shift)
 
 
