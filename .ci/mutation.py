@@ -320,14 +320,19 @@ def collect(target: str, scratch: Path, repo: Path) -> dict:
     }
 
 
-def pending(scratch: Path, target: str) -> list[str]:
-    """The mutants of `target` mutmut has generated but holds no result for (an interrupted run's rest)."""
-    names = []
+def exit_codes(scratch: Path, target: str) -> dict[str, int | None]:
+    """Every generated mutant of `target` and its recorded exit code (None: no result yet)."""
+    codes = {}
     for meta in (scratch / "mutants").rglob("*.meta"):
         for name, exit_code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            if exit_code is None and any(fnmatch.fnmatch(name, pattern) for pattern in TARGETS[target]["names"]):
-                names.append(name)
-    return sorted(names)
+            if any(fnmatch.fnmatch(name, pattern) for pattern in TARGETS[target]["names"]):
+                codes[name] = exit_code
+    return codes
+
+
+def pending(scratch: Path, target: str) -> list[str]:
+    """The mutants of `target` mutmut has generated but holds no result for (an interrupted run's rest)."""
+    return sorted(name for name, exit_code in exit_codes(scratch, target).items() if exit_code is None)
 
 
 def sample(scratch: Path, target: str, count: int) -> list[str]:
@@ -414,8 +419,10 @@ def main(argv: list[str] | None = None) -> None:
             last = collect(target, scratch, args.repo)
             names = [*last["survivors"], *last["no_tests"]] or names
         if args.resume:
-            names = pending(scratch, target)
-            # a run regenerates the mutants of functions changed since (their results reset): run those too
+            # only a run regenerates the mutants of functions changed since (their results reset): with nothing
+            # pending, rerun one killed mutant (quick) so that they exist, then run them
+            killed = sorted(name for name, code in exit_codes(scratch, target).items() if code == 1)
+            names = pending(scratch, target) or killed[:1]
             while names:
                 mutmut(scratch, "run", "--max-children", str(args.max_children), *names)
                 left = pending(scratch, target)
