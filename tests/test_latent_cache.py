@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import tarfile
 
 import pytest
@@ -427,3 +428,90 @@ def test_a_run_validates_when_it_has_validation_shards_and_does_not_limit_them_t
     assert validates(cfg("v.tar", limit_val_batches=2))
     assert not validates(cfg(None)) and not validates(cfg("", limit_val_batches=1.0))
     assert not validates(cfg("v.tar", limit_val_batches=0)) and not validates(cfg("v.tar", limit_val_batches=0.0))
+
+
+# ------------------------------------------------------------------ reading the cache directories
+def _manifest(directory, **fields):
+    return latent_cache.write_manifest(directory, {"format": latent_cache.FORMAT, "complete": True, **fields})
+
+
+def test_an_unreadable_or_foreign_manifest_is_refused_naming_the_file(tmp_path):
+    assert latent_cache.read_manifest(tmp_path) is None
+    (tmp_path / "cache.json").write_text("{")
+    with pytest.raises(DataError) as refused:
+        latent_cache.read_manifest(tmp_path)
+    assert str(refused.value).startswith(f"{tmp_path / 'cache.json'} is not readable (Expecting property name")
+    assert str(refused.value).endswith("); delete it and cache this source again")
+    (tmp_path / "cache.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(DataError) as refused:
+        latent_cache.read_manifest(tmp_path)
+    assert str(refused.value) == f"{tmp_path / 'cache.json'} is not a latent cache manifest (format='other')"
+
+
+def test_a_cache_directory_without_a_source_names_the_source_and_the_command(tmp_path):
+    _manifest(tmp_path / "photos")
+    sources = [{"name": "photos", "urls": "x"}, {"name": "edits", "urls": "y"}, {"name": "art", "urls": "z"}]
+    with pytest.raises(DataError) as refused:
+        latent_cache.with_cache(sources, tmp_path)
+    assert str(refused.value) == (
+        f"data.latent_cache={tmp_path} holds no cache of source(s) ['edits', 'art'] (no cache.json in "
+        f"{tmp_path / 'edits'}); make it with `python -m unilip.tasks.generation.cache_latents` and the overrides "
+        "of this run"
+    )
+    assert latent_cache.with_cache(sources[:1], tmp_path) == [{"name": "photos", "urls": f"{tmp_path}/photos/*.tar"}]
+
+
+def test_a_source_that_mixes_a_cache_with_other_shards_is_refused(tmp_path):
+    cached, images = tmp_path / "cached", tmp_path / "images"
+    _manifest(cached)
+    images.mkdir()
+    mixed = [str(cached / "0.tar"), str(images / "0.tar")]
+    with pytest.raises(DataError) as refused:
+        latent_cache.source_caches({"photos": mixed})
+    assert str(refused.value) == (
+        f"data source 'photos' mixes cached latents ({cached}) with shards of other directories"
+    )
+    with pytest.raises(DataError) as refused:
+        latent_cache.source_caches({"photos": [str(cached / "0.tar"), "https://host/0.tar"]})
+    assert str(refused.value) == f"data source 'photos' mixes cached latents ({cached}) with remote shards"
+
+
+def test_an_incomplete_cache_says_how_far_it_got(tmp_path):
+    _manifest(tmp_path / "a", complete=False, inputs=3, shards={"0.tar": {}})
+    _manifest(tmp_path / "b", complete=False, shards={})
+    for directory, counts in (("a", "1 of 3"), ("b", "0 of ?")):
+        with pytest.raises(DataError) as refused:
+            latent_cache.source_caches({"photos": [str(tmp_path / directory / "0.tar")]})
+        assert str(refused.value) == (
+            f"the latent cache {tmp_path / directory} is incomplete ({counts} shards); finish it by running the same "
+            "`python -m unilip.tasks.generation.cache_latents` command again"
+        )
+
+
+def test_a_stage_with_cached_and_image_sources_names_both(tmp_path):
+    for name in ("a", "b"):
+        _manifest(tmp_path / name)
+    (tmp_path / "images").mkdir()
+    sources = {
+        "art": [str(tmp_path / "a" / "0.tar")],
+        "photos": [str(tmp_path / "images" / "0.tar")],
+        "edits": [str(tmp_path / "b" / "0.tar")],
+    }
+    with pytest.raises(DataError) as refused:
+        latent_cache.source_caches(sources)
+    assert str(refused.value) == (
+        "data sources ['photos'] are images while ['art', 'edits'] are cached latents; cache every source of the "
+        "stage (python -m unilip.tasks.generation.cache_latents) or none"
+    )
+    del sources["photos"]
+    found = latent_cache.source_caches(sources)
+    assert {name: m["directory"] for name, m in found.items()} == {
+        "art": str(tmp_path / "a"),
+        "edits": str(tmp_path / "b"),
+    }
+
+
+def test_a_source_whose_urls_match_nothing_is_named_by_its_option(tmp_path):
+    with pytest.raises(DataError) as refused:
+        latent_cache.expand_sources([{"name": "photos", "urls": str(tmp_path / "*.tar")}])
+    assert str(refused.value).startswith("data.train_sources[photos].urls: no shard matches")
