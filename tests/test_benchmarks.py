@@ -488,3 +488,150 @@ def test_dpg_scores_count_the_grids_the_scorer_left_out(tmp_path):
     assert DPGBench("unused").collect(tmp_path) == {
         "overall": 75.0, "categories": {"entity": 75.0}, "images": 2, "unscored": 1, "unit": "percent"
     }  # fmt: skip
+
+
+def test_imgedit_jobs_are_one_edit_per_key_of_its_source_and_each_mistake_is_named(tmp_path):
+    """Key K edits `<images>/<id>` with seed + its position into images/K.png, at the source's aspect unless
+    aspect=square; without `images` the originals lie beside the prompts file (the download's singleturn/)."""
+    from unilip.benchmarks.imgedit import ImgEdit
+    from unilip.pipelines.manifest import SamplingError
+
+    edits, originals = data.imgedit_prompts(tmp_path)
+    root = originals.resolve()
+    jobs = ImgEdit(str(edits), images=str(originals)).jobs(tmp_path / "out", seed=5)
+    assert [(job.key, job.prompt, job.seed, job.outputs, job.source, job.keep_aspect) for job in jobs] == [
+        (key, item["prompt"], 5 + index, (f"images/{key}.png",), str(root / item["id"]), True)
+        for index, (key, item) in enumerate(data.IMGEDIT_EDITS.items())
+    ]
+    square = ImgEdit(str(edits), images=str(originals), aspect="square").jobs(tmp_path / "out", seed=5)
+    assert [job.keep_aspect for job in square] == [False] * len(jobs)
+    beside = originals / "singleturn.json"
+    beside.write_text(edits.read_text())
+    assert [job.source for job in ImgEdit(str(beside)).jobs(tmp_path / "out", seed=5)] == [job.source for job in jobs]
+    # an entry with exactly "id" and "prompt" is enough (edit_type is only the judge's grouping)
+    minimal = tmp_path / "minimal.json"
+    minimal.write_text(json.dumps({"7": {"id": "animal/000342021.jpg", "prompt": "Make it red."}}))
+    assert [job.key for job in ImgEdit(str(minimal), images=str(originals)).jobs(tmp_path, seed=0)] == ["7"]
+
+    def refusal(prompts, images=str(originals), error=SamplingError):
+        with pytest.raises(error) as refused:
+            ImgEdit(prompts, images=images).jobs(tmp_path / "out", seed=0)
+        return str(refused.value)
+
+    hint = "ImgEdit's basic_edit.json (or singleturn.json)"
+    assert refusal(None) == f"prompts is required: {hint}"
+    missing = tmp_path / "missing.json"
+    assert refusal(str(missing), error=FileNotFoundError) == f"prompts={missing} does not exist; give {hint}"
+    nowhere = tmp_path / "nowhere"
+    assert refusal(str(edits), str(nowhere), FileNotFoundError) == (
+        f"images={nowhere} does not exist; give the folder of ImgEdit's original images"
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    assert refusal(str(bad)) == f"prompts={bad} is not JSON (Expecting value: line 1 column 1 (char 0))"
+    for content in ([], {}):
+        bad.write_text(json.dumps(content))
+        assert refusal(str(bad)) == f"prompts={bad} is not a {{key: {{id, prompt, edit_type}}}} object"
+    for entry in ({"id": "animal/000342021.jpg"}, "Make it red."):
+        bad.write_text(json.dumps({"1": entry}))
+        assert refusal(str(bad)) == f'{bad}: entry 1 needs "id" and "prompt"'
+    assert refusal(str(edits), str(tmp_path)) == (
+        f"none of the source images is under images={tmp_path}; give the originals' root folder"
+    )
+
+
+def test_imgedit_scores_need_both_step_outputs_and_say_how_they_were_made(tmp_path):
+    from unilip.benchmarks.imgedit import ImgEdit
+
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    (scores / "imgedit_average_score.json").write_text(json.dumps({"1": 4.0, "2": 3.0}))
+    assert ImgEdit("unused").collect(tmp_path) is None  # step2 has not run (or failed)
+    (scores / "imgedit_typescore.json").write_text(json.dumps({"add": 3.5}))
+    assert ImgEdit("unused").collect(tmp_path) == {
+        "overall": 3.5,
+        "mean_of_types": 3.5,
+        "types": {"add": 3.5},
+        "images": 2,
+        "rule": "per image: mean of the judge's three 1-5 scores (step1_get_avgscore.py); overall: mean over images; "
+        "types: step2_typescore.py",
+    }
+    (scores / "imgedit_average_score.json").unlink()
+    assert ImgEdit("unused").collect(tmp_path) is None
+
+
+def test_gedit_refuses_a_repeated_row_and_a_language_without_rows_and_extracts_into_existing_folders(
+    tmp_path, monkeypatch
+):
+    from unilip.benchmarks.gedit import GROUPS, GEditBench
+    from unilip.pipelines.manifest import SamplingError
+
+    english = [row for row in data.GEDIT_ROWS if row[3] == "en"]
+    monkeypatch.setattr(data, "GEDIT_ROWS", [*english, english[0]])
+    repeated = data.gedit_dataset(tmp_path / "repeated")
+    with pytest.raises(SamplingError) as refused:
+        GEditBench(str(repeated)).jobs(tmp_path / "out", seed=0)
+    assert str(refused.value) == "prompts: background_change/en/a1b2 appears twice in the dataset"
+    monkeypatch.setattr(data, "GEDIT_ROWS", english)
+    only_english = data.gedit_dataset(tmp_path / "english")
+    with pytest.raises(SamplingError) as refused:
+        GEditBench(str(only_english), language="cn").jobs(tmp_path / "out", seed=0)
+    assert str(refused.value) == f"prompts={only_english} has no rows in language 'cn'"
+
+    # a run killed while extracting leaves folders without their images: the next one fills them
+    bench = GEditBench(str(only_english))
+    jobs = bench.jobs(tmp_path / "out", seed=0)
+    for job in jobs:
+        Path(job.source).parent.mkdir(parents=True)
+    bench.prepare(tmp_path / "out", jobs)
+    assert all(Image.open(job.source).mode == "RGB" for job in jobs)
+
+    scores = tmp_path / "out" / "scores" / "gedit" / "unilip" / "gpt4o"
+    scores.mkdir(parents=True)
+    for group in GROUPS:
+        (scores / f"unilip_{group}_all_vie_score.csv").write_text(
+            "key,sementics_score,quality_score,intersection_exist,instruction_language\nk,4,9,True,en\n"
+        )
+    assert GEditBench("unused").collect(tmp_path / "out")["rule"] == (
+        "per image overall = sqrt(semantics x quality); per group means; G_* = mean over the 11 groups, none while "
+        "a group has no row (calculate_statistics.py); overall = English G_O"
+    )
+
+
+def test_the_summary_is_the_sampler_the_judge_and_every_score_or_the_commands_still_to_run():
+    from unilip.benchmarks.scoring import summary_markdown
+
+    results = {
+        "benchmark": "geneval",
+        "sampler": {
+            "steps": 20,
+            "guidance_scale": 4.5,
+            "scheduler": "flow-dpm",
+            "size": 448,
+            "seed": 0,
+            "dtype": "bf16",
+        },
+        "judge": {"name": "Mask2Former", "scorer": None, "scorer_commit": None, "pinned": None},
+        "scores": None,
+        "score_commands": ["cd geneval", "python evaluate.py"],
+        "notes": [],
+    }
+    head = "# geneval\n\nSampler: 20 steps, CFG 4.5, flow-dpm, 448 px, seed 0 + prompt index, bf16.\n"
+    assert summary_markdown(results) == (
+        head + "Judge: Mask2Former\n\nNot scored yet. Run:\n\n```bash\ncd geneval\npython evaluate.py\n```\n"
+    )
+    pinned = {"repository": "djghosh13/geneval", "commit": "abc", "clone": "git clone x"}
+    results.update(
+        judge={"name": "Mask2Former", "scorer": "/s/geneval", "scorer_commit": "def", "pinned": pinned},
+        scores={"overall": 0.5, "rule": "mean of tasks", "tasks": {"counting": 0.25, "colors": None}, "images": 8},
+        notes=["2 images unscored", "seeds differ from the paper's"],
+    )
+    assert summary_markdown(results) == head + (
+        "Judge: Mask2Former (scorer /s/geneval at def)\n"
+        "Official scorer: djghosh13/geneval at abc (`git clone x`).\n"
+        "\n"
+        "| score | value |\n|---|---|\n"
+        "| overall | 0.5000 |\n| tasks / counting | 0.2500 |\n| tasks / colors | n/a |\n| images | 8 |\n"
+        "\n"
+        "- 2 images unscored\n- seeds differ from the paper's\n"
+    )
