@@ -3,6 +3,7 @@ regenerated from its caption by the shared sampler, and scored by vision encoder
 through transformers' own image processor and model; a rerun reuses everything; mistakes are one line."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def run(generator_dir, out, photos, encoders, *overrides):
                  f"reward.encoders=[{specs}]", *FAST, *overrides])  # fmt: skip
 
 
-def test_captions_regenerations_and_scores(generator_dir, encoders, tmp_path):
+def test_captions_regenerations_and_scores(generator_dir, encoders, tmp_path, caplog):
     from unilip.models.captioner import build_captioner
     from unilip.models.generator import read_meta
     from unilip.models.mllm import MLLMPreset
@@ -44,7 +45,9 @@ def test_captions_regenerations_and_scores(generator_dir, encoders, tmp_path):
     photos = tmp_path / "photos"
     data.photo_files(photos, ["a.jpg", "sub/b.png", "c.jpg"], side=48)
     out = tmp_path / "out"
-    results = run(generator_dir, out, photos, encoders)
+    with caplog.at_level(logging.INFO, logger="unilip"):
+        results = run(generator_dir, out, photos, encoders)
+    assert "rank 0: 3 samples of 3 prompts to make" in caplog.text  # one job per image, keyed by it
     keys = ["a", "c", "sub/b"]  # sorted paths without suffix
     rows = [json.loads(line) for line in (out / "scores" / "per_image.jsonl").read_text().splitlines()]
     assert [row["key"] for row in rows] == keys
@@ -108,7 +111,10 @@ def test_scored_rows_are_kept_on_a_rerun_and_an_unreadable_photo_is_left_out(gen
     assert not (out / "images" / "broken.png").exists()
     words = [len((out / "captions" / f"{key}.txt").read_text().split()) for key in ("a", "b")]
     assert first["caption_words"] == pytest.approx(sum(words) / 2)
-    assert first["rule"].startswith("per encoder: cosine of the pooled features") and "Score_i2i.py" in first["rule"]
+    assert first["rule"] == (
+        "per encoder: cosine of the pooled features of source and regenerated image, mean over images; overall: "
+        "mean over encoders (UAE's Score_i2i.py)"
+    )
     per_image = out / "scores" / "per_image.jsonl"
     rows = [json.loads(line) for line in per_image.read_text().splitlines()]
     rows[0]["clip"] = 0.25  # a value no encoder gave: kept only if the row is not scored again
